@@ -1,0 +1,14 @@
+//! Kernels: plain functions over `&[f32]` slices, with no autodiff and no `Tensor`.
+//!
+//! Everything that touches numbers in bulk ends here. The ops in [`crate::ops`] describe *what*
+//! is computed and how its gradient flows; the kernels say *how* it is computed fast:
+//!
+//! - [`gemm`]: the matrix product through `matrixmultiply::sgemm`, split in row blocks over
+//!   rayon's pool when it is large, and a small-M path for decoding;
+//! - [`simd`]: the hot inner loops `sgemm` does not cover (dot products, softmax, RMSNorm, the
+//!   AdamW update), with a portable scalar reference and AVX2 / AVX-512 versions;
+//! - [`parallel`]: when a loop is worth splitting across threads.
+
+pub mod gemm;
+pub mod parallel;
+pub mod simd;

@@ -1,0 +1,226 @@
+//! Element-wise `add`, `sub`, `mul`, `div` of two tensors, with NumPy broadcasting
+//! (see [`crate::tensor::shape`]).
+//!
+//! **Backward.** For `y = a ∘ b` element by element, with upstream `g = ∂L/∂y`:
+//! `add`: `∂L/∂a = g`, `∂L/∂b = g`; `sub`: `g`, `−g`; `mul`: `g·b`, `g·a`;
+//! `div`: `g/b`, `−g·a/b²`. Where an operand was broadcast (one of its elements fed many
+//! outputs), the gradients of those outputs are summed back into that one element.
+
+use std::sync::Arc;
+
+use crate::kernels::parallel::worth_splitting;
+use crate::tensor::Tensor;
+use crate::tensor::shape::{broadcast_index_map, broadcast_shape, broadcast_strides, numel};
+use rayon::prelude::*;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+impl BinaryOp {
+    fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+        }
+    }
+    #[inline]
+    fn apply(self, a: f32, b: f32) -> f32 {
+        match self {
+            BinaryOp::Add => a + b,
+            BinaryOp::Sub => a - b,
+            BinaryOp::Mul => a * b,
+            BinaryOp::Div => a / b,
+        }
+    }
+}
+
+/// How an operand's elements map onto the output's.
+enum Layout {
+    /// Same shape as the output: element i feeds output i.
+    Same,
+    /// The operand's shape is a suffix of the output's (e.g. a bias `[D]` on `[B, T, D]`):
+    /// it repeats every `len` outputs.
+    Repeat(usize),
+    /// Any other broadcast: output i reads operand element `map[i]`.
+    Map(Vec<usize>),
+}
+
+impl Layout {
+    fn of(shape: &[usize], out: &[usize]) -> Layout {
+        if shape == out {
+            Layout::Same
+        } else if out.ends_with(shape) || shape.iter().all(|&d| d == 1) && numel(shape) == 1 {
+            Layout::Repeat(numel(shape))
+        } else {
+            Layout::Map(broadcast_index_map(out, &broadcast_strides(shape, out)))
+        }
+    }
+    #[inline]
+    fn index(&self, i: usize) -> usize {
+        match self {
+            Layout::Same => i,
+            Layout::Repeat(len) => i % len,
+            Layout::Map(map) => map[i],
+        }
+    }
+    /// Sums a gradient over the output's elements back into the operand's `n` elements.
+    fn reduce(&self, g: Vec<f32>, n: usize) -> Vec<f32> {
+        match self {
+            Layout::Same => g,
+            Layout::Repeat(len) => {
+                let mut acc = vec![0.0f32; n];
+                for chunk in g.chunks_exact(*len) {
+                    acc.iter_mut().zip(chunk).for_each(|(a, b)| *a += b);
+                }
+                acc
+            }
+            Layout::Map(map) => {
+                let mut acc = vec![0.0f32; n];
+                for (i, v) in g.iter().enumerate() {
+                    acc[map[i]] += v;
+                }
+                acc
+            }
+        }
+    }
+}
+
+fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Tensor {
+    let out_shape = broadcast_shape(op.name(), a.shape(), b.shape());
+    let n = numel(&out_shape);
+    let (la, lb) = (
+        Arc::new(Layout::of(a.shape(), &out_shape)),
+        Arc::new(Layout::of(b.shape(), &out_shape)),
+    );
+    let (av, bv) = (a.data(), b.data());
+    let mut out = vec![0.0f32; n];
+    let fill = |(i, o): (usize, &mut f32)| *o = op.apply(av[la.index(i)], bv[lb.index(i)]);
+    if worth_splitting(n * 4) {
+        out.par_iter_mut().enumerate().for_each(fill);
+    } else {
+        out.iter_mut().enumerate().for_each(fill);
+    }
+
+    let (na, nb) = (a.numel(), b.numel());
+    let needs_values = matches!(op, BinaryOp::Mul | BinaryOp::Div);
+    let (a_saved, b_saved) = if needs_values {
+        (Some(av.clone()), Some(bv.clone()))
+    } else {
+        (None, None)
+    };
+    Tensor::from_op(out, &out_shape, op.name(), &[a, b], move |g: &[f32]| {
+        // Gradients with respect to the broadcast operands, element by element of the output.
+        let (ga, gb): (Vec<f32>, Vec<f32>) = match op {
+            BinaryOp::Add => (g.to_vec(), g.to_vec()),
+            BinaryOp::Sub => (g.to_vec(), g.iter().map(|x| -x).collect()),
+            BinaryOp::Mul => {
+                let (av, bv) = (a_saved.as_ref().unwrap(), b_saved.as_ref().unwrap());
+                let ga = g
+                    .iter()
+                    .enumerate()
+                    .map(|(i, gi)| gi * bv[lb.index(i)])
+                    .collect();
+                let gb = g
+                    .iter()
+                    .enumerate()
+                    .map(|(i, gi)| gi * av[la.index(i)])
+                    .collect();
+                (ga, gb)
+            }
+            BinaryOp::Div => {
+                let (av, bv) = (a_saved.as_ref().unwrap(), b_saved.as_ref().unwrap());
+                let ga = g
+                    .iter()
+                    .enumerate()
+                    .map(|(i, gi)| gi / bv[lb.index(i)])
+                    .collect();
+                let gb = g
+                    .iter()
+                    .enumerate()
+                    .map(|(i, gi)| {
+                        let bi = bv[lb.index(i)];
+                        -gi * av[la.index(i)] / (bi * bi)
+                    })
+                    .collect();
+                (ga, gb)
+            }
+        };
+        vec![Some(la.reduce(ga, na)), Some(lb.reduce(gb, nb))]
+    })
+}
+
+impl Tensor {
+    /// `self + other`, broadcasting.
+    pub fn add(&self, other: &Tensor) -> Tensor {
+        binary(self, other, BinaryOp::Add)
+    }
+    /// `self − other`, broadcasting.
+    pub fn sub(&self, other: &Tensor) -> Tensor {
+        binary(self, other, BinaryOp::Sub)
+    }
+    /// `self · other` element-wise, broadcasting.
+    pub fn mul(&self, other: &Tensor) -> Tensor {
+        binary(self, other, BinaryOp::Mul)
+    }
+    /// `self / other` element-wise, broadcasting.
+    pub fn div(&self, other: &Tensor) -> Tensor {
+        binary(self, other, BinaryOp::Div)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ops::gradcheck::{check_gradients, check_gradients_with, values};
+    use crate::tensor::Tensor;
+
+    #[test]
+    fn broadcasting_a_row_and_a_column() {
+        let x = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]);
+        let row = Tensor::from_vec(vec![10.0, 20.0, 30.0], &[3]);
+        let col = Tensor::from_vec(vec![100.0, 200.0], &[2, 1]);
+        assert_eq!(
+            x.add(&row).to_vec(),
+            vec![11.0, 22.0, 33.0, 14.0, 25.0, 36.0]
+        );
+        assert_eq!(
+            x.add(&col).to_vec(),
+            vec![101.0, 102.0, 103.0, 204.0, 205.0, 206.0]
+        );
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_for_every_broadcast() {
+        let cases: [(&[usize], &[usize]); 5] = [
+            (&[3, 17], &[3, 17]),
+            (&[2, 3, 17], &[17]),
+            (&[2, 3, 17], &[1, 3, 17]),
+            (&[2, 3, 17], &[3, 1]),
+            (&[1], &[4, 1]),
+        ];
+        for (sa, sb) in cases {
+            check_gradients(&[sa, sb], |x| x[0].add(&x[1]));
+            check_gradients(&[sa, sb], |x| x[0].sub(&x[1]));
+            check_gradients(&[sa, sb], |x| x[0].mul(&x[1]));
+            // Keep the divisor away from zero.
+            let a = values(sa.iter().product(), 1);
+            let b: Vec<f32> = values(sb.iter().product(), 2)
+                .iter()
+                .map(|v| v.signum() * (0.5 + v.abs()))
+                .collect();
+            check_gradients_with(&[sa, sb], &[a, b], |x| x[0].div(&x[1]));
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "mul: shapes [3, 4] and [3] do not broadcast")]
+    fn mismatched_shapes_panic_with_the_op_and_shapes() {
+        Tensor::zeros(&[3, 4]).mul(&Tensor::zeros(&[3]));
+    }
+}

@@ -1,0 +1,151 @@
+//! Cross-entropy from logits, with an optional weight per token.
+//!
+//! For row i with logits `zᵢ`, target `tᵢ` and weight `wᵢ` (1 when none is given):
+//! `nllᵢ = −log softmax(zᵢ)[tᵢ] = logsumexp(zᵢ) − zᵢ[tᵢ]`, and the loss is the weighted mean
+//! `L = Σᵢ wᵢ·nllᵢ / Σᵢ wᵢ`. A weight of 0 masks a token out: phase 2 of LEGO trains on the
+//! hard tokens only by giving the others weight 0.
+//!
+//! Fused: the softmax is never materialised in the forward (a `[tokens, vocab]` buffer), and
+//! the backward recomputes it row by row from the saved logits.
+//!
+//! **Backward.** `∂nllᵢ/∂zᵢₖ = softmax(zᵢ)ₖ − [k = tᵢ]`, so
+//! `∂L/∂zᵢₖ = g·(wᵢ/Σw)·(softmax(zᵢ)ₖ − [k = tᵢ])`.
+
+use crate::kernels::parallel::{for_each_row, worth_splitting};
+use crate::kernels::simd;
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+
+/// `log Σₖ e^(zₖ)`, computed stably.
+pub fn logsumexp(z: &[f32]) -> f32 {
+    let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    m + z.iter().map(|v| (v - m).exp()).sum::<f32>().ln()
+}
+
+impl Tensor {
+    /// Mean cross-entropy of these logits (`[..., vocab]`, one row per target) against
+    /// `targets`, each row weighted by `weights` if given. Panics if a target is out of the
+    /// vocabulary, the lengths disagree, or the weights sum to zero.
+    pub fn cross_entropy(&self, targets: &[usize], weights: Option<&[f32]>) -> Tensor {
+        let vocab = *self
+            .shape()
+            .last()
+            .expect("cross_entropy: logits need a vocabulary axis");
+        let rows = self.numel() / vocab.max(1);
+        assert_eq!(
+            targets.len(),
+            rows,
+            "cross_entropy: {} targets for logits of shape {:?} ({rows} rows)",
+            targets.len(),
+            self.shape()
+        );
+        if let Some(w) = weights {
+            assert_eq!(
+                w.len(),
+                rows,
+                "cross_entropy: {} weights for {rows} rows",
+                w.len()
+            );
+        }
+        for (i, &t) in targets.iter().enumerate() {
+            assert!(
+                t < vocab,
+                "cross_entropy: target {t} at row {i} is outside the vocabulary of {vocab}"
+            );
+        }
+        let weight = |i: usize| weights.map_or(1.0, |w| w[i]);
+        let total_weight: f64 = (0..rows).map(|i| weight(i) as f64).sum();
+        assert!(
+            total_weight > 0.0,
+            "cross_entropy: the weights of all {rows} rows sum to zero"
+        );
+
+        let z = self.data();
+        let nll = |i: usize| -> f64 {
+            let w = weight(i);
+            if w == 0.0 {
+                return 0.0;
+            }
+            let row = &z[i * vocab..(i + 1) * vocab];
+            w as f64 * (logsumexp(row) - row[targets[i]]) as f64
+        };
+        let sum: f64 = if worth_splitting(rows * vocab * 4) {
+            (0..rows)
+                .into_par_iter()
+                .map(nll)
+                .collect::<Vec<_>>()
+                .iter()
+                .sum()
+        } else {
+            (0..rows).map(nll).sum()
+        };
+        let loss = (sum / total_weight) as f32;
+
+        let targets = targets.to_vec();
+        let scaled: Vec<f32> = (0..rows)
+            .map(|i| (weight(i) as f64 / total_weight) as f32)
+            .collect();
+        Tensor::from_op(
+            vec![loss],
+            &[],
+            "cross_entropy",
+            &[self],
+            move |g: &[f32]| {
+                let mut dz = z.as_ref().clone();
+                for_each_row(&mut dz, vocab, 4 * vocab, |i, row| {
+                    let c = g[0] * scaled[i];
+                    if c == 0.0 {
+                        row.fill(0.0);
+                        return;
+                    }
+                    simd::softmax_in_place(row);
+                    row[targets[i]] -= 1.0;
+                    row.iter_mut().for_each(|v| *v *= c);
+                });
+                vec![Some(dz)]
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ops::gradcheck::check_gradients;
+    use crate::tensor::Tensor;
+
+    #[test]
+    fn uniform_logits_give_log_vocab() {
+        let z = Tensor::zeros(&[3, 10]);
+        let l = z.cross_entropy(&[0, 5, 9], None).item();
+        assert!((l - 10f32.ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn zero_weight_rows_do_not_count() {
+        let z = Tensor::from_vec(vec![5.0, 0.0, 0.0, 5.0], &[2, 2]);
+        let both = z.cross_entropy(&[0, 0], None).item();
+        let first = z.cross_entropy(&[0, 0], Some(&[1.0, 0.0])).item();
+        assert!(first < both);
+        assert!((first - z.narrow(0, 0, 1).cross_entropy(&[0], None).item()).abs() < 1e-7);
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        check_gradients(&[&[6, 11]], |x| {
+            x[0].cross_entropy(&[0, 3, 10, 3, 7, 1], None)
+        });
+        check_gradients(&[&[7, 11]], |x| {
+            x[0].cross_entropy(
+                &[1, 2, 3, 4, 5, 6, 0],
+                Some(&[1.0, 0.0, 0.5, 2.0, 0.0, 1.5, 0.7]),
+            )
+        });
+        check_gradients(&[&[1, 1]], |x| x[0].cross_entropy(&[0], None));
+    }
+
+    #[test]
+    #[should_panic(expected = "target 11 at row 1 is outside the vocabulary of 11")]
+    fn out_of_range_target_panics() {
+        Tensor::zeros(&[2, 11]).cross_entropy(&[0, 11], None);
+    }
+}

@@ -1,0 +1,81 @@
+//! Finite-difference gradient checks, shared by every op's tests.
+//!
+//! For an op `y = f(x₁, …, xₙ)` and a random upstream gradient `g`, the scalar
+//! `L = Σ y·g` has `∂L/∂xᵢ[j] ≈ (L(xᵢ[j] + ε) − L(xᵢ[j] − ε)) / 2ε` (central differences,
+//! error O(ε²)). The analytic gradient from `backward` must agree with it at every checked
+//! element. L is summed in f64 so that f32 rounding in the sum does not swamp the difference.
+
+use crate::tensor::Tensor;
+
+/// Deterministic pseudo-random values in [-1, 1) (no RNG state to thread through tests).
+pub fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Checks the gradients of `f` with respect to inputs of the given shapes, drawn from
+/// [-1, 1). See [`check_gradients_with`].
+pub fn check_gradients(shapes: &[&[usize]], f: impl Fn(&[Tensor]) -> Tensor) {
+    let inputs: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| values(s.iter().product(), 17 + i as u64))
+        .collect();
+    check_gradients_with(shapes, &inputs, f);
+}
+
+/// Checks the gradients of `f` at the given input values against central differences.
+/// Panics naming the input, the element, and both values on a mismatch.
+pub fn check_gradients_with(
+    shapes: &[&[usize]],
+    inputs: &[Vec<f32>],
+    f: impl Fn(&[Tensor]) -> Tensor,
+) {
+    let make = |vals: &[Vec<f32>]| -> Vec<Tensor> {
+        shapes
+            .iter()
+            .zip(vals)
+            .map(|(s, v)| Tensor::from_vec(v.clone(), s).requires_grad())
+            .collect()
+    };
+    let xs = make(inputs);
+    let y = f(&xs);
+    let upstream = values(y.numel(), 99);
+    y.backward_with(upstream.clone());
+
+    let loss = |vals: &[Vec<f32>]| -> f64 {
+        let y = crate::no_grad(|| f(&make(vals)));
+        y.data()
+            .iter()
+            .zip(&upstream)
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum()
+    };
+    let eps = 1e-2f32;
+    for (i, x) in xs.iter().enumerate() {
+        let analytic = x.grad().unwrap_or_else(|| vec![0.0; x.numel()]);
+        // Check every element of small inputs, a spread of them for larger ones.
+        let step = (x.numel() / 64).max(1);
+        for j in (0..x.numel()).step_by(step) {
+            let mut plus = inputs.to_vec();
+            plus[i][j] += eps;
+            let mut minus = inputs.to_vec();
+            minus[i][j] -= eps;
+            let numeric = (loss(&plus) - loss(&minus)) / (2.0 * eps as f64);
+            let a = analytic[j] as f64;
+            assert!(
+                (a - numeric).abs() <= 2e-3 * (1.0 + numeric.abs()),
+                "gradient of input {i} (shape {:?}) at element {j}: backward gives {a}, finite \
+                 differences {numeric}",
+                shapes[i]
+            );
+        }
+    }
+}

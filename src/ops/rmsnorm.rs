@@ -1,0 +1,90 @@
+//! RMSNorm: `y = x / rms(x) · w`, with `rms(x) = √(mean(x²) + ε)` over the last axis and a
+//! learned scale `w` (Zhang & Sennrich 2019; Llama's normalisation).
+//!
+//! Fused into one op: built from small ops it would allocate five intermediate tensors.
+//!
+//! **Backward.** For one row, write `r = (mean(x²) + ε)^(−1/2)` so `yⱼ = xⱼ·r·wⱼ`. Since
+//! `∂r/∂xₖ = −r³·xₖ/D`,
+//!
+//! `∂L/∂xₖ = Σⱼ gⱼ·wⱼ·(δⱼₖ·r + xⱼ·∂r/∂xₖ) = r·gₖ·wₖ − (r³·xₖ/D)·Σⱼ gⱼ·wⱼ·xⱼ`
+//!
+//! (term 1: the direct path through xₖ; term 2: the path through the shared rms), and
+//! `∂L/∂wⱼ = Σ_rows gⱼ·xⱼ·r`.
+
+use std::sync::Arc;
+
+use crate::kernels::parallel::for_each_row2;
+use crate::kernels::simd;
+use crate::tensor::Tensor;
+
+impl Tensor {
+    /// RMSNorm over the last axis with scale `weight` (`[dim]`) and `eps`.
+    pub fn rms_norm(&self, weight: &Tensor, eps: f32) -> Tensor {
+        let dim = *self
+            .shape()
+            .last()
+            .expect("rms_norm: a scalar has no last axis");
+        assert_eq!(
+            weight.shape(),
+            &[dim],
+            "rms_norm: weight of shape {:?} does not match last axis of {:?}",
+            weight.shape(),
+            self.shape()
+        );
+        let (x, w) = (self.data(), weight.data());
+        let rows = x.len() / dim.max(1);
+        let mut out = vec![0.0f32; x.len()];
+        let mut inv_rms = vec![0.0f32; rows];
+        for_each_row2(&mut out, dim, &mut inv_rms, 1, 4 * dim, |i, y, r| {
+            r[0] = simd::rmsnorm(&x[i * dim..(i + 1) * dim], &w, eps, y);
+        });
+        let inv_rms = Arc::new(inv_rms);
+        Tensor::from_op(
+            out,
+            self.shape(),
+            "rms_norm",
+            &[self, weight],
+            move |g: &[f32]| {
+                let mut dx = vec![0.0f32; x.len()];
+                let mut dw = vec![0.0f64; dim];
+                for i in 0..rows {
+                    let (xr, gr) = (&x[i * dim..(i + 1) * dim], &g[i * dim..(i + 1) * dim]);
+                    let r = inv_rms[i];
+                    // Σⱼ gⱼ·wⱼ·xⱼ, shared by every k of the row (term 2).
+                    let gwx: f32 = (0..dim).map(|j| gr[j] * w[j] * xr[j]).sum();
+                    let c = r * r * r * gwx / dim as f32;
+                    for k in 0..dim {
+                        dx[i * dim + k] = r * gr[k] * w[k] - c * xr[k];
+                        dw[k] += (gr[k] * xr[k] * r) as f64;
+                    }
+                }
+                vec![Some(dx), Some(dw.into_iter().map(|v| v as f32).collect())]
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ops::gradcheck::{check_gradients_with, values};
+    use crate::tensor::Tensor;
+
+    #[test]
+    fn unit_weight_gives_unit_rms() {
+        let x = Tensor::from_vec(vec![3.0, 4.0], &[1, 2]);
+        let y = x.rms_norm(&Tensor::ones(&[2]), 0.0).to_vec();
+        let rms = ((y[0] * y[0] + y[1] * y[1]) / 2.0).sqrt();
+        assert!((rms - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for dim in [1usize, 7, 13, 67] {
+            let x = values(3 * dim, 1);
+            let w: Vec<f32> = values(dim, 2).iter().map(|v| 1.0 + 0.3 * v).collect();
+            check_gradients_with(&[&[3, dim], &[dim]], &[x, w], |t| {
+                t[0].rms_norm(&t[1], 1e-5)
+            });
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Rotary position embedding (RoPE, Su et al. 2021), in Meta's Llama and llama2.c convention.
+//!
+//! Inside each head, the pairs `(x[2j], x[2j+1])` are rotated by the angle
+//! `θⱼ(p) = p · base^(−2j/head_dim)` where `p` is the token's **absolute** position. The dot
+//! product of a rotated query at p with a rotated key at p' then depends on p − p' only:
+//! attention sees relative positions. (This is the interleaved form, not the "rotate half"
+//! form of some other code bases; the two are not interchangeable with the same weights.)
+//!
+//! With a KV cache, a new token at position `past_len + t` must be rotated by that absolute
+//! position, never by `t` alone (the spec's lesson 2): callers pass the offset.
+//!
+//! **Backward.** A rotation is orthogonal, so its transpose is its inverse: the gradient is
+//! rotated back by `−θ`: `dx₀ = g₀·cos θ + g₁·sin θ`, `dx₁ = −g₀·sin θ + g₁·cos θ`.
+
+use crate::tensor::Tensor;
+
+/// The cosine and sine of `θⱼ(p)` for each position in `positions` and each pair `j`,
+/// laid out `[position][j]`.
+pub fn rope_tables(positions: &[usize], head_dim: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(positions.len() * half);
+    let mut sin = Vec::with_capacity(positions.len() * half);
+    for &p in positions {
+        for j in 0..half {
+            // Computed in f64 so that large positions keep their precision.
+            let freq = (base as f64).powf(-((2 * j) as f64) / head_dim as f64);
+            let angle = p as f64 * freq;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
+
+/// Rotates one head's vector in place: pair j by the angle whose cos/sin are `cos[j]`, `sin[j]`.
+#[inline]
+pub fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for (j, pair) in x.chunks_exact_mut(2).enumerate() {
+        let (a, b) = (pair[0], pair[1]);
+        pair[0] = a * cos[j] - b * sin[j];
+        pair[1] = a * sin[j] + b * cos[j];
+    }
+}
+
+impl Tensor {
+    /// RoPE on a `[batch, seq, heads, head_dim]` tensor whose token t sits at absolute
+    /// position `offset + t`, with frequency base `theta` (10000 in Llama).
+    pub fn rope(&self, offset: usize, theta: f32) -> Tensor {
+        let seq = self.shape().get(1).copied().unwrap_or(0);
+        let positions: Vec<usize> = (0..seq).map(|t| offset + t).collect();
+        self.rope_at(&positions, theta)
+    }
+
+    /// RoPE with an explicit absolute position for each step of the sequence axis:
+    /// `positions.len() == seq`.
+    pub fn rope_at(&self, positions: &[usize], theta: f32) -> Tensor {
+        let s = self.shape().to_vec();
+        assert!(
+            s.len() == 4,
+            "rope: expected [batch, seq, heads, head_dim], got {s:?}"
+        );
+        let (batch, seq, heads, hd) = (s[0], s[1], s[2], s[3]);
+        assert!(
+            hd % 2 == 0,
+            "rope: head_dim {hd} must be even (shape {s:?})"
+        );
+        assert_eq!(
+            positions.len(),
+            seq,
+            "rope: {} positions for a sequence of {seq}",
+            positions.len()
+        );
+        let (cos, sin) = rope_tables(positions, hd, theta);
+        let half = hd / 2;
+        let apply = move |x: &[f32], cos: &[f32], sin: &[f32]| -> Vec<f32> {
+            let mut out = x.to_vec();
+            for b in 0..batch {
+                for t in 0..seq {
+                    let (c, sn) = (
+                        &cos[t * half..(t + 1) * half],
+                        &sin[t * half..(t + 1) * half],
+                    );
+                    for h in 0..heads {
+                        let o = ((b * seq + t) * heads + h) * hd;
+                        rotate(&mut out[o..o + hd], c, sn);
+                    }
+                }
+            }
+            out
+        };
+        let out = apply(&self.data(), &cos, &sin);
+        // The backward rotates by −θ: cos stays, sin flips sign.
+        let neg_sin: Vec<f32> = sin.iter().map(|v| -v).collect();
+        Tensor::from_op(out, &s, "rope", &[self], move |g: &[f32]| {
+            vec![Some(apply(g, &cos, &neg_sin))]
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ops::gradcheck::check_gradients;
+    use crate::tensor::Tensor;
+
+    #[test]
+    fn position_zero_is_the_identity_and_norms_are_kept() {
+        let x = Tensor::from_vec((0..8).map(|v| v as f32 - 3.0).collect(), &[1, 1, 2, 4]);
+        assert_eq!(x.rope(0, 10000.0).to_vec(), x.to_vec());
+        let y = x.rope(7, 10000.0).to_vec();
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+        assert!((norm(&y) - norm(&x.to_vec())).abs() < 1e-4);
+    }
+
+    #[test]
+    fn scores_depend_on_relative_position_only() {
+        let q = Tensor::from_vec(vec![0.3, -1.0, 0.5, 2.0], &[1, 1, 1, 4]);
+        let k = Tensor::from_vec(vec![1.0, 0.2, -0.7, 0.4], &[1, 1, 1, 4]);
+        let dot = |a: &Tensor, b: &Tensor| {
+            a.to_vec()
+                .iter()
+                .zip(b.to_vec())
+                .map(|(x, y)| x * y)
+                .sum::<f32>()
+        };
+        let s1 = dot(&q.rope(5, 10000.0), &k.rope(2, 10000.0));
+        let s2 = dot(&q.rope(105, 10000.0), &k.rope(102, 10000.0));
+        assert!((s1 - s2).abs() < 1e-4, "{s1} vs {s2}");
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        check_gradients(&[&[2, 5, 3, 8]], |x| x[0].rope(3, 10000.0));
+        check_gradients(&[&[1, 7, 2, 6]], |x| x[0].rope(0, 500.0));
+    }
+}

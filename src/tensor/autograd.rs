@@ -1,0 +1,242 @@
+//! Reverse-mode automatic differentiation: the walk from a loss back to its parameters.
+//!
+//! Every op that runs while gradients are recorded leaves a [`GradFn`] in its output: the
+//! op's inputs and a closure that maps the gradient of the output, `∂L/∂out`, to the gradient
+//! of each input, `∂L/∂in = (∂out/∂in)ᵀ · ∂L/∂out` (a vector-Jacobian product; each op's
+//! file derives its own). The graph is made of these links and lives exactly as long as the
+//! tensors do: there is no global tape to leak.
+//!
+//! [`Tensor::backward`] then does three things:
+//!
+//! 1. orders the graph so that every tensor comes after all the tensors it was made from
+//!    (a depth-first topological sort from the loss);
+//! 2. seeds `∂L/∂L = 1` and walks that order in reverse, so that when a tensor is reached,
+//!    every consumer has already added its share to the tensor's gradient;
+//! 3. leaves each leaf's gradient in the leaf (adding to what is there: gradients accumulate
+//!    until [`Tensor::zero_grad`]).
+//!
+//! Gradients of intermediate tensors are dropped as soon as they have been passed on, so the
+//! walk holds at most the gradients of one "frontier" of the graph at a time.
+//!
+//! **No-grad mode.** Inside [`no_grad`], ops record nothing: no closure, no saved inputs, no
+//! graph. Decoding and evaluation run there and pay nothing for autodiff.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+
+use super::Tensor;
+
+/// The backward link of a tensor made by an op.
+pub(crate) struct GradFn {
+    /// The op's name, for error messages and debugging.
+    pub op: &'static str,
+    /// The tensors the op read, in the order `backward` returns their gradients.
+    pub inputs: Vec<Tensor>,
+    /// Maps `∂L/∂out` to `[∂L/∂input_i]` (`None` where an input needs no gradient).
+    #[allow(clippy::type_complexity)]
+    pub backward: Box<dyn Fn(&[f32]) -> Vec<Option<Vec<f32>>> + Send + Sync>,
+}
+
+thread_local! {
+    static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Whether ops on this thread currently record a graph.
+pub fn is_grad_enabled() -> bool {
+    GRAD_ENABLED.with(|g| g.get())
+}
+
+/// Runs `f` with gradient recording off on this thread (and restores the previous mode after,
+/// even if `f` panics). Nothing `f` computes carries a graph.
+///
+/// ```
+/// use lego::{Tensor, no_grad};
+/// let w = Tensor::ones(&[2]).requires_grad();
+/// let y = no_grad(|| w.mul_scalar(3.0));
+/// assert!(!y.requires_grad_flag());
+/// ```
+pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GRAD_ENABLED.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GRAD_ENABLED.with(|g| g.replace(false)));
+    f()
+}
+
+impl Tensor {
+    /// Computes the gradient of this scalar with respect to every leaf that requires one, and
+    /// adds it to that leaf's [`grad`](Tensor::grad).
+    ///
+    /// Panics if the tensor is not a single value, or if no gradient can flow from it (it was
+    /// computed from no parameter, or under [`no_grad`]).
+    pub fn backward(&self) {
+        assert_eq!(
+            self.numel(),
+            1,
+            "backward: the loss must be a single value, got a tensor of shape {:?}",
+            self.shape()
+        );
+        assert!(
+            self.requires_grad_flag(),
+            "backward: this tensor (op `{}`, shape {:?}) has no graph: it was computed from no \
+             tensor that requires a gradient, or under no_grad",
+            self.op_name(),
+            self.shape()
+        );
+        self.backward_with(vec![1.0]);
+    }
+
+    /// Backpropagates an explicit upstream gradient `grad_out` (same number of elements as
+    /// this tensor): afterwards every leaf holds `∂(Σ self·grad_out)/∂leaf`.
+    pub fn backward_with(&self, grad_out: Vec<f32>) {
+        assert_eq!(
+            grad_out.len(),
+            self.numel(),
+            "backward_with: tensor of shape {:?} got a gradient of {} values",
+            self.shape(),
+            grad_out.len()
+        );
+        let order = topological_order(self);
+        let mut grads: HashMap<usize, Vec<f32>> = HashMap::new();
+        grads.insert(self.id(), grad_out);
+        for tensor in order.iter().rev() {
+            let Some(grad) = grads.remove(&tensor.id()) else {
+                continue; // nothing flowed here (e.g. every path to the loss was cut)
+            };
+            match &tensor.inner.grad_fn {
+                None => tensor.accumulate_grad(&grad),
+                Some(grad_fn) => {
+                    let input_grads = (grad_fn.backward)(&grad);
+                    assert_eq!(
+                        input_grads.len(),
+                        grad_fn.inputs.len(),
+                        "backward of `{}`: returned {} gradients for {} inputs",
+                        grad_fn.op,
+                        input_grads.len(),
+                        grad_fn.inputs.len()
+                    );
+                    for (input, g) in grad_fn.inputs.iter().zip(input_grads) {
+                        let Some(g) = g else { continue };
+                        if !input.requires_grad_flag() {
+                            continue;
+                        }
+                        assert_eq!(
+                            g.len(),
+                            input.numel(),
+                            "backward of `{}`: gradient of {} values for an input of shape {:?}",
+                            grad_fn.op,
+                            g.len(),
+                            input.shape()
+                        );
+                        match grads.get_mut(&input.id()) {
+                            Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
+                            None => {
+                                grads.insert(input.id(), g);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Every tensor that a gradient can flow into from `root`, each after all its inputs.
+///
+/// An iterative depth-first search (a deep model's graph would overflow a recursive one): a
+/// tensor is appended once all its inputs have been, i.e. in post-order.
+fn topological_order(root: &Tensor) -> Vec<Tensor> {
+    let mut order = Vec::new();
+    let mut visited = std::collections::HashSet::new();
+    // (tensor, whether its inputs have already been pushed)
+    let mut stack: Vec<(Tensor, bool)> = vec![(root.clone(), false)];
+    while let Some((t, expanded)) = stack.pop() {
+        if expanded {
+            order.push(t);
+            continue;
+        }
+        if !visited.insert(t.id()) {
+            continue;
+        }
+        stack.push((t.clone(), true));
+        if let Some(grad_fn) = &t.inner.grad_fn {
+            for input in &grad_fn.inputs {
+                if input.requires_grad_flag() && !visited.contains(&input.id()) {
+                    stack.push((input.clone(), false));
+                }
+            }
+        }
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gradients_accumulate_across_backward_calls_until_zeroed() {
+        let w = Tensor::from_vec(vec![1.0, -2.0], &[2]).requires_grad();
+        w.mul_scalar(3.0).sum_all().backward();
+        w.mul_scalar(3.0).sum_all().backward();
+        assert_eq!(w.grad().unwrap(), vec![6.0, 6.0]);
+        w.zero_grad();
+        assert!(w.grad().is_none());
+    }
+
+    #[test]
+    fn a_tensor_used_twice_gets_both_contributions() {
+        // y = w*w + w  =>  dy/dw = 2w + 1
+        let w = Tensor::from_vec(vec![3.0], &[1]).requires_grad();
+        w.mul(&w).add(&w).sum_all().backward();
+        assert_eq!(w.grad().unwrap(), vec![7.0]);
+    }
+
+    #[test]
+    fn no_grad_records_nothing_and_restores_the_mode() {
+        let w = Tensor::ones(&[3]).requires_grad();
+        let y = no_grad(|| w.mul_scalar(2.0).sum_all());
+        assert!(y.is_leaf() && !y.requires_grad_flag());
+        assert!(is_grad_enabled());
+        assert!(w.mul_scalar(2.0).requires_grad_flag());
+    }
+
+    #[test]
+    fn frozen_leaves_get_no_gradient() {
+        let a = Tensor::ones(&[2]).requires_grad();
+        let b = Tensor::ones(&[2]).requires_grad();
+        b.set_requires_grad(false);
+        a.mul(&b).sum_all().backward();
+        assert!(a.grad().is_some());
+        assert!(b.grad().is_none());
+    }
+
+    #[test]
+    #[should_panic(expected = "backward: the loss must be a single value")]
+    fn backward_of_a_non_scalar_panics_with_the_shape() {
+        Tensor::ones(&[2, 3])
+            .requires_grad()
+            .mul_scalar(2.0)
+            .backward();
+    }
+
+    #[test]
+    #[should_panic(expected = "has no graph")]
+    fn backward_without_a_graph_panics() {
+        Tensor::ones(&[1]).sum_all().backward();
+    }
+
+    #[test]
+    fn a_long_chain_does_not_overflow_the_stack() {
+        let w = Tensor::ones(&[1]).requires_grad();
+        let mut y = w.clone();
+        for _ in 0..100_000 {
+            y = y.add_scalar(1.0);
+        }
+        y.sum_all().backward();
+        assert_eq!(w.grad().unwrap(), vec![1.0]);
+    }
+}
