@@ -1,1 +1,349 @@
-fn main() {}
+//! Kernel benchmarks: the matrix product, fused attention and RMSNorm, on 1 and 2 threads.
+//!
+//! Run with `cargo bench --bench kernels` (about a minute and a half); set
+//! `LEGO_BENCH_QUICK=1` for a smoke run that checks everything runs (numbers are then rough).
+//!
+//! What is measured, and why:
+//!
+//! - `sgemm A·B`: [`lego::kernels::gemm::sgemm`] on row-major A (M×K) and B (K×N), the same
+//!   products `../shared/peers/sgemm_py.py` times for numpy and PyTorch, so the GFLOP/s compare
+//!   directly;
+//! - `sgemm x·Wᵀ`: the same kernel with B read as the transpose of a row-major weight W (N×K),
+//!   the layout every `Linear` uses. For M ≤ 16 this is the decode path, which goes to the
+//!   small-M SIMD kernel instead of `matrixmultiply`;
+//! - `op matmul_t`: the Tensor op `x.matmul_t(&w)` on the same operands (no gradient
+//!   recorded), so its distance from `sgemm x·Wᵀ` is the op's own overhead (allocating and
+//!   zeroing the output, building the tensor);
+//! - `attention` and `rms_norm` at config S (batch 16, seq 128, dim 256, 8 heads of 32), the
+//!   forward alone (recording the graph, as in training) and forward + backward.
+//!
+//! The timing harness is deliberately tiny (no criterion): run the closure for a warm-up
+//! period, which also tells how many calls fill one repetition of ~[`REP_SECS`]; then time
+//! [`reps`] repetitions of that many calls and report the median and the fastest, per call.
+//! Results go to stdout as a table and to `target/bench-kernels.csv`.
+
+use std::fmt::Write as _;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use lego::Tensor;
+use lego::kernels::gemm::sgemm;
+
+/// Matrix product shapes (M, K, N): training shapes of configs S/M, two decode shapes (one
+/// row, eight rows) and the classic 1024³.
+const SHAPES: [(usize, usize, usize); 7] = [
+    (2048, 256, 256),
+    (2048, 256, 688),
+    (2048, 256, 4096),
+    (2048, 512, 512),
+    (1, 512, 512),
+    (8, 512, 1376),
+    (1024, 1024, 1024),
+];
+
+/// Thread counts to measure (the machine has two cores).
+const THREADS: [usize; 2] = [1, 2];
+
+/// Config S: batch, seq, dim, heads.
+const S_BATCH: usize = 16;
+const S_SEQ: usize = 128;
+const S_DIM: usize = 256;
+const S_HEADS: usize = 8;
+
+/// Target length of one timed repetition, in seconds (each repetition runs the closure as
+/// many times as fit, so that fast kernels are not dominated by timer resolution).
+const REP_SECS: f64 = 0.1;
+
+/// Whether `LEGO_BENCH_QUICK=1` asks for a smoke run.
+fn quick() -> bool {
+    std::env::var("LEGO_BENCH_QUICK").is_ok_and(|v| v == "1")
+}
+
+/// How many timed repetitions per measurement.
+fn reps() -> usize {
+    if quick() { 2 } else { 7 }
+}
+
+/// Seconds of warm-up before timing.
+fn warmup_secs() -> f64 {
+    if quick() { 0.02 } else { 0.2 }
+}
+
+/// Per-call time of one measurement: the median and the fastest repetition.
+struct Timing {
+    median: Duration,
+    min: Duration,
+}
+
+/// Warms `f` up, then times [`reps`] repetitions of it and returns the per-call figures.
+fn time_it(mut f: impl FnMut()) -> Timing {
+    // Warm-up: caches, page faults, the thread pool's first wake-up. Counting the calls that
+    // fit tells how many make one repetition.
+    let warm = Duration::from_secs_f64(warmup_secs());
+    let start = Instant::now();
+    let mut calls = 0usize;
+    while start.elapsed() < warm || calls == 0 {
+        f();
+        calls += 1;
+    }
+    let per_call = start.elapsed().as_secs_f64() / calls as f64;
+    let rep_secs = if quick() { REP_SECS / 10.0 } else { REP_SECS };
+    let inner = ((rep_secs / per_call).ceil() as usize).max(1);
+
+    let mut samples: Vec<Duration> = (0..reps())
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..inner {
+                f();
+            }
+            t.elapsed() / inner as u32
+        })
+        .collect();
+    samples.sort();
+    Timing {
+        median: samples[samples.len() / 2],
+        min: samples[0],
+    }
+}
+
+/// One row of the results.
+struct Row {
+    name: String,
+    shape: String,
+    threads: usize,
+    timing: Timing,
+    /// Floating-point operations per call, if counting them makes sense.
+    flops: Option<f64>,
+}
+
+impl Row {
+    fn gflops(&self, d: Duration) -> Option<f64> {
+        self.flops.map(|f| f / d.as_secs_f64() / 1e9)
+    }
+}
+
+/// Deterministic values in [-1, 1) (the bench needs no statistics, just non-trivial numbers).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Tensor::rng(seed);
+    Tensor::rand_uniform(&[n], -1.0, 1.0, &mut rng).to_vec()
+}
+
+/// The three matrix-product measurements for one shape, inside the current pool.
+fn bench_matmul(m: usize, k: usize, n: usize, threads: usize, rows: &mut Vec<Row>) {
+    let shape = format!("{m}x{k}x{n}");
+    let flops = Some(2.0 * (m * k * n) as f64);
+    let a = values(m * k, 1);
+    let b = values(k * n, 2); // B (K×N) row-major, or W (N×K) row-major: same length
+    let mut c = vec![0.0f32; m * n];
+    let small_m = m <= lego::kernels::gemm::SMALL_M;
+
+    // Plain row-major A·B, as numpy's `a @ b` (not for the decode shapes, which are measured
+    // in the layout they are used in).
+    if !small_m {
+        let timing = time_it(|| {
+            sgemm(m, k, n, 1.0, &a, k, 1, &b, n, 1, 0.0, &mut c, n);
+            black_box(&mut c);
+        });
+        rows.push(Row {
+            name: "sgemm A·B".into(),
+            shape: shape.clone(),
+            threads,
+            timing,
+            flops,
+        });
+    }
+
+    // x·Wᵀ: B[p][j] = W[j][p], i.e. row stride 1 and column stride K.
+    let timing = time_it(|| {
+        sgemm(m, k, n, 1.0, &a, k, 1, &b, 1, k, 0.0, &mut c, n);
+        black_box(&mut c);
+    });
+    rows.push(Row {
+        name: "sgemm x·Wᵀ".into(),
+        shape: shape.clone(),
+        threads,
+        timing,
+        flops,
+    });
+
+    // The Tensor op, no gradient recorded (the leaves do not require one).
+    let x = Tensor::from_vec(a.clone(), &[m, k]);
+    let w = Tensor::from_vec(b.clone(), &[n, k]);
+    let timing = time_it(|| {
+        black_box(x.matmul_t(&w));
+    });
+    rows.push(Row {
+        name: "op matmul_t".into(),
+        shape,
+        threads,
+        timing,
+        flops,
+    });
+}
+
+/// Attention and RMSNorm at config S, forward and forward + backward, inside the current pool.
+fn bench_s_ops(threads: usize, rows: &mut Vec<Row>) {
+    let (b, t, d, h) = (S_BATCH, S_SEQ, S_DIM, S_HEADS);
+    let hd = d / h;
+    let mut rng = Tensor::rng(7);
+
+    // Attention: q, k, v are [B, T, H, hd]. The flop count is the two T×T products a head
+    // (Q·Kᵀ and P·V, 2·T²·hd each) forward, and four more backward; the kernel computes the
+    // whole T×T square (masked half included), so that is what it is charged for.
+    let qkv_shape = [b, t, h, hd];
+    let q = Tensor::randn(&qkv_shape, 0.0, 1.0, &mut rng).requires_grad();
+    let k = Tensor::randn(&qkv_shape, 0.0, 1.0, &mut rng).requires_grad();
+    let v = Tensor::randn(&qkv_shape, 0.0, 1.0, &mut rng).requires_grad();
+    let g_attn = values(b * t * d, 8);
+    let head_flops = 2.0 * (t * t * hd) as f64 * (b * h) as f64;
+    let shape = format!("B{b} T{t} H{h} hd{hd}");
+
+    let timing = time_it(|| {
+        black_box(Tensor::attention(&q, &k, &v));
+    });
+    rows.push(Row {
+        name: "attention fwd".into(),
+        shape: shape.clone(),
+        threads,
+        timing,
+        flops: Some(2.0 * head_flops),
+    });
+    let timing = time_it(|| {
+        for p in [&q, &k, &v] {
+            p.zero_grad();
+        }
+        let out = Tensor::attention(&q, &k, &v);
+        out.backward_with(g_attn.clone());
+        black_box(q.grad());
+    });
+    rows.push(Row {
+        name: "attention fwd+bwd".into(),
+        shape,
+        threads,
+        timing,
+        flops: Some(6.0 * head_flops),
+    });
+
+    // RMSNorm: x [B, T, D], weight [D]. Memory-bound; no GFLOP/s.
+    let x = Tensor::randn(&[b, t, d], 0.0, 1.0, &mut rng).requires_grad();
+    let w = Tensor::from_vec(values(d, 9).iter().map(|v| 1.0 + 0.1 * v).collect(), &[d])
+        .requires_grad();
+    let g_norm = values(b * t * d, 10);
+    let shape = format!("B{b} T{t} D{d}");
+    let timing = time_it(|| {
+        black_box(x.rms_norm(&w, 1e-5));
+    });
+    rows.push(Row {
+        name: "rms_norm fwd".into(),
+        shape: shape.clone(),
+        threads,
+        timing,
+        flops: None,
+    });
+    let timing = time_it(|| {
+        x.zero_grad();
+        w.zero_grad();
+        let y = x.rms_norm(&w, 1e-5);
+        y.backward_with(g_norm.clone());
+        black_box(x.grad());
+    });
+    rows.push(Row {
+        name: "rms_norm fwd+bwd".into(),
+        shape,
+        threads,
+        timing,
+        flops: None,
+    });
+}
+
+/// The 1-minute load average (Linux), to tell a quiet machine from a busy one.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument would be ignored, so say so.
+    if let Some(arg) = std::env::args().skip(1).find(|a| !a.starts_with('-')) {
+        eprintln!("note: this bench takes no filter (got {arg:?}); running everything");
+    }
+    let started = Instant::now();
+    let load_before = load_average();
+    let mut rows = Vec::new();
+    for threads in THREADS {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("could not build a rayon pool");
+        pool.install(|| {
+            for (m, k, n) in SHAPES {
+                bench_matmul(m, k, n, threads, &mut rows);
+            }
+            bench_s_ops(threads, &mut rows);
+        });
+    }
+
+    // The table: matrix products grouped by shape (1 and 2 threads side by side), then the
+    // config-S ops.
+    println!(
+        "\nlego kernels ({}, {} reps, median and best per call)\n",
+        if quick() { "QUICK" } else { "full" },
+        reps()
+    );
+    println!(
+        "{:<18} {:<18} {:>3} {:>11} {:>11} {:>9} {:>9}",
+        "name", "shape", "thr", "median ms", "min ms", "GFLOP/s", "best"
+    );
+    let mut order: Vec<&Row> = rows.iter().collect();
+    order.sort_by_key(|r| {
+        let group = rows
+            .iter()
+            .position(|q| q.shape == r.shape && q.name == r.name)
+            .unwrap();
+        (group, r.threads)
+    });
+    let mut csv = String::from("name,shape,threads,median_ms,gflops\n");
+    for r in order {
+        let fmt = |g: Option<f64>| g.map_or("-".to_string(), |g| format!("{g:.1}"));
+        println!(
+            "{:<18} {:<18} {:>3} {:>11.4} {:>11.4} {:>9} {:>9}",
+            r.name,
+            r.shape,
+            r.threads,
+            r.timing.median.as_secs_f64() * 1e3,
+            r.timing.min.as_secs_f64() * 1e3,
+            fmt(r.gflops(r.timing.median)),
+            fmt(r.gflops(r.timing.min)),
+        );
+        writeln!(
+            csv,
+            "{},{},{},{:.6},{}",
+            r.name,
+            r.shape,
+            r.threads,
+            r.timing.median.as_secs_f64() * 1e3,
+            r.gflops(r.timing.median)
+                .map_or(String::new(), |g| format!("{g:.2}"))
+        )
+        .unwrap();
+    }
+    println!(
+        "\nattention GFLOP/s count the full T×T products (4·T²·hd a head forward, 12·T²·hd with \
+         backward); rms_norm is memory-bound."
+    );
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    let path = dir.join("bench-kernels.csv");
+    match std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, csv)) {
+        Ok(()) => println!("wrote {}", path.display()),
+        Err(e) => eprintln!("could not write {}: {e}", path.display()),
+    }
+    println!(
+        "total {:.1} s; load average before {load_before}, after {} (other processes on the \
+         cores make the 2-thread figures meaningless)",
+        started.elapsed().as_secs_f64(),
+        load_average()
+    );
+}

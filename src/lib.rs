@@ -17,6 +17,8 @@
 pub mod error;
 pub mod io;
 pub mod kernels;
+pub mod model;
+pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod tensor;

@@ -70,10 +70,10 @@ impl Drop for Inner {
         let mut pending = grad_fn.inputs;
         drop(grad_fn.backward);
         while let Some(tensor) = pending.pop() {
-            if let Ok(mut inner) = Arc::try_unwrap(tensor.inner) {
-                if let Some(g) = inner.grad_fn.take() {
-                    pending.extend(g.inputs);
-                }
+            if let Ok(mut inner) = Arc::try_unwrap(tensor.inner)
+                && let Some(g) = inner.grad_fn.take()
+            {
+                pending.extend(g.inputs);
             }
         }
     }

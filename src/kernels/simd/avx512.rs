@@ -1,0 +1,693 @@
+//! AVX-512F kernels: 16 f32 lanes per `__m512` register, 32 registers, masked loads and stores.
+//!
+//! Each function is an `unsafe fn` compiled with `#[target_feature(enable = "avx512f")]`: the
+//! compiler may use AVX-512 instructions in it, so it must only run on a CPU that has them. That is
+//! the one safety condition; shapes are checked (with the same panics as [`super::scalar`]) and
+//! every memory access stays inside the slices. [`super::level`] decides when these are used.
+//!
+//! Tails (the last `len % 16` elements) use masks: `_mm512_maskz_loadu_ps(mask, p)` loads only the
+//! lanes whose mask bit is set, sets the others to 0, and never touches (or faults on) the memory
+//! behind the masked-out lanes. So a tail is one more masked iteration of the main loop, with no
+//! scalar code.
+//!
+//! Since Rust 1.87, intrinsics that do not take pointers are safe to call inside a function with
+//! the matching `target_feature`, so `unsafe` blocks below surround only loads and stores.
+
+use std::arch::x86_64::*;
+
+use super::{
+    AdamWScalars, AdamWStep, EXP_HI, EXP_LO, EXP_P, LN2_HI, LN2_LO, LOG2_E, check_adamw,
+    check_matmul_xwt, check_same_len,
+};
+
+/// f32 lanes in one register.
+const W: usize = 16;
+
+/// The mask selecting the first `len` lanes (`len < 16`): bits `0..len` set.
+#[inline]
+fn tail_mask(len: usize) -> __mmask16 {
+    debug_assert!(len < W);
+    ((1u32 << len) - 1) as __mmask16
+}
+
+/// The sum of the 16 lanes of `v` (a horizontal sum).
+///
+/// `_mm512_reduce_add_ps` is a tree of shuffles and adds: 16 -> 8 -> 4 -> 2 -> 1 lanes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn hsum(v: __m512) -> f32 {
+    _mm512_reduce_add_ps(v)
+}
+
+/// The dot product `Σ a[i]·b[i]`. Panics if the lengths differ.
+///
+/// Four independent accumulators of 16 lanes: one FMA has a latency of 4 cycles, so a single
+/// accumulator would make every FMA wait for the previous one; with four chains in flight the
+/// loop is limited by the two loads per FMA instead. The tail is one masked FMA.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    check_same_len("dot", "a", a.len(), "b", b.len());
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 4 * W <= n {
+        for (u, acc_u) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 4W <= n, so lanes i + uW .. i + (u+1)W are inside both slices.
+            let (va, vb) = unsafe {
+                (
+                    _mm512_loadu_ps(pa.add(i + u * W)),
+                    _mm512_loadu_ps(pb.add(i + u * W)),
+                )
+            };
+            *acc_u = _mm512_fmadd_ps(va, vb, *acc_u);
+        }
+        i += 4 * W;
+    }
+    while i + W <= n {
+        // SAFETY: i + W <= n.
+        let (va, vb) = unsafe { (_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i))) };
+        acc[0] = _mm512_fmadd_ps(va, vb, acc[0]);
+        i += W;
+    }
+    if i < n {
+        let mask = tail_mask(n - i);
+        // SAFETY: only the n - i lanes in the mask are read, all inside both slices.
+        let (va, vb) = unsafe {
+            (
+                _mm512_maskz_loadu_ps(mask, pa.add(i)),
+                _mm512_maskz_loadu_ps(mask, pb.add(i)),
+            )
+        };
+        acc[1] = _mm512_fmadd_ps(va, vb, acc[1]);
+    }
+    hsum(_mm512_add_ps(
+        _mm512_add_ps(acc[0], acc[1]),
+        _mm512_add_ps(acc[2], acc[3]),
+    ))
+}
+
+/// `y += alpha · x` (one fused multiply-add a lane). Panics if the lengths differ.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    check_same_len("axpy", "x", x.len(), "y", y.len());
+    let n = x.len();
+    let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+    let va = _mm512_set1_ps(alpha);
+    let mut i = 0;
+    while i + W <= n {
+        // SAFETY: i + W <= n, inside both slices; y is borrowed mutably, so nothing aliases it.
+        unsafe {
+            let r = _mm512_fmadd_ps(va, _mm512_loadu_ps(px.add(i)), _mm512_loadu_ps(py.add(i)));
+            _mm512_storeu_ps(py.add(i), r);
+        }
+        i += W;
+    }
+    if i < n {
+        let mask = tail_mask(n - i);
+        // SAFETY: only the n - i lanes in the mask are read and written, inside both slices.
+        unsafe {
+            let vx = _mm512_maskz_loadu_ps(mask, px.add(i));
+            let vy = _mm512_maskz_loadu_ps(mask, py.add(i));
+            _mm512_mask_storeu_ps(py.add(i), mask, _mm512_fmadd_ps(va, vx, vy));
+        }
+    }
+}
+
+/// `out_t[j*m + i] = dot(x row i, w row j)`, the small-M product `x · wᵀ` written `(n, m)`.
+/// See [`super::matmul_xwt`] for the shapes and panics.
+///
+/// The output is cut into tiles of `J = 4` rows of `w` by up to `R = 4` rows of `x`. A tile keeps
+/// its `J·R = 16` dot products in 16 accumulator registers and walks along `k` 16 lanes at a time:
+/// each step loads the R vectors of `x` and, for each row of `w`, one vector of `w` and R FMAs.
+/// So every load of `w` feeds R FMAs and every load of `x` feeds J, and the 16 independent chains
+/// hide the FMA latency. The four rows of `w` (4·k floats, 22 KB at k = 1376) stay in L1 while
+/// all `m` rows of `x` pass over them, so `w`, the big operand, is read from memory once.
+///
+/// With one row of `x` (m = 1, batch-1 decoding) a 4 × 1 tile would have only 4 accumulators and
+/// load 5 vectors per 4 FMAs; 8 × 1 tiles keep 8 loads in flight and reuse the `x` vector 8
+/// times (about 10 % faster from L2; from L3 or DRAM both are bandwidth-bound).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], out_t: &mut [f32]) {
+    let n = check_matmul_xwt(x.len(), m, k, w.len(), out_t.len());
+    if k == 0 || m == 0 {
+        out_t.fill(0.0);
+        return;
+    }
+    let mut j = 0;
+    if m == 1 {
+        while j + 8 <= n {
+            w_rows::<8>(x, m, k, w, j, out_t);
+            j += 8;
+        }
+    }
+    while j + 4 <= n {
+        w_rows::<4>(x, m, k, w, j, out_t);
+        j += 4;
+    }
+    while j < n {
+        w_rows::<1>(x, m, k, w, j, out_t);
+        j += 1;
+    }
+}
+
+/// All of `out_t` for the `J` rows of `w` starting at `j0`: tiles of up to 4 rows of `x`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn w_rows<const J: usize>(x: &[f32], m: usize, k: usize, w: &[f32], j0: usize, out_t: &mut [f32]) {
+    let mut i0 = 0;
+    while i0 < m {
+        let rows = (m - i0).min(4);
+        match rows {
+            1 => tile::<J, 1>(x, m, k, w, j0, i0, out_t),
+            2 => tile::<J, 2>(x, m, k, w, j0, i0, out_t),
+            3 => tile::<J, 3>(x, m, k, w, j0, i0, out_t),
+            _ => tile::<J, 4>(x, m, k, w, j0, i0, out_t),
+        }
+        i0 += rows;
+    }
+}
+
+/// One `J × R` tile: rows `j0..j0+J` of `w` against rows `i0..i0+R` of `x`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // r and jj index several arrays in step
+fn tile<const J: usize, const R: usize>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    j0: usize,
+    i0: usize,
+    out_t: &mut [f32],
+) {
+    // Bounds are checked here, once per tile: every row slice below has exactly k elements.
+    let x_rows: [&[f32]; R] = std::array::from_fn(|r| &x[(i0 + r) * k..(i0 + r + 1) * k]);
+    let w_rows: [&[f32]; J] = std::array::from_fn(|jj| &w[(j0 + jj) * k..(j0 + jj + 1) * k]);
+    // acc[jj][r] holds 16 partial sums of dot(w row j0+jj, x row i0+r).
+    let mut acc = [[_mm512_setzero_ps(); R]; J];
+    let mut xv = [_mm512_setzero_ps(); R];
+    let mut p = 0;
+    while p + W <= k {
+        for r in 0..R {
+            // SAFETY: p + W <= k, the length of every row slice.
+            xv[r] = unsafe { _mm512_loadu_ps(x_rows[r].as_ptr().add(p)) };
+        }
+        for jj in 0..J {
+            // SAFETY: as above.
+            let wv = unsafe { _mm512_loadu_ps(w_rows[jj].as_ptr().add(p)) };
+            for r in 0..R {
+                acc[jj][r] = _mm512_fmadd_ps(wv, xv[r], acc[jj][r]);
+            }
+        }
+        p += W;
+    }
+    if p < k {
+        // The tail: the same step with the lanes past k masked off (loaded as 0, adding 0).
+        let mask = tail_mask(k - p);
+        for r in 0..R {
+            // SAFETY: only the k - p lanes in the mask are read, inside the row.
+            xv[r] = unsafe { _mm512_maskz_loadu_ps(mask, x_rows[r].as_ptr().add(p)) };
+        }
+        for jj in 0..J {
+            // SAFETY: as above.
+            let wv = unsafe { _mm512_maskz_loadu_ps(mask, w_rows[jj].as_ptr().add(p)) };
+            for r in 0..R {
+                acc[jj][r] = _mm512_fmadd_ps(wv, xv[r], acc[jj][r]);
+            }
+        }
+    }
+    for jj in 0..J {
+        for r in 0..R {
+            // out_t is (n, m): row j, column i.
+            out_t[(j0 + jj) * m + i0 + r] = hsum(acc[jj][r]);
+        }
+    }
+}
+
+/// e^x on 16 lanes, to ~1 ulp for x <= 0 (see the derivation above `EXP_LO` in [`super`]):
+/// x = n·ln2 + r, e^x = 2^n · p(r), with 2^n built in the exponent bits.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn exp(x: __m512) -> __m512 {
+    // Where the answer is 0 (x < EXP_LO, including -inf) or +inf (x > EXP_HI); NaN is neither.
+    let underflow = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(EXP_LO));
+    let overflow = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(EXP_HI));
+    // Clamp so the arithmetic below stays finite. (max/min return their second operand when one
+    // is NaN, so x goes second: NaN passes through and comes out NaN.)
+    let x = _mm512_min_ps(
+        _mm512_set1_ps(EXP_HI),
+        _mm512_max_ps(_mm512_set1_ps(EXP_LO), x),
+    );
+    // n = round(x / ln2), at most 127 so that 2^n is a normal float.
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(LOG2_E)),
+    );
+    let n = _mm512_min_ps(n, _mm512_set1_ps(127.0));
+    // r = x - n·ln2, in two steps (Cody-Waite): n·LN2_HI is exact.
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    // e^r ≈ 1 + r + r²·P(r), P evaluated by Horner's rule.
+    let mut poly = _mm512_set1_ps(EXP_P[0]);
+    for &c in &EXP_P[1..] {
+        poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(c));
+    }
+    let r2 = _mm512_mul_ps(r, r);
+    let e_r = _mm512_add_ps(_mm512_fmadd_ps(poly, r2, r), _mm512_set1_ps(1.0));
+    // 2^n: put n + 127 in the exponent field (bits 23..31), mantissa 0.
+    let biased = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    let two_n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(biased));
+    let y = _mm512_mul_ps(e_r, two_n);
+    let y = _mm512_mask_mov_ps(y, underflow, _mm512_setzero_ps());
+    _mm512_mask_mov_ps(y, overflow, _mm512_set1_ps(f32::INFINITY))
+}
+
+/// Softmax over the whole slice, in place; see [`super::softmax_in_place`].
+///
+/// Three passes as in the scalar version (max; exp and sum; scale), each 16 lanes at a time
+/// with a masked tail.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn softmax_in_place(x: &mut [f32]) {
+    let n = x.len();
+    if n == 0 {
+        return;
+    }
+    let px = x.as_mut_ptr();
+    let tail = n % W;
+    let main = n - tail;
+    let mask = tail_mask(tail);
+
+    // Pass 1: the max. Masked-off tail lanes are loaded as -inf, which never wins.
+    let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut vmax = neg_inf;
+    for i in (0..main).step_by(W) {
+        // SAFETY: i + W <= main <= n.
+        vmax = _mm512_max_ps(vmax, unsafe { _mm512_loadu_ps(px.add(i)) });
+    }
+    if tail > 0 {
+        // SAFETY: only the `tail` lanes in the mask are read, inside the slice.
+        vmax = _mm512_max_ps(vmax, unsafe {
+            _mm512_mask_loadu_ps(neg_inf, mask, px.add(main))
+        });
+    }
+    let max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+
+    // Pass 2: x = exp(x - max), and their sum.
+    let mut vsum = _mm512_setzero_ps();
+    for i in (0..main).step_by(W) {
+        // SAFETY: i + W <= n; x is borrowed mutably, so nothing aliases it.
+        unsafe {
+            let e = exp(_mm512_sub_ps(_mm512_loadu_ps(px.add(i)), max));
+            _mm512_storeu_ps(px.add(i), e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+    }
+    if tail > 0 {
+        // SAFETY: only the `tail` lanes in the mask are read and written.
+        unsafe {
+            let e = exp(_mm512_sub_ps(
+                _mm512_maskz_loadu_ps(mask, px.add(main)),
+                max,
+            ));
+            _mm512_mask_storeu_ps(px.add(main), mask, e);
+            // Add only the real lanes (the others hold exp(0 - max)).
+            vsum = _mm512_mask_add_ps(vsum, mask, vsum, e);
+        }
+    }
+
+    // Pass 3: divide by the sum (one division, then multiplies).
+    let inv_sum = _mm512_set1_ps(1.0 / hsum(vsum));
+    for i in (0..main).step_by(W) {
+        // SAFETY: i + W <= n.
+        unsafe {
+            _mm512_storeu_ps(
+                px.add(i),
+                _mm512_mul_ps(_mm512_loadu_ps(px.add(i)), inv_sum),
+            )
+        };
+    }
+    if tail > 0 {
+        // SAFETY: only the `tail` lanes in the mask are read and written.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(mask, px.add(main));
+            _mm512_mask_storeu_ps(px.add(main), mask, _mm512_mul_ps(v, inv_sum));
+        }
+    }
+}
+
+/// RMSNorm: `out = x · inv_rms · weight`, `inv_rms = 1/sqrt(mean(x²) + eps)`; returns `inv_rms`.
+/// See [`super::rmsnorm`].
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> f32 {
+    check_same_len("rmsnorm", "x", x.len(), "weight", weight.len());
+    check_same_len("rmsnorm", "x", x.len(), "out", out.len());
+    // SAFETY: this function's own precondition (AVX-512F) is dot's.
+    let sum_sq = unsafe { dot(x, x) };
+    let inv_rms = super::scalar::inv_rms(sum_sq, x.len(), eps);
+    let n = x.len();
+    let (px, pw, po) = (x.as_ptr(), weight.as_ptr(), out.as_mut_ptr());
+    let s = _mm512_set1_ps(inv_rms);
+    let mut i = 0;
+    while i + W <= n {
+        // SAFETY: i + W <= n, inside all three slices; out is borrowed mutably, so it aliases
+        // neither input.
+        unsafe {
+            let v = _mm512_mul_ps(
+                _mm512_mul_ps(_mm512_loadu_ps(px.add(i)), s),
+                _mm512_loadu_ps(pw.add(i)),
+            );
+            _mm512_storeu_ps(po.add(i), v);
+        }
+        i += W;
+    }
+    if i < n {
+        let mask = tail_mask(n - i);
+        // SAFETY: only the n - i lanes in the mask are read and written.
+        unsafe {
+            let vx = _mm512_maskz_loadu_ps(mask, px.add(i));
+            let vw = _mm512_maskz_loadu_ps(mask, pw.add(i));
+            _mm512_mask_storeu_ps(po.add(i), mask, _mm512_mul_ps(_mm512_mul_ps(vx, s), vw));
+        }
+    }
+    inv_rms
+}
+
+/// One step of PyTorch's AdamW on a flat parameter; see [`super::adamw_update`] for the formula.
+/// The same arithmetic as [`super::scalar::adamw_update`], 16 elements at a time, except that
+/// the moment updates use fused multiply-adds.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn adamw_update(
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    h: &AdamWStep,
+) {
+    check_adamw(param.len(), grad.len(), m.len(), v.len(), h.step);
+    let s = AdamWScalars::new(h);
+    let n = param.len();
+    let (pp, pg, pm, pv) = (
+        param.as_mut_ptr(),
+        grad.as_ptr(),
+        m.as_mut_ptr(),
+        v.as_mut_ptr(),
+    );
+    let mut i = 0;
+    while i + W <= n {
+        // SAFETY: i + W <= n, inside all four slices; the three mutable ones are distinct
+        // borrows, so no store aliases another slice.
+        unsafe {
+            let (p, mm, vv) = adamw_lanes(
+                _mm512_loadu_ps(pp.add(i)),
+                _mm512_loadu_ps(pg.add(i)),
+                _mm512_loadu_ps(pm.add(i)),
+                _mm512_loadu_ps(pv.add(i)),
+                h,
+                &s,
+            );
+            _mm512_storeu_ps(pp.add(i), p);
+            _mm512_storeu_ps(pm.add(i), mm);
+            _mm512_storeu_ps(pv.add(i), vv);
+        }
+        i += W;
+    }
+    if i < n {
+        let mask = tail_mask(n - i);
+        // SAFETY: only the n - i lanes in the mask are read and written.
+        unsafe {
+            let (p, mm, vv) = adamw_lanes(
+                _mm512_maskz_loadu_ps(mask, pp.add(i)),
+                _mm512_maskz_loadu_ps(mask, pg.add(i)),
+                _mm512_maskz_loadu_ps(mask, pm.add(i)),
+                _mm512_maskz_loadu_ps(mask, pv.add(i)),
+                h,
+                &s,
+            );
+            _mm512_mask_storeu_ps(pp.add(i), mask, p);
+            _mm512_mask_storeu_ps(pm.add(i), mask, mm);
+            _mm512_mask_storeu_ps(pv.add(i), mask, vv);
+        }
+    }
+}
+
+/// The AdamW update of 16 lanes: returns the new (param, m, v).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn adamw_lanes(
+    p: __m512,
+    g: __m512,
+    m: __m512,
+    v: __m512,
+    h: &AdamWStep,
+    s: &AdamWScalars,
+) -> (__m512, __m512, __m512) {
+    let p = _mm512_mul_ps(p, _mm512_set1_ps(s.decay));
+    // m = beta1·m + (1-beta1)·g ;  v = beta2·v + (1-beta2)·g·g
+    let m = _mm512_fmadd_ps(
+        _mm512_set1_ps(h.beta1),
+        m,
+        _mm512_mul_ps(_mm512_set1_ps(s.one_minus_beta1), g),
+    );
+    let g2 = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(s.one_minus_beta2), g), g);
+    let v = _mm512_fmadd_ps(_mm512_set1_ps(h.beta2), v, g2);
+    // denom = sqrt(v)/sqrt(bc2) + eps ;  p -= step_size · m / denom
+    let denom = _mm512_add_ps(
+        _mm512_div_ps(_mm512_sqrt_ps(v), _mm512_set1_ps(s.bc2_sqrt)),
+        _mm512_set1_ps(h.eps),
+    );
+    let step = _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(s.step_size), m), denom);
+    (_mm512_sub_ps(p, step), m, v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{TEST_LENGTHS, assert_all_close, assert_close, scalar, test_data};
+    use super::*;
+
+    /// Whether this CPU can run the functions under test; the tests pass vacuously if not.
+    fn supported() -> bool {
+        is_x86_feature_detected!("avx512f")
+    }
+
+    #[test]
+    fn dot_equals_scalar() {
+        if !supported() {
+            return;
+        }
+        for len in TEST_LENGTHS {
+            let a = test_data(len, 1);
+            let b = test_data(len, 2);
+            // SAFETY: supported() checked AVX-512F.
+            let got = unsafe { dot(&a, &b) };
+            assert_close(got, scalar::dot(&a, &b), 1e-5, &format!("dot len {len}"));
+        }
+    }
+
+    #[test]
+    fn axpy_equals_scalar() {
+        if !supported() {
+            return;
+        }
+        for len in TEST_LENGTHS {
+            let x = test_data(len, 3);
+            let mut y = test_data(len, 4);
+            let mut y_ref = y.clone();
+            // SAFETY: supported() checked AVX-512F.
+            unsafe { axpy(0.75, &x, &mut y) };
+            scalar::axpy(0.75, &x, &mut y_ref);
+            assert_all_close(&y, &y_ref, 1e-6, &format!("axpy len {len}"));
+        }
+    }
+
+    #[test]
+    fn matmul_xwt_equals_scalar() {
+        if !supported() {
+            return;
+        }
+        for m in [1, 2, 3, 5, 8, 9, 16, 17] {
+            for (k, n) in [
+                (1, 1),
+                (3, 2),
+                (15, 5),
+                (17, 7),
+                (33, 9),
+                (100, 4),
+                (1377, 6),
+            ] {
+                let x = test_data(m * k, 5);
+                let w = test_data(n * k, 6);
+                let mut out = vec![f32::NAN; n * m];
+                let mut out_ref = vec![f32::NAN; n * m];
+                // SAFETY: supported() checked AVX-512F.
+                unsafe { matmul_xwt(&x, m, k, &w, &mut out) };
+                scalar::matmul_xwt(&x, m, k, &w, &mut out_ref);
+                assert_all_close(
+                    &out,
+                    &out_ref,
+                    1e-5,
+                    &format!("matmul_xwt m={m} k={k} n={n}"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_within_a_few_ulp() {
+        if !supported() {
+            return;
+        }
+        // A dense sweep of the range softmax uses (x <= 0), and some positive values.
+        let xs: Vec<f32> = (0..=87_000)
+            .map(|i| -(i as f32) * 1e-3)
+            .chain((0..=880).map(|i| i as f32 * 0.1))
+            .collect();
+        for chunk in xs.chunks(W) {
+            let mut buf = [0.0f32; W];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            // SAFETY: supported() checked AVX-512F; buf has 16 elements.
+            let y = unsafe {
+                let mut out = [0.0f32; W];
+                _mm512_storeu_ps(out.as_mut_ptr(), exp(_mm512_loadu_ps(buf.as_ptr())));
+                out
+            };
+            for (&x, &got) in chunk.iter().zip(&y) {
+                let want = (x as f64).exp();
+                let rel = ((got as f64 - want) / want).abs();
+                let tol = if x <= 0.0 { 2.5e-7 } else { 1e-6 };
+                assert!(rel < tol, "exp({x}) = {got}, want {want}, rel err {rel}");
+            }
+        }
+        // The edges: underflow to 0, overflow to inf, NaN stays NaN.
+        let edges = [
+            -88.0,
+            f32::NEG_INFINITY,
+            89.0,
+            f32::INFINITY,
+            f32::NAN,
+            0.0,
+            0.0,
+            0.0,
+        ];
+        let mut buf = [0.0f32; W];
+        buf[..8].copy_from_slice(&edges);
+        // SAFETY: as above.
+        let y = unsafe {
+            let mut out = [0.0f32; W];
+            _mm512_storeu_ps(out.as_mut_ptr(), exp(_mm512_loadu_ps(buf.as_ptr())));
+            out
+        };
+        assert_eq!(&y[..4], &[0.0, 0.0, f32::INFINITY, f32::INFINITY]);
+        assert!(y[4].is_nan());
+        assert_eq!(y[5], 1.0);
+    }
+
+    #[test]
+    fn softmax_equals_scalar() {
+        if !supported() {
+            return;
+        }
+        for len in TEST_LENGTHS {
+            let x0: Vec<f32> = test_data(len, 7).iter().map(|v| v * 30.0).collect();
+            let mut x = x0.clone();
+            let mut x_ref = x0.clone();
+            // SAFETY: supported() checked AVX-512F.
+            unsafe { softmax_in_place(&mut x) };
+            scalar::softmax_in_place(&mut x_ref);
+            assert_all_close(&x, &x_ref, 1e-5, &format!("softmax len {len}"));
+            if len > 0 {
+                let total: f64 = x.iter().map(|&v| v as f64).sum();
+                assert!(
+                    (total - 1.0).abs() < 1e-5,
+                    "softmax len {len} sums to {total}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_edge_cases() {
+        if !supported() {
+            return;
+        }
+        // Large inputs do not overflow.
+        let mut x = vec![1000.0f32; 33];
+        // SAFETY: supported() checked AVX-512F (here and below).
+        unsafe { softmax_in_place(&mut x) };
+        assert_all_close(&x, &[1.0 / 33.0; 33], 1e-6, "constant 1000");
+        // A masked row: all -inf except one entry, in the main loop and in the tail.
+        for (len, hot) in [(20, 3), (20, 18), (7, 0)] {
+            let mut x = vec![f32::NEG_INFINITY; len];
+            x[hot] = 5.0;
+            unsafe { softmax_in_place(&mut x) };
+            let mut want = vec![0.0; len];
+            want[hot] = 1.0;
+            assert_eq!(x, want, "one-hot len {len} at {hot}");
+        }
+    }
+
+    #[test]
+    fn rmsnorm_equals_scalar() {
+        if !supported() {
+            return;
+        }
+        for len in TEST_LENGTHS {
+            let x = test_data(len, 8);
+            let w = test_data(len, 9);
+            let mut out = vec![0.0; len];
+            let mut out_ref = vec![0.0; len];
+            // SAFETY: supported() checked AVX-512F.
+            let inv = unsafe { rmsnorm(&x, &w, 1e-6, &mut out) };
+            let inv_ref = scalar::rmsnorm(&x, &w, 1e-6, &mut out_ref);
+            assert_close(inv, inv_ref, 1e-5, &format!("inv_rms len {len}"));
+            assert_all_close(&out, &out_ref, 1e-5, &format!("rmsnorm len {len}"));
+        }
+    }
+
+    #[test]
+    fn adamw_equals_scalar() {
+        if !supported() {
+            return;
+        }
+        for len in TEST_LENGTHS {
+            let mut p = test_data(len, 10);
+            let (mut m, mut v) = (vec![0.0; len], vec![0.0; len]);
+            let (mut p_ref, mut m_ref, mut v_ref) = (p.clone(), m.clone(), v.clone());
+            for step in 1..=3 {
+                let h = AdamWStep {
+                    lr: 0.01,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: 0.1,
+                    step,
+                };
+                let g = test_data(len, 100 + step);
+                // SAFETY: supported() checked AVX-512F.
+                unsafe { adamw_update(&mut p, &g, &mut m, &mut v, &h) };
+                scalar::adamw_update(&mut p_ref, &g, &mut m_ref, &mut v_ref, &h);
+                let what = format!("len {len} step {step}");
+                assert_all_close(&p, &p_ref, 1e-5, &format!("param {what}"));
+                assert_all_close(&m, &m_ref, 1e-5, &format!("m {what}"));
+                assert_all_close(&v, &v_ref, 1e-5, &format!("v {what}"));
+            }
+        }
+    }
+}

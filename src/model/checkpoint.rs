@@ -1,0 +1,153 @@
+//! Checkpoints in the safetensors format (see [`crate::io::safetensors`]).
+//!
+//! Tensor names follow Llama's conventions:
+//!
+//! | name | shape |
+//! |---|---|
+//! | `tok_embeddings.weight` | `[V, D]` |
+//! | `layers.{i}.attention_norm.weight` | `[D]` |
+//! | `layers.{i}.attention.wq.weight`, `.wk.weight`, `.wv.weight`, `.wo.weight` | `[D, D]` |
+//! | `layers.{i}.ffn_norm.weight` | `[D]` |
+//! | `layers.{i}.feed_forward.w1.weight`, `.w3.weight` | `[F, D]` |
+//! | `layers.{i}.feed_forward.w2.weight` | `[D, F]` |
+//! | `norm.weight` | `[D]` |
+//! | `output.weight` | `[V, D]` |
+//! | `exit_norm.weight`, `exit_output.weight` (an extended model's frozen exit head) | `[D]`, `[V, D]` |
+//!
+//! The metadata holds `config` (the [`LegoConfig`] as JSON), `frozen` (a comma-separated list
+//! of the parameters that do not train), and any extra entries the caller adds (a tokenizer,
+//! an optimizer's step). In Python:
+//! `from safetensors.numpy import load_file; load_file("model.safetensors")`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::config::LegoConfig;
+use super::transformer::{ExitHead, LegoTransformer};
+use crate::error::{Error, Result};
+use crate::io::{json, safetensors};
+use crate::nn::{Attention, Block, Linear, RmsNorm, SwiGluMlp};
+use crate::tensor::Tensor;
+
+impl LegoTransformer {
+    /// Writes the model (and `extra` metadata) to `path`, atomically.
+    pub fn save(&self, path: &Path, extra: &BTreeMap<String, String>) -> Result<()> {
+        let named = self.named_params();
+        let datas: Vec<_> = named.iter().map(|(_, t)| t.data()).collect();
+        let entries: Vec<(&str, &[usize], &[f32])> = named
+            .iter()
+            .zip(&datas)
+            .map(|((n, t), d)| (n.as_str(), t.shape(), d.as_slice()))
+            .collect();
+        let mut meta = extra.clone();
+        meta.insert("config".into(), self.config.to_json().to_string_compact());
+        let frozen: Vec<&str> = named
+            .iter()
+            .filter(|(_, t)| !t.requires_grad_flag())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        meta.insert("frozen".into(), frozen.join(","));
+        safetensors::save(path, &entries, &meta)
+    }
+
+    /// Reads a model written by [`save`](LegoTransformer::save); returns it with the file's
+    /// metadata. A missing, truncated or mismatched file is an error naming the problem.
+    pub fn load(path: &Path) -> Result<(LegoTransformer, BTreeMap<String, String>)> {
+        let mut st = safetensors::load(path)?;
+        let origin = path.display().to_string();
+        let config_text = st
+            .metadata
+            .get("config")
+            .ok_or_else(|| Error::Format(format!("{origin}: no 'config' in the metadata")))?;
+        let config = LegoConfig::from_json(&json::parse(config_text)?, &origin)?;
+        let has_exit_head = st.tensors.contains_key("exit_norm.weight");
+        let frozen: Vec<String> = st
+            .metadata
+            .get("frozen")
+            .map(|f| {
+                f.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (v, d, f) = (config.vocab_size, config.dim, config.ffn_hidden);
+        let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = Tensor::from_vec(st.take(name, shape)?, shape);
+            t.set_requires_grad(!frozen.iter().any(|n| n == name));
+            Ok(t)
+        };
+        let tok_embeddings = take("tok_embeddings.weight", &[v, d])?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let p = |n: &str| format!("layers.{i}.{n}");
+            let norm = |t: Tensor| RmsNorm {
+                weight: t,
+                eps: config.norm_eps,
+            };
+            layers.push(Block {
+                attention_norm: norm(take(&p("attention_norm.weight"), &[d])?),
+                attention: Attention {
+                    wq: Linear {
+                        weight: take(&p("attention.wq.weight"), &[d, d])?,
+                    },
+                    wk: Linear {
+                        weight: take(&p("attention.wk.weight"), &[d, d])?,
+                    },
+                    wv: Linear {
+                        weight: take(&p("attention.wv.weight"), &[d, d])?,
+                    },
+                    wo: Linear {
+                        weight: take(&p("attention.wo.weight"), &[d, d])?,
+                    },
+                    heads: config.num_heads,
+                    rope_theta: config.rope_theta,
+                },
+                ffn_norm: norm(take(&p("ffn_norm.weight"), &[d])?),
+                feed_forward: SwiGluMlp {
+                    w1: Linear {
+                        weight: take(&p("feed_forward.w1.weight"), &[f, d])?,
+                    },
+                    w2: Linear {
+                        weight: take(&p("feed_forward.w2.weight"), &[d, f])?,
+                    },
+                    w3: Linear {
+                        weight: take(&p("feed_forward.w3.weight"), &[f, d])?,
+                    },
+                },
+            });
+        }
+        let head = ExitHead {
+            norm: RmsNorm {
+                weight: take("norm.weight", &[d])?,
+                eps: config.norm_eps,
+            },
+            output: Linear {
+                weight: take("output.weight", &[v, d])?,
+            },
+        };
+        let exit_head = if has_exit_head {
+            Some(ExitHead {
+                norm: RmsNorm {
+                    weight: take("exit_norm.weight", &[d])?,
+                    eps: config.norm_eps,
+                },
+                output: Linear {
+                    weight: take("exit_output.weight", &[v, d])?,
+                },
+            })
+        } else {
+            None
+        };
+        if let Some(name) = st.tensors.keys().next() {
+            return Err(Error::Format(format!(
+                "{origin}: unexpected tensor '{name}' for this config"
+            )));
+        }
+        let meta = std::mem::take(&mut st.metadata);
+        Ok((
+            LegoTransformer::from_parts(config, tok_embeddings, layers, head, exit_head),
+            meta,
+        ))
+    }
+}

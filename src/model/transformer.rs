@@ -1,0 +1,424 @@
+//! [`LegoTransformer`]: the parameters of the model and its training-path methods.
+//!
+//! ```text
+//! tokens ─ tok_embeddings ─► h ─ layers 0..exit_layer ─► h_exit ─┬─ exit head (norm, output) ─► shallow logits, confidence
+//!                                 (lower, always run)            │
+//!                                                                └─ layers exit_layer..N ─ norm ─ output ─► deep logits
+//!                                                                     (upper, skipped by confident tokens)
+//! ```
+//!
+//! **The exit head.** A confident token leaves with the logits of the *exit head* applied to its
+//! hidden state after the lower layers. In a shallow model (`exit_layer == num_layers`, phase 1)
+//! the exit head is the model's own final norm and output layer. [`LegoTransformer::extend`]
+//! gives the deeper model a **frozen copy** of them as its exit head, while the deep path keeps a
+//! trainable final norm and output. So phase 2 can train the deep path freely and the
+//! confidence at the exit (on which the routing threshold was calibrated) cannot move: this is
+//! how we avoid the prototype's weakness 3, where the shared, still-trainable head moved the
+//! confidences and 50 % "hard" became 30 %.
+//!
+//! **Initialisation** (the prototype's): every linear weight, the output layer included, from a
+//! normal distribution with standard deviation `1/√dim` truncated at ±2 std; the embedding from
+//! one with std 0.02 (also truncated at ±2 std); RMSNorm scales 1.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rand::rngs::StdRng;
+
+use super::config::{LegoConfig, check_threshold};
+use crate::error::{Error, Result};
+use crate::nn::{Block, Linear, RmsNorm};
+use crate::tensor::Tensor;
+
+/// A norm and an output projection: what turns a hidden state into logits.
+#[derive(Clone, Debug)]
+pub struct ExitHead {
+    /// The final RMSNorm.
+    pub norm: RmsNorm,
+    /// The projection to the vocabulary, `[V, D]`.
+    pub output: Linear,
+}
+
+impl ExitHead {
+    /// Logits for hidden states `h` (`[..., D]` → `[..., V]`).
+    pub fn forward(&self, h: &Tensor) -> Tensor {
+        self.output.forward(&self.norm.forward(h))
+    }
+
+    fn deep_clone(&self) -> ExitHead {
+        let mut e = self.clone();
+        e.norm.weight = e.norm.weight.deep_clone();
+        e.output.weight = e.output.weight.deep_clone();
+        e
+    }
+
+    fn set_frozen(&self, frozen: bool) {
+        self.norm.weight.set_requires_grad(!frozen);
+        self.output.weight.set_requires_grad(!frozen);
+    }
+}
+
+/// How [`LegoTransformer::extend`] initialises the new upper layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtendInit {
+    /// Fresh random weights, as the spec does.
+    Random,
+    /// Copies of the top lower layers, in order (layer `i` of the new ones copies lower layer
+    /// `exit_layer − k + i mod k`): "stacking", which starts the deep path near the shallow
+    /// model's function.
+    Stack,
+}
+
+/// The LEGO early-exit transformer.
+#[derive(Debug)]
+pub struct LegoTransformer {
+    /// Sizes and constants.
+    pub config: LegoConfig,
+    /// Token embedding table `[V, D]`.
+    pub tok_embeddings: Tensor,
+    /// The layers; `0..exit_layer` are the lower part, the rest the upper part.
+    pub layers: Vec<Block>,
+    /// The deep path's final norm and output layer.
+    pub head: ExitHead,
+    /// A separate, frozen head for the exit confidence, once the model has been extended
+    /// (`None`: the exit uses [`head`](LegoTransformer::head), as in a shallow model).
+    pub exit_head: Option<ExitHead>,
+    /// How many times each layer has run (both paths), so tests and benches can check which
+    /// layers really ran.
+    layer_calls: Vec<AtomicUsize>,
+}
+
+impl Clone for LegoTransformer {
+    /// A shallow clone: the parameters are shared (see [`LegoTransformer::deep_clone`]).
+    fn clone(&self) -> Self {
+        LegoTransformer {
+            config: self.config.clone(),
+            tok_embeddings: self.tok_embeddings.clone(),
+            layers: self.layers.clone(),
+            head: self.head.clone(),
+            exit_head: self.exit_head.clone(),
+            layer_calls: (0..self.layers.len())
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
+        }
+    }
+}
+
+impl LegoTransformer {
+    /// A freshly initialised model (see the module doc) from a seeded `rng`.
+    pub fn new(config: LegoConfig, rng: &mut StdRng) -> Result<LegoTransformer> {
+        config.validate()?;
+        let c = &config;
+        let std = 1.0 / (c.dim as f32).sqrt();
+        let tok_embeddings =
+            Tensor::trunc_normal(&[c.vocab_size, c.dim], 0.0, 0.02, rng).requires_grad();
+        let layers = (0..c.num_layers)
+            .map(|_| {
+                Block::new(
+                    c.dim,
+                    c.num_heads,
+                    c.ffn_hidden,
+                    c.rope_theta,
+                    c.norm_eps,
+                    std,
+                    rng,
+                )
+            })
+            .collect();
+        let head = ExitHead {
+            norm: RmsNorm::new(c.dim, c.norm_eps),
+            output: Linear::new(c.dim, c.vocab_size, std, rng),
+        };
+        Ok(LegoTransformer::from_parts(
+            config,
+            tok_embeddings,
+            layers,
+            head,
+            None,
+        ))
+    }
+
+    /// Assembles a model from its parts (used by `new`, `extend` and checkpoint loading).
+    pub fn from_parts(
+        config: LegoConfig,
+        tok_embeddings: Tensor,
+        layers: Vec<Block>,
+        head: ExitHead,
+        exit_head: Option<ExitHead>,
+    ) -> LegoTransformer {
+        let n = layers.len();
+        LegoTransformer {
+            config,
+            tok_embeddings,
+            layers,
+            head,
+            exit_head,
+            layer_calls: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+        }
+    }
+
+    /// A copy with its own parameter buffers.
+    pub fn deep_clone(&self) -> LegoTransformer {
+        LegoTransformer::from_parts(
+            self.config.clone(),
+            self.tok_embeddings.deep_clone(),
+            self.layers.iter().map(Block::deep_clone).collect(),
+            self.head.deep_clone(),
+            self.exit_head.as_ref().map(ExitHead::deep_clone),
+        )
+    }
+
+    /// The head that computes the exit confidence and the shallow logits.
+    pub fn exit(&self) -> &ExitHead {
+        self.exit_head.as_ref().unwrap_or(&self.head)
+    }
+
+    /// Every parameter with its checkpoint name (Llama conventions; the separate exit head,
+    /// if any, as `exit_norm.weight` and `exit_output.weight`).
+    pub fn named_params(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(
+            "tok_embeddings.weight".to_string(),
+            self.tok_embeddings.clone(),
+        )];
+        for (i, layer) in self.layers.iter().enumerate() {
+            out.extend(layer.named_params(&format!("layers.{i}")));
+        }
+        out.push(("norm.weight".into(), self.head.norm.weight.clone()));
+        out.push(("output.weight".into(), self.head.output.weight.clone()));
+        if let Some(e) = &self.exit_head {
+            out.push(("exit_norm.weight".into(), e.norm.weight.clone()));
+            out.push(("exit_output.weight".into(), e.output.weight.clone()));
+        }
+        out
+    }
+
+    /// Every parameter (for an optimizer: frozen ones are skipped by it).
+    pub fn params(&self) -> Vec<Tensor> {
+        self.named_params().into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// The parameters that currently require a gradient.
+    pub fn trainable_params(&self) -> Vec<Tensor> {
+        self.params()
+            .into_iter()
+            .filter(|t| t.requires_grad_flag())
+            .collect()
+    }
+
+    /// The number of parameters (elements).
+    pub fn num_params(&self) -> usize {
+        self.params().iter().map(Tensor::numel).sum()
+    }
+
+    /// How many times layer `i` has run since the model was made (or the counters reset).
+    pub fn layer_calls(&self, i: usize) -> usize {
+        self.layer_calls[i].load(Ordering::Relaxed)
+    }
+
+    /// Sets every layer's call counter back to 0.
+    pub fn reset_layer_calls(&self) {
+        self.layer_calls
+            .iter()
+            .for_each(|c| c.store(0, Ordering::Relaxed));
+    }
+
+    pub(crate) fn count_layer_call(&self, i: usize) {
+        self.layer_calls[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    // ----- checking input from outside --------------------------------------------------
+
+    /// Checks a batch of token ids laid out `[batch, seq]`: non-empty, a whole number of rows,
+    /// ids inside the vocabulary, and `offset + seq <= max_seq_len`. Returns `seq`.
+    pub fn check_tokens(&self, ids: &[usize], batch: usize, offset: usize) -> Result<usize> {
+        if batch == 0 || ids.is_empty() {
+            return Err(Error::Input(
+                "empty input: need at least one row of at least one token".into(),
+            ));
+        }
+        if !ids.len().is_multiple_of(batch) {
+            return Err(Error::Input(format!(
+                "{} token ids do not split into {batch} rows of equal length",
+                ids.len()
+            )));
+        }
+        let seq = ids.len() / batch;
+        if let Some((i, &id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, id)| **id >= self.config.vocab_size)
+        {
+            return Err(Error::Input(format!(
+                "token id {id} (row {}, position {}) is outside the vocabulary of {}",
+                i / seq,
+                i % seq,
+                self.config.vocab_size
+            )));
+        }
+        if offset + seq > self.config.max_seq_len {
+            return Err(Error::Input(format!(
+                "sequence of {} tokens (after {offset} cached) exceeds max_seq_len {}",
+                seq, self.config.max_seq_len
+            )));
+        }
+        Ok(seq)
+    }
+
+    // ----- the training path (autodiff graph) ---------------------------------------------
+
+    /// The embeddings of `ids` (`[batch, seq]` row-major) as `[batch, seq, D]`.
+    pub fn embed(&self, ids: &[usize], batch: usize) -> Result<Tensor> {
+        let seq = self.check_tokens(ids, batch, 0)?;
+        Ok(self.tok_embeddings.embedding(ids, &[batch, seq]))
+    }
+
+    /// Hidden states `h` (`[B, T, D]`, positions `0..T`) through layers `range`.
+    pub fn run_layers(&self, h: &Tensor, range: std::ops::Range<usize>) -> Tensor {
+        assert!(
+            range.end <= self.layers.len(),
+            "run_layers: {range:?} is beyond the model's {} layers",
+            self.layers.len()
+        );
+        let mut h = h.clone();
+        for i in range {
+            self.count_layer_call(i);
+            h = self.layers[i].forward(&h, 0);
+        }
+        h
+    }
+
+    /// **Spec `forward(x)`**: logits `[B, T, V]` for every position, through all layers and the
+    /// deep head.
+    pub fn forward(&self, ids: &[usize], batch: usize) -> Result<Tensor> {
+        let h = self.embed(ids, batch)?;
+        let h = self.run_layers(&h, 0..self.layers.len());
+        Ok(self.head.forward(&h))
+    }
+
+    /// **Spec `get_hidden_states(x)`**: hidden states `[B, T, D]` after the lower layers
+    /// `0..exit_layer`.
+    pub fn get_hidden_states(&self, ids: &[usize], batch: usize) -> Result<Tensor> {
+        let h = self.embed(ids, batch)?;
+        Ok(self.run_layers(&h, 0..self.config.exit_layer))
+    }
+
+    /// **Spec `compute_confidence(h)`**: for hidden states at the exit (`[..., D]`), the
+    /// confidence of each position, `max softmax(exit logits)`, and those logits (so they
+    /// are never computed twice). Records no graph.
+    pub fn compute_confidence(&self, h: &Tensor) -> (Vec<f32>, Tensor) {
+        let logits = crate::no_grad(|| self.exit().forward(h));
+        let conf = confidence_of_logits(&logits.data(), self.config.vocab_size);
+        (conf, logits)
+    }
+
+    /// **Spec `forward_upper_layers(h, start_layer)`**: logits from hidden states `h`
+    /// (`[B, T, D]`, positions `0..T`) through layers `start_layer..` and the deep head. Phase 2
+    /// trains through this, from cached lower hidden states.
+    pub fn forward_upper_layers(&self, h: &Tensor, start_layer: usize) -> Tensor {
+        let h = self.run_layers(h, start_layer..self.layers.len());
+        self.head.forward(&h)
+    }
+
+    /// **Spec `extend(num_layers, routing_threshold, freeze_lower)`**: a deeper model. The
+    /// embedding, the layers and the head are copied; the exit stays where this model ends
+    /// (`exit_layer` = this model's `num_layers`), with a frozen copy of this model's exit head;
+    /// the new layers are random ([`ExtendInit::Random`]; see [`extend_with`] for stacking).
+    /// With `freeze_lower`, the embedding and the lower layers are frozen.
+    ///
+    /// [`extend_with`]: LegoTransformer::extend_with
+    pub fn extend(
+        &self,
+        num_layers: usize,
+        routing_threshold: f32,
+        freeze_lower: bool,
+        rng: &mut StdRng,
+    ) -> Result<LegoTransformer> {
+        self.extend_with(
+            num_layers,
+            routing_threshold,
+            freeze_lower,
+            ExtendInit::Random,
+            rng,
+        )
+    }
+
+    /// [`extend`](LegoTransformer::extend) with a choice of how to initialise the new layers.
+    pub fn extend_with(
+        &self,
+        num_layers: usize,
+        routing_threshold: f32,
+        freeze_lower: bool,
+        init: ExtendInit,
+        rng: &mut StdRng,
+    ) -> Result<LegoTransformer> {
+        let old = self.layers.len();
+        if num_layers <= old {
+            return Err(Error::Input(format!(
+                "extend: the model has {old} layers; it can only grow, not to {num_layers}"
+            )));
+        }
+        check_threshold(routing_threshold)?;
+        let mut config = self.config.clone();
+        config.num_layers = num_layers;
+        config.exit_layer = old;
+        config.routing_threshold = routing_threshold;
+        config.validate()?;
+
+        let std = 1.0 / (config.dim as f32).sqrt();
+        let mut layers: Vec<Block> = self.layers.iter().map(Block::deep_clone).collect();
+        for i in 0..num_layers - old {
+            let block = match init {
+                ExtendInit::Random => Block::new(
+                    config.dim,
+                    config.num_heads,
+                    config.ffn_hidden,
+                    config.rope_theta,
+                    config.norm_eps,
+                    std,
+                    rng,
+                ),
+                ExtendInit::Stack => self.layers
+                    [(old - 1 - ((num_layers - old - 1 - i) % old)).min(old - 1)]
+                .deep_clone(),
+            };
+            // New layers always train, whatever the copied layer's state.
+            for (_, t) in block.named_params("") {
+                t.set_requires_grad(true);
+            }
+            layers.push(block);
+        }
+        let tok_embeddings = self.tok_embeddings.deep_clone();
+        let head = self.head.deep_clone();
+        head.set_frozen(false);
+        // The exit confidence is computed by a frozen copy of this model's exit head.
+        let exit_head = self.exit().deep_clone();
+        exit_head.set_frozen(true);
+        if freeze_lower {
+            tok_embeddings.set_requires_grad(false);
+            for layer in &layers[..old] {
+                for (_, t) in layer.named_params("") {
+                    t.set_requires_grad(false);
+                }
+            }
+        }
+        Ok(LegoTransformer::from_parts(
+            config,
+            tok_embeddings,
+            layers,
+            head,
+            Some(exit_head),
+        ))
+    }
+}
+
+/// The confidence of each row of logits: the largest softmax probability,
+/// `max softmax(z) = 1 / Σⱼ e^(zⱼ − max z)`.
+pub fn confidence_of_logits(logits: &[f32], vocab: usize) -> Vec<f32> {
+    logits.chunks(vocab).map(confidence_of_row).collect()
+}
+
+/// The confidence of one row of logits (see [`confidence_of_logits`]).
+#[inline]
+pub fn confidence_of_row(z: &[f32]) -> f32 {
+    let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    1.0 / z.iter().map(|v| (v - m).exp()).sum::<f32>()
+}
