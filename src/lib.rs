@@ -14,6 +14,7 @@
 //! - [`optim`]: AdamW, gradient clipping, the learning-rate schedule;
 //! - [`io`]: the safetensors checkpoint format.
 
+pub mod data;
 pub mod error;
 pub mod io;
 pub mod kernels;

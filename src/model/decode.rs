@@ -39,14 +39,14 @@ pub struct Workspace {
     dim: usize,
     hidden: usize,
     vocab: usize,
-    max_seq_len: usize,
+    pub(crate) max_seq_len: usize,
     heads: usize,
     /// The residual stream, `[rows, D]`.
     pub x: Vec<f32>,
-    xn: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    pub(crate) xn: Vec<f32>,
+    pub(crate) q: Vec<f32>,
+    pub(crate) k: Vec<f32>,
+    pub(crate) v: Vec<f32>,
     att: Vec<f32>,
     delta: Vec<f32>,
     gate: Vec<f32>,
@@ -54,14 +54,14 @@ pub struct Workspace {
     /// Attention scores, one `max_seq_len` row per (token, head).
     scores: Vec<f32>,
     /// The small-M kernel's transposed output.
-    transposed: Vec<f32>,
+    pub(crate) transposed: Vec<f32>,
     /// Logits, `[rows, V]`.
     pub logits: Vec<f32>,
     /// The absolute position of the first new token of each row in the current step.
     positions: Vec<usize>,
     /// RoPE cos / sin for every position `0..max_seq_len`, `[position][head_dim / 2]`.
-    rope_cos: Vec<f32>,
-    rope_sin: Vec<f32>,
+    pub(crate) rope_cos: Vec<f32>,
+    pub(crate) rope_sin: Vec<f32>,
 }
 
 impl Workspace {
@@ -128,7 +128,7 @@ impl Workspace {
 
 /// `out = x·Wᵀ` for `m` rows of `x` (`[m, k]`) and `W` (`[n, k]`): the small-M kernel for few
 /// rows, `sgemm` for many. Allocates nothing.
-fn linear(
+pub(crate) fn linear(
     x: &[f32],
     m: usize,
     k: usize,

@@ -14,12 +14,15 @@
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
+pub mod cost;
 pub mod decode;
+pub mod early_exit;
 pub mod export;
 pub mod generate;
 pub mod transformer;
 
 pub use cache::KvCache;
 pub use config::LegoConfig;
+pub use early_exit::{EarlyExitStats, UpperCacheFill};
 pub use generate::Sampling;
 pub use transformer::{ExitHead, LegoTransformer};

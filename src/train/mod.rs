@@ -1,0 +1,25 @@
+//! Training LEGO: the two phases, the hard examples between them, and evaluation.
+//!
+//! ```text
+//! phase 1   train a shallow model (exit_layer = num_layers) on all training batches
+//!           [Trainer::train_with_early_stopping]
+//! calibrate the threshold at which the target share of tokens is "hard" (validation split)
+//!           [compute_confidence_threshold]
+//! collect   the hard examples of the training split: lower hidden states + targets
+//!           [collect_hard_examples, create_hard_example_loader]
+//! phase 2   extend the model, freeze the lower part, train the upper layers on the hard
+//!           examples only, from the cached hidden states
+//!           [LegoTransformer::extend, Trainer::train_upper_layers_with_early_stopping]
+//! evaluate  loss, PPL, accuracy and the early-exit statistics   [Trainer::evaluate]
+//! ```
+
+pub mod hard_examples;
+pub mod trainer;
+pub mod utils;
+
+pub use hard_examples::{
+    HardBatch, HardExamples, Phase2Mode, collect_hard_examples, compute_confidence_threshold, create_hard_example_loader,
+    evaluate_on_hard_examples,
+};
+pub use trainer::{EvalStats, History, Phase2History, TrainOptions, Trainer};
+pub use utils::{Device, get_device, set_seed};

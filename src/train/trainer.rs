@@ -1,0 +1,456 @@
+//! The [`Trainer`]: both phases with early stopping, and evaluation with early-exit statistics.
+//!
+//! **Phase 1** ([`Trainer::train_with_early_stopping`]) is plain language-model training: for
+//! each batch, forward through every layer, cross-entropy against the next tokens, backward,
+//! clip, AdamW step; after each epoch the validation perplexity decides whether these are the
+//! best weights so far, and training stops after `patience` epochs without improvement. The
+//! model is left at its best weights.
+//!
+//! **Phase 2** ([`Trainer::train_upper_layers_with_early_stopping`]) trains only the upper
+//! layers, on the hard examples. The frozen lower layers run **once** per split before the
+//! epochs — the hard examples already hold the training split's lower hidden states, and the
+//! validation split's are computed and cached here — so no epoch ever runs a lower layer:
+//! that is where LEGO saves training compute. Early stopping uses the validation perplexity
+//! *with early-exit routing at the calibrated threshold* (each token's loss taken from the
+//! shallow exit if its confidence is at or above the threshold, from the deep path
+//! otherwise), which is the quantity the deployed model is judged by.
+
+use std::time::Instant;
+
+use super::hard_examples::{HardBatch, HardExamples, Phase2Mode, evaluate_on_hard_examples};
+use crate::data::Batch;
+use crate::error::{Error, Result};
+use crate::model::{LegoTransformer, cost};
+use crate::optim::{AdamW, CosineSchedule, clip_grad_norm};
+use crate::tensor::Tensor;
+
+/// Options shared by both phases.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    /// The most epochs to run.
+    pub max_epochs: usize,
+    /// Stop after this many epochs without a better validation perplexity.
+    pub patience: usize,
+    /// Clip the global gradient norm to this (None: no clipping).
+    pub grad_clip: Option<f32>,
+    /// Linear warm-up steps of the learning rate (then cosine decay to `min_lr_ratio`·lr over
+    /// the `max_epochs`).
+    pub warmup_steps: u64,
+    /// The floor of the cosine decay, as a fraction of the optimizer's learning rate.
+    pub min_lr_ratio: f32,
+    /// Print progress (phase, epoch, step, loss, tokens/s, time left) on stderr.
+    pub verbose: bool,
+    /// A label for progress lines ("phase 1", ...).
+    pub label: String,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions { max_epochs: 10, patience: 2, grad_clip: Some(1.0), warmup_steps: 20, min_lr_ratio: 0.1, verbose: false, label: "train".into() }
+    }
+}
+
+/// What one epoch of phase 1 gave.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EpochRecord {
+    /// Epoch number, from 1.
+    pub epoch: usize,
+    /// Mean training loss over the epoch's batches.
+    pub train_loss: f64,
+    /// Validation loss (full depth).
+    pub val_loss: f64,
+    /// Validation perplexity, `exp(val_loss)`.
+    pub val_ppl: f64,
+    /// Validation next-token accuracy.
+    pub val_accuracy: f64,
+    /// Wall time of the epoch's training steps, seconds.
+    pub seconds: f64,
+    /// Training tokens per second.
+    pub tokens_per_second: f64,
+}
+
+/// Phase 1's history.
+#[derive(Clone, Debug, Default)]
+pub struct History {
+    /// One record per epoch run.
+    pub epochs: Vec<EpochRecord>,
+    /// The epoch whose weights the model was left with.
+    pub best_epoch: usize,
+    /// Optimizer steps taken.
+    pub steps: u64,
+    /// Training tokens processed.
+    pub tokens: u64,
+}
+
+/// One epoch of phase 2.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Phase2Epoch {
+    /// Epoch number, from 1.
+    pub epoch: usize,
+    /// Mean training loss on the hard tokens.
+    pub train_loss: f64,
+    /// Perplexity of the deep path on the training hard examples.
+    pub hard_ppl: f64,
+    /// Validation perplexity with early-exit routing at the threshold.
+    pub val_ppl_routed: f64,
+    /// Wall time of the epoch's training steps, seconds.
+    pub seconds: f64,
+}
+
+/// Phase 2's history.
+#[derive(Clone, Debug, Default)]
+pub struct Phase2History {
+    /// One record per epoch run.
+    pub epochs: Vec<Phase2Epoch>,
+    /// The epoch whose weights the model was left with.
+    pub best_epoch: usize,
+    /// Optimizer steps taken.
+    pub steps: u64,
+    /// Hard tokens trained on (summed over epochs).
+    pub tokens: u64,
+    /// Positions run through the upper layers in training (context included).
+    pub positions: u64,
+}
+
+/// Evaluation of a model on a split, with fake-early-exit statistics (both paths computed,
+/// then the routing applied).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalStats {
+    /// Mean loss with routing (full depth when no threshold is given).
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub ppl: f64,
+    /// Next-token accuracy with routing.
+    pub accuracy: f64,
+    /// Tokens evaluated.
+    pub tokens: usize,
+    /// Tokens that exited early.
+    pub shallow: usize,
+    /// `shallow / tokens`.
+    pub shallow_ratio: f64,
+    /// The spec's layer compute cost (1 at full depth).
+    pub layer_cost: f64,
+    /// FLOPs with early exit against full-depth inference, counting the exit check's
+    /// vocabulary projection and attention (see [`crate::model::cost`]).
+    pub flop_cost: f64,
+    /// Loss of the full-depth path on every token, for comparison.
+    pub full_depth_loss: f64,
+}
+
+/// Trains and evaluates LEGO models (spec `Trainer`).
+#[derive(Clone, Debug, Default)]
+pub struct Trainer {
+    /// The options of both phases.
+    pub options: TrainOptions,
+}
+
+/// Saves every parameter's values (to restore the best epoch).
+fn snapshot(model: &LegoTransformer) -> Vec<std::sync::Arc<Vec<f32>>> {
+    model.params().iter().map(Tensor::data).collect()
+}
+
+fn restore(model: &LegoTransformer, saved: &[std::sync::Arc<Vec<f32>>]) {
+    for (p, v) in model.params().iter().zip(saved) {
+        p.set_data(v.as_ref().clone());
+    }
+}
+
+fn check_batches(model: &LegoTransformer, batches: &[Batch], what: &str) -> Result<()> {
+    if batches.is_empty() {
+        return Err(Error::Input(format!("{what}: no batches")));
+    }
+    for b in batches {
+        if b.seq > model.config.max_seq_len {
+            return Err(Error::Input(format!("{what}: seq_len {} is above the model's max_seq_len {}", b.seq, model.config.max_seq_len)));
+        }
+    }
+    Ok(())
+}
+
+/// Progress on stderr at most every half second.
+struct Progress {
+    start: Instant,
+    last: Instant,
+    on: bool,
+}
+
+impl Progress {
+    fn new(on: bool) -> Progress {
+        Progress { start: Instant::now(), last: Instant::now(), on }
+    }
+    fn tick(&mut self, label: &str, epoch: usize, epochs: usize, step: usize, steps: usize, loss: f32, tokens: u64) {
+        if !self.on || (self.last.elapsed().as_secs_f64() < 0.5 && step + 1 != steps) {
+            return;
+        }
+        self.last = Instant::now();
+        let secs = self.start.elapsed().as_secs_f64();
+        let done = ((epoch - 1) * steps + step + 1) as f64 / (epochs * steps) as f64;
+        eprint!(
+            "\r{label}: epoch {epoch}/{epochs} step {}/{steps} loss {loss:.4} {:.0} tok/s, at most {:.0}s left   ",
+            step + 1,
+            tokens as f64 / secs,
+            secs / done - secs
+        );
+        if step + 1 == steps {
+            eprintln!();
+        }
+    }
+}
+
+impl Trainer {
+    /// A trainer with these options.
+    pub fn new(options: TrainOptions) -> Trainer {
+        Trainer { options }
+    }
+
+    fn schedule(&self, opt: &AdamW, steps_per_epoch: usize) -> CosineSchedule {
+        let total = (self.options.max_epochs * steps_per_epoch) as u64;
+        let lr = opt.config.lr;
+        CosineSchedule { max_lr: lr, min_lr: lr * self.options.min_lr_ratio, warmup: self.options.warmup_steps.min(total / 2), total }
+    }
+
+    /// **Spec `train_with_early_stopping(model, train, val, optimizer)`** (phase 1): trains every
+    /// trainable parameter of `model`, leaves it at its best validation perplexity, and returns
+    /// the history.
+    pub fn train_with_early_stopping(&self, model: &LegoTransformer, train: &[Batch], val: &[Batch], opt: &mut AdamW) -> Result<History> {
+        check_batches(model, train, "training")?;
+        check_batches(model, val, "validation")?;
+        let o = &self.options;
+        let schedule = self.schedule(opt, train.len());
+        let base_step = opt.step_count();
+        let mut history = History::default();
+        let mut best = (f64::INFINITY, snapshot(model));
+        let mut since_best = 0;
+        let mut progress = Progress::new(o.verbose);
+        for epoch in 1..=o.max_epochs {
+            let t0 = Instant::now();
+            let mut loss_sum = 0.0;
+            let mut epoch_tokens = 0u64;
+            for (i, b) in train.iter().enumerate() {
+                opt.config.lr = schedule.lr(opt.step_count() - base_step);
+                opt.zero_grad();
+                let loss = model.forward(&b.x, b.batch)?.cross_entropy(&b.y, None);
+                loss.backward();
+                if let Some(c) = o.grad_clip {
+                    clip_grad_norm(opt.params(), c);
+                }
+                opt.step();
+                let l = loss.item();
+                if !l.is_finite() {
+                    return Err(Error::Input(format!("{}: the loss became {l} at epoch {epoch}, step {i}; lower the learning rate", o.label)));
+                }
+                loss_sum += l as f64;
+                epoch_tokens += b.x.len() as u64;
+                history.tokens += b.x.len() as u64;
+                history.steps += 1;
+                progress.tick(&o.label, epoch, o.max_epochs, i, train.len(), l, history.tokens);
+            }
+            let seconds = t0.elapsed().as_secs_f64();
+            let eval = self.evaluate(model, val, None)?;
+            history.epochs.push(EpochRecord {
+                epoch,
+                train_loss: loss_sum / train.len() as f64,
+                val_loss: eval.loss,
+                val_ppl: eval.ppl,
+                val_accuracy: eval.accuracy,
+                seconds,
+                tokens_per_second: epoch_tokens as f64 / seconds,
+            });
+            if o.verbose {
+                eprintln!("{}: epoch {epoch} val PPL {:.2} accuracy {:.2} %", o.label, eval.ppl, 100.0 * eval.accuracy);
+            }
+            if eval.ppl < best.0 {
+                best = (eval.ppl, snapshot(model));
+                history.best_epoch = epoch;
+                since_best = 0;
+            } else {
+                since_best += 1;
+                if since_best >= o.patience {
+                    break;
+                }
+            }
+        }
+        restore(model, &best.1);
+        Ok(history)
+    }
+
+    /// **Spec `train_upper_layers_with_early_stopping(model, hard_batches, val, hard_examples,
+    /// optimizer, num_lower_layers, routing_threshold)`** (phase 2): trains layers
+    /// `num_lower_layers..` and the final head on `hard_batches`, from their cached lower hidden
+    /// states, with early stopping on the routed validation perplexity (see the module doc).
+    /// `mode` says how `hard_examples` are fed when their perplexity is measured each epoch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_upper_layers_with_early_stopping(
+        &self,
+        model: &LegoTransformer,
+        hard_batches: &[HardBatch],
+        val: &[Batch],
+        hard_examples: &HardExamples,
+        opt: &mut AdamW,
+        num_lower_layers: usize,
+        routing_threshold: f32,
+        mode: Phase2Mode,
+    ) -> Result<Phase2History> {
+        crate::model::config::check_threshold(routing_threshold)?;
+        check_batches(model, val, "validation")?;
+        if hard_batches.is_empty() {
+            return Err(Error::Input("phase 2: no hard batches".into()));
+        }
+        if num_lower_layers != model.config.exit_layer {
+            return Err(Error::Input(format!("phase 2: num_lower_layers {num_lower_layers} differs from the model's exit_layer {}", model.config.exit_layer)));
+        }
+        let o = &self.options;
+        // The lower layers run here, once, for the validation split.
+        let val_cache = ValCache::new(model, val)?;
+        let schedule = self.schedule(opt, hard_batches.len());
+        let base_step = opt.step_count();
+        let mut history = Phase2History::default();
+        let mut best = (f64::INFINITY, snapshot(model));
+        let mut since_best = 0;
+        let mut progress = Progress::new(o.verbose);
+        for epoch in 1..=o.max_epochs {
+            let t0 = Instant::now();
+            let (mut loss_sum, mut weight_sum) = (0.0f64, 0usize);
+            for (i, b) in hard_batches.iter().enumerate() {
+                let k = b.hard_tokens();
+                if k == 0 {
+                    continue;
+                }
+                opt.config.lr = schedule.lr(opt.step_count() - base_step);
+                opt.zero_grad();
+                let logits = model.forward_upper_layers(&b.hidden_tensor(), num_lower_layers);
+                let loss = logits.cross_entropy(&b.targets, Some(&b.weights));
+                loss.backward();
+                if let Some(c) = o.grad_clip {
+                    clip_grad_norm(opt.params(), c);
+                }
+                opt.step();
+                let l = loss.item();
+                if !l.is_finite() {
+                    return Err(Error::Input(format!("{}: the loss became {l} at epoch {epoch}, step {i}; lower the learning rate", o.label)));
+                }
+                loss_sum += l as f64 * k as f64;
+                weight_sum += k;
+                history.steps += 1;
+                history.tokens += k as u64;
+                history.positions += (b.batch * b.seq) as u64;
+                progress.tick(&o.label, epoch, o.max_epochs, i, hard_batches.len(), l, history.tokens);
+            }
+            let seconds = t0.elapsed().as_secs_f64();
+            let (_, hard_ppl) = evaluate_on_hard_examples(model, hard_examples, mode)?;
+            let routed = val_cache.routed(model, routing_threshold);
+            history.epochs.push(Phase2Epoch { epoch, train_loss: loss_sum / weight_sum.max(1) as f64, hard_ppl, val_ppl_routed: routed.ppl, seconds });
+            if o.verbose {
+                eprintln!("{}: epoch {epoch} hard PPL {hard_ppl:.2}, routed val PPL {:.2}", o.label, routed.ppl);
+            }
+            if routed.ppl < best.0 {
+                best = (routed.ppl, snapshot(model));
+                history.best_epoch = epoch;
+                since_best = 0;
+            } else {
+                since_best += 1;
+                if since_best >= o.patience {
+                    break;
+                }
+            }
+        }
+        restore(model, &best.1);
+        Ok(history)
+    }
+
+    /// **Spec `evaluate(model, val_batches, routing_threshold)`**: loss, perplexity and accuracy,
+    /// and the fake-early-exit statistics: with a threshold, each token's prediction comes from
+    /// the exit if its confidence is at or above it, from the deep path otherwise (both are
+    /// computed); without one, every token goes the full depth.
+    pub fn evaluate(&self, model: &LegoTransformer, batches: &[Batch], routing_threshold: Option<f32>) -> Result<EvalStats> {
+        check_batches(model, batches, "evaluation")?;
+        if let Some(t) = routing_threshold {
+            crate::model::config::check_threshold(t)?;
+        }
+        let cache = ValCache::new(model, batches)?;
+        Ok(cache.routed(model, routing_threshold.unwrap_or(f32::INFINITY)))
+    }
+}
+
+/// A split's lower hidden states and shallow results, computed once so that each evaluation
+/// runs only the upper layers.
+struct ValCache {
+    /// Per batch: lower hidden states, targets.
+    hidden: Vec<(Tensor, Vec<usize>)>,
+    /// Per token: exit confidence, shallow loss, whether the shallow prediction is right.
+    shallow: Vec<(f32, f64, bool)>,
+    seq: usize,
+}
+
+impl ValCache {
+    fn new(model: &LegoTransformer, batches: &[Batch]) -> Result<ValCache> {
+        let v = model.config.vocab_size;
+        let mut hidden = Vec::with_capacity(batches.len());
+        let mut shallow = Vec::new();
+        for b in batches {
+            let h = crate::no_grad(|| model.get_hidden_states(&b.x, b.batch))?;
+            let (conf, logits) = model.compute_confidence(&h);
+            let z = logits.data();
+            for (i, (&c, &y)) in conf.iter().zip(&b.y).enumerate() {
+                let row = &z[i * v..(i + 1) * v];
+                let nll = (crate::ops::cross_entropy::logsumexp(row) - row[y]) as f64;
+                shallow.push((c, nll, crate::ops::select::argmax(row) == y));
+            }
+            hidden.push((h, b.y.clone()));
+        }
+        Ok(ValCache { hidden, shallow, seq: batches[0].seq })
+    }
+
+    /// Statistics with routing at `threshold` (infinity: full depth).
+    fn routed(&self, model: &LegoTransformer, threshold: f32) -> EvalStats {
+        let c = &model.config;
+        let v = c.vocab_size;
+        let has_upper = c.exit_layer < c.num_layers;
+        let (mut loss, mut full_loss, mut correct, mut shallow_n) = (0.0f64, 0.0f64, 0usize, 0usize);
+        let (mut flops, mut full_flops) = (0.0f64, 0.0f64);
+        let mut k = 0;
+        for (h, targets) in &self.hidden {
+            let deep = has_upper.then(|| crate::no_grad(|| model.forward_upper_layers(h, c.exit_layer)).data());
+            for (i, &y) in targets.iter().enumerate() {
+                let (conf, s_nll, s_ok) = self.shallow[k];
+                let ctx = i % self.seq + 1;
+                let (d_nll, d_ok) = match &deep {
+                    Some(z) => {
+                        let row = &z[i * v..(i + 1) * v];
+                        ((crate::ops::cross_entropy::logsumexp(row) - row[y]) as f64, crate::ops::select::argmax(row) == y)
+                    }
+                    None => (s_nll, s_ok),
+                };
+                let exits = !has_upper || conf >= threshold;
+                let (nll, ok) = if exits { (s_nll, s_ok) } else { (d_nll, d_ok) };
+                if exits {
+                    shallow_n += 1;
+                    flops += cost::shallow_flops(c, ctx);
+                } else if threshold.is_finite() {
+                    flops += cost::deep_flops(c, ctx);
+                } else {
+                    // No threshold: plain full-depth inference, no exit check at all.
+                    flops += cost::full_depth_flops(c, ctx);
+                }
+                full_flops += cost::full_depth_flops(c, ctx);
+                loss += nll;
+                full_loss += d_nll;
+                correct += ok as usize;
+                k += 1;
+            }
+        }
+        let n = k.max(1);
+        let loss = loss / n as f64;
+        EvalStats {
+            loss,
+            ppl: loss.exp(),
+            accuracy: correct as f64 / n as f64,
+            tokens: k,
+            shallow: shallow_n,
+            shallow_ratio: shallow_n as f64 / n as f64,
+            layer_cost: if has_upper { cost::layer_cost(c, shallow_n, k - shallow_n) } else { 1.0 },
+            flop_cost: flops / full_flops,
+            full_depth_loss: full_loss / n as f64,
+        }
+    }
+}

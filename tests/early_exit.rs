@@ -1,0 +1,176 @@
+//! TRUE early exit: the invariants of `generate_with_early_exit`.
+
+use lego::Tensor;
+use lego::model::{LegoConfig, LegoTransformer, Sampling, UpperCacheFill};
+
+/// A 4-layer model, exit at 2, with weights large enough that confidences spread out.
+fn model(vocab: usize, scale: f32, seed: u64) -> LegoTransformer {
+    let config = LegoConfig {
+        exit_layer: 2,
+        ..LegoConfig::new(vocab, 32, 4, 4, 64, 64)
+    };
+    let m = LegoTransformer::new(config, &mut Tensor::rng(seed)).unwrap();
+    for p in m.params() {
+        let v: Vec<f32> = p.to_vec().iter().map(|x| x * scale).collect();
+        p.set_data(v);
+    }
+    m
+}
+
+fn prompts(n: usize, len: usize, vocab: usize) -> Vec<Vec<usize>> {
+    (0..n)
+        .map(|r| (0..len).map(|i| (i * 11 + r * 29 + 5) % vocab).collect())
+        .collect()
+}
+
+#[test]
+fn a_threshold_above_one_never_exits_and_equals_generate() {
+    let m = model(50, 3.0, 1);
+    let p = prompts(3, 6, 50);
+    for fill in [UpperCacheFill::Skip, UpperCacheFill::Propagate] {
+        let (tokens, stats) = m
+            .generate_with_early_exit(&p, 20, 1.5, &Sampling::greedy(), fill)
+            .unwrap();
+        assert_eq!(tokens, m.generate(&p, 20, &Sampling::greedy()).unwrap());
+        assert_eq!((stats.deep_count, stats.shallow_count), (60, 0));
+        assert_eq!(stats.actual_compute_cost, 1.0);
+    }
+}
+
+#[test]
+fn threshold_zero_always_exits_and_never_runs_an_upper_layer_after_the_prompt() {
+    let m = model(50, 3.0, 2);
+    let p = prompts(2, 5, 50);
+    m.reset_layer_calls();
+    let (tokens, stats) = m
+        .generate_with_early_exit(&p, 16, 0.0, &Sampling::greedy(), UpperCacheFill::Skip)
+        .unwrap();
+    assert_eq!((stats.shallow_count, stats.deep_count), (32, 0));
+    assert_eq!(stats.actual_compute_cost, 0.5);
+    // The upper layers ran once, for the prompt; the lower ones once per step.
+    assert_eq!((m.layer_calls(2), m.layer_calls(3)), (1, 1));
+    assert_eq!(m.layer_calls(0), 16);
+    // And the tokens are those of the shallow model: the first two layers and the exit head.
+    let shallow = LegoTransformer::from_parts(
+        LegoConfig {
+            num_layers: 2,
+            ..m.config.clone()
+        },
+        m.tok_embeddings.clone(),
+        m.layers[..2].to_vec(),
+        m.exit().clone(),
+        None,
+    );
+    assert_eq!(
+        tokens,
+        shallow.generate(&p, 16, &Sampling::greedy()).unwrap()
+    );
+}
+
+#[test]
+fn each_row_of_a_batch_routes_and_decodes_as_it_would_alone() {
+    let m = model(40, 3.0, 3);
+    let p = prompts(6, 7, 40);
+    // A threshold near the middle of the confidences, so rows really differ.
+    let (_, probe) = m
+        .generate_with_early_exit(&p, 12, 2.0, &Sampling::greedy(), UpperCacheFill::Skip)
+        .unwrap();
+    let mut all: Vec<f32> = probe.confidences.iter().flatten().copied().collect();
+    all.sort_by(f32::total_cmp);
+    let threshold = all[all.len() / 2];
+    for fill in [UpperCacheFill::Skip, UpperCacheFill::Propagate] {
+        let (batch_tokens, batch_stats) = m
+            .generate_with_early_exit(&p, 12, threshold, &Sampling::greedy(), fill)
+            .unwrap();
+        let mixed = batch_stats.routes.iter().any(|r| r.iter().any(|&d| d))
+            && batch_stats.routes.iter().any(|r| r.iter().any(|&d| !d));
+        assert!(mixed, "the test needs rows that go both ways");
+        let mut skipped = 0;
+        for (r, prompt) in p.iter().enumerate() {
+            let (alone_tokens, alone_stats) = m
+                .generate_with_early_exit(
+                    std::slice::from_ref(prompt),
+                    12,
+                    threshold,
+                    &Sampling::greedy(),
+                    fill,
+                )
+                .unwrap();
+            // A confidence within 1e-5 of the threshold may route either way by rounding.
+            if alone_stats.confidences[0]
+                .iter()
+                .any(|c| (c - threshold).abs() < 1e-5)
+                && alone_stats.routes[0] != batch_stats.routes[r]
+            {
+                skipped += 1;
+                continue;
+            }
+            assert_eq!(
+                alone_stats.routes[0], batch_stats.routes[r],
+                "{fill:?}: row {r} routes differently in the batch"
+            );
+            assert_eq!(
+                alone_tokens[0], batch_tokens[r],
+                "{fill:?}: row {r} decodes differently in the batch"
+            );
+        }
+        eprintln!(
+            "{fill:?}: skipped {skipped} of {} rows (confidence within 1e-5 of the threshold)",
+            p.len()
+        );
+        assert!(skipped < p.len() / 2);
+    }
+}
+
+#[test]
+fn an_untrained_model_exits_at_a_low_threshold_and_not_at_a_high_one() {
+    // Spec lesson 1: the prototype's initialisation, vocabulary 100.
+    let config = LegoConfig {
+        exit_layer: 2,
+        ..LegoConfig::new(100, 64, 4, 4, 172, 64)
+    };
+    let m = LegoTransformer::new(config, &mut Tensor::rng(4)).unwrap();
+    let p = prompts(2, 4, 100);
+    let (_, low) = m
+        .generate_with_early_exit(&p, 16, 0.02, &Sampling::greedy(), UpperCacheFill::Skip)
+        .unwrap();
+    let (_, high) = m
+        .generate_with_early_exit(&p, 16, 0.5, &Sampling::greedy(), UpperCacheFill::Skip)
+        .unwrap();
+    assert!(low.shallow_count > 0, "no token exited at 0.02");
+    assert_eq!(high.shallow_count, 0, "a token exited at 0.5");
+}
+
+#[test]
+fn propagate_pays_for_its_fill_and_still_saves_flops() {
+    let m = model(50, 3.0, 5);
+    let p = prompts(1, 5, 50);
+    let (_, stats) = m
+        .generate_with_early_exit(&p, 10, 0.0, &Sampling::greedy(), UpperCacheFill::Propagate)
+        .unwrap();
+    assert_eq!(stats.shallow_count, 10);
+    assert!(stats.flop_cost > 0.0 && stats.flop_cost < 1.0);
+    assert!(stats.time.upper_fill > 0.0);
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let m = model(50, 1.0, 6);
+    let p = prompts(1, 5, 50);
+    let g = |t: f32| {
+        m.generate_with_early_exit(&p, 4, t, &Sampling::greedy(), UpperCacheFill::Skip)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(g(f32::NAN).contains("routing threshold"));
+    assert!(g(-0.5).contains("routing threshold"));
+    assert!(
+        m.generate_with_early_exit(&[vec![]], 4, 0.5, &Sampling::greedy(), UpperCacheFill::Skip)
+            .is_err()
+    );
+    assert!(
+        m.generate_with_early_exit(&p, 60, 0.5, &Sampling::greedy(), UpperCacheFill::Skip)
+            .is_err()
+    );
+    assert!("sideways".parse::<UpperCacheFill>().is_err());
+}
