@@ -229,9 +229,9 @@ impl LegoTransformer {
             self.logits_into(self.exit(), 0..batch, &mut ws);
             deep_rows.clear();
             shallow_rows.clear();
-            for r in 0..batch {
-                conf[r] = confidence_of_row(&ws.logits[r * v..(r + 1) * v]);
-                if conf[r] >= routing_threshold {
+            for (r, c) in conf.iter_mut().enumerate() {
+                *c = confidence_of_row(&ws.logits[r * v..(r + 1) * v]);
+                if *c >= routing_threshold {
                     shallow_rows.push(r)
                 } else {
                     deep_rows.push(r)
