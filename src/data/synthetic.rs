@@ -6,30 +6,33 @@
 //! fetched. This module writes short stories in a made-up language whose every token is, by
 //! construction, one of three kinds:
 //!
-//! 1. **Frame words, easy.** Each sentence is one of a dozen templates, and most of a template
-//!    is fixed: after `once` always come `upon a time , in the land of`; after `every morning
-//!    <name> walked to the <noun>` always `and back again .`. The frames use a few dozen
-//!    English function words and punctuation (`the`, `.`, `,`, `was`, `of`, ...), which make up
-//!    more than half of all tokens. Once a template has started, its next frame word follows from
-//!    the last one or two tokens, which a shallow model learns quickly and then predicts with
-//!    near certainty.
-//! 2. **Open-class words, hard.** The template's slots take nouns, verbs, adjectives and
-//!    names drawn from made-up lexicons of thousands of words ([`NOUNS`], [`VERBS`],
-//!    [`ADJECTIVES`], [`NAMES`]), each with a Zipf distribution (exponent [`ZIPF_EXPONENT`]):
-//!    a few words are common, most are rare. What fills a slot is random and independent of
-//!    everything before it, so even a perfect model can only spread its probability over the
-//!    lexicon: these tokens stay uncertain at any depth (the irreducible part of the loss).
-//! 3. **Long-context words, hard for a shallow model, easy for a deep one.** Each story opens
-//!    by naming its hero and its land (`there lived a <adj> <noun> named <hero>`); later
-//!    sentences repeat them (`who <verb> the <noun> ? it was <hero> , of course .`, `and that
-//!    is the end of the story of <hero> from <land> .`). These tokens are fully determined, but
-//!    only by a word that may be hundreds of tokens back: predicting them means finding and
-//!    copying it, which takes attention layers working together (an "induction head") and
-//!    enough context. A model that only sees the local frame thinks they are ordinary random
-//!    names.
+//! 1. **Frame words, easy** (about 70 % of the tokens). Each sentence is one of a dozen
+//!    templates, and most of a template is fixed: after `once` always come `upon a time , in
+//!    the land of`; after `every morning <name> walked to the <noun>` always `and back again .`.
+//!    The frames use fifty English function words and punctuation marks (`the`, `.`, `,`,
+//!    `was`, `of`, ...). Once a template has started, its next frame word follows from the last
+//!    few tokens, which a shallow model learns quickly and then predicts with near certainty.
+//!    (The first word of a sentence is a choice among the templates, so it is only fairly
+//!    predictable.)
+//! 2. **Open-class words, hard** (about 20 %). The template's slots take nouns, verbs,
+//!    adjectives and passers-by's names drawn from made-up lexicons of thousands of words
+//!    ([`NOUNS`], [`VERBS`], [`ADJECTIVES`], [`NAMES`]), each with a Zipf distribution (exponent
+//!    [`ZIPF_EXPONENT`]): a few words are common (the commonest noun fills about a sixth of the
+//!    noun slots), most are rare. What fills a slot is random and independent of everything
+//!    before it, so even a perfect model can only spread its probability over the lexicon:
+//!    these tokens stay uncertain at any depth (the irreducible part of the loss).
+//! 3. **Long-context words** (about 10 %: the capitalised names and lands). Each story opens by
+//!    naming its hero and its land (`in the land of <land> , there lived a <adj> <noun> named
+//!    <hero>`), drawn uniformly from [`NAMES`] and [`LANDS`]; later sentences repeat them (`who
+//!    <verb> the <noun> ? it was <hero> , of course .`, `in <land> the <noun> was always <adj>
+//!    .`, and the closing `the end of the story of <hero> from <land> .`), and most sentences
+//!    are about the hero. These tokens are determined, fully or mostly, but only by a word that
+//!    may be hundreds of tokens back: predicting them means finding and copying it, an
+//!    attention lookup that is harder to learn than the local frame and needs the context
+//!    window to reach the opening. A model that has not learnt it sees ordinary random names.
 //!
-//! So a two-layer model should be confident on kind 1, unsure on kinds 2 and 3, and a deeper
-//! model trained on its hard tokens can gain on kind 3 but not on kind 2.
+//! So a shallow model should be confident on kind 1 and unsure on kinds 2 and 3, and a deeper
+//! model trained on its hard tokens has something to gain on kind 3 but little on kind 2.
 //!
 //! The text is lowercase apart from names and lands, with punctuation written as separate
 //! words (`said that the mipo was very talky .`) so the word tokenizer sees clean tokens.
@@ -65,7 +68,7 @@ pub const VERBS: usize = 1000;
 pub const ADJECTIVES: usize = 600;
 /// How many made-up names (capitalised), for heroes and passers-by.
 pub const NAMES: usize = 400;
-/// How many made-up lands (capitalised, ending in `-ia`).
+/// How many made-up lands (capitalised, ending in `-ria`).
 pub const LANDS: usize = 150;
 /// The exponent of the Zipf distribution each slot is filled from: word `k` of a lexicon
 /// (counting from 1) is drawn with probability proportional to `k^-1.1`.
@@ -148,7 +151,7 @@ impl Lexicon {
             verbs: class(VERBS, &|r| stem(r, 2) + "ed"),
             adjectives: class(ADJECTIVES, &|r| stem(r, 2) + "y"),
             names: class(NAMES, &|r| capitalise(&stem(r, 2))),
-            lands: class(LANDS, &|r| capitalise(&stem(r, 2)) + "ia"),
+            lands: class(LANDS, &|r| capitalise(&stem(r, 2)) + "ria"),
         }
     }
 }
@@ -177,12 +180,12 @@ fn capitalise(word: &str) -> String {
 }
 
 /// Every word the templates use outside their slots; the lexicons avoid them.
-const FRAME_WORDS: [&str; 52] = [
+const FRAME_WORDS: [&str; 50] = [
     "once", "upon", "a", "time", ",", "in", "the", "land", "of", "there", "lived", "named", ".",
     "every", "morning", "walked", "to", "and", "back", "again", "said", "that", "was", "very",
     "so", "it", "who", "?", "course", "always", "is", "end", "story", "from", "one", "day", "met",
-    "asked", "for", "gave", "them", "counted", ":", "two", "three", "four", "five", "too", "then",
-    "went", "home", "with",
+    "asked", "for", "counted", ":", "two", "three", "four", "five", "too", "then", "went", "home",
+    "with",
 ];
 
 /// One story: the opening, paragraphs of template sentences until `budget` bytes, the closing.

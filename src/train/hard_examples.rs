@@ -42,7 +42,9 @@ impl std::str::FromStr for Phase2Mode {
         match s {
             "token" => Ok(Phase2Mode::Token),
             "sequence" => Ok(Phase2Mode::Sequence),
-            _ => Err(Error::Input(format!("phase-2 mode must be 'token' or 'sequence', got '{s}'"))),
+            _ => Err(Error::Input(format!(
+                "phase-2 mode must be 'token' or 'sequence', got '{s}'"
+            ))),
         }
     }
 }
@@ -88,7 +90,10 @@ impl HardExamples {
     /// The hidden state and target of hard token `i`.
     pub fn token(&self, i: usize) -> (&[f32], usize) {
         let p = self.hard_positions[i];
-        (&self.hidden[p * self.dim..(p + 1) * self.dim], self.targets[p])
+        (
+            &self.hidden[p * self.dim..(p + 1) * self.dim],
+            self.targets[p],
+        )
     }
 }
 
@@ -123,7 +128,11 @@ impl HardBatch {
 
 /// The exit confidences of every token of `batches` (row-major within each batch), and the
 /// lower hidden states if `keep_hidden`.
-fn exit_confidences(model: &LegoTransformer, batches: &[Batch], mut each: impl FnMut(&Batch, &Tensor, &[f32])) -> Result<()> {
+fn exit_confidences(
+    model: &LegoTransformer,
+    batches: &[Batch],
+    mut each: impl FnMut(&Batch, &Tensor, &[f32]),
+) -> Result<()> {
     for b in batches {
         let h = crate::no_grad(|| model.get_hidden_states(&b.x, b.batch))?;
         let (conf, _) = model.compute_confidence(&h);
@@ -134,7 +143,9 @@ fn exit_confidences(model: &LegoTransformer, batches: &[Batch], mut each: impl F
 
 fn check_ratio(target_ratio: f32) -> Result<()> {
     if !(target_ratio > 0.0 && target_ratio < 1.0) {
-        return Err(Error::Input(format!("the hard-example ratio must be in (0, 1), got {target_ratio}")));
+        return Err(Error::Input(format!(
+            "the hard-example ratio must be in (0, 1), got {target_ratio}"
+        )));
     }
     Ok(())
 }
@@ -146,21 +157,35 @@ fn check_ratio(target_ratio: f32) -> Result<()> {
 /// threshold is `c₍ₖ₎`: exactly the k smallest are below it (hard), the rest at or above it
 /// exit, unless confidences tie at the boundary (tied tokens all exit, so slightly fewer than k
 /// are hard). If k = n the threshold is just above the largest confidence.
-pub fn compute_confidence_threshold(model: &LegoTransformer, batches: &[Batch], target_ratio: f32) -> Result<f32> {
+pub fn compute_confidence_threshold(
+    model: &LegoTransformer,
+    batches: &[Batch],
+    target_ratio: f32,
+) -> Result<f32> {
     check_ratio(target_ratio)?;
     let mut all = Vec::new();
     exit_confidences(model, batches, |_, _, c| all.extend_from_slice(c))?;
     if all.is_empty() {
-        return Err(Error::Input("compute_confidence_threshold: no tokens in the batches".into()));
+        return Err(Error::Input(
+            "compute_confidence_threshold: no tokens in the batches".into(),
+        ));
     }
     all.sort_by(f32::total_cmp);
     let k = ((target_ratio as f64 * all.len() as f64).round() as usize).min(all.len());
-    Ok(if k == all.len() { all[k - 1].next_up() } else { all[k] })
+    Ok(if k == all.len() {
+        all[k - 1].next_up()
+    } else {
+        all[k]
+    })
 }
 
 /// **Spec `collect_hard_examples(model, batches, threshold)`**: the tokens of `batches` whose
 /// exit confidence is below `threshold`, with their lower hidden states (see [`HardExamples`]).
-pub fn collect_hard_examples(model: &LegoTransformer, batches: &[Batch], threshold: f32) -> Result<HardExamples> {
+pub fn collect_hard_examples(
+    model: &LegoTransformer,
+    batches: &[Batch],
+    threshold: f32,
+) -> Result<HardExamples> {
     crate::model::config::check_threshold(threshold)?;
     let d = model.config.dim;
     let seq_len = batches.first().map_or(0, |b| b.seq);
@@ -188,7 +213,8 @@ pub fn collect_hard_examples(model: &LegoTransformer, batches: &[Batch], thresho
                 continue;
             }
             let base = out.targets.len();
-            out.hidden.extend_from_slice(&hd[rows.start * d..rows.end * d]);
+            out.hidden
+                .extend_from_slice(&hd[rows.start * d..rows.end * d]);
             out.targets.extend_from_slice(&b.y[rows.clone()]);
             for (t, &c) in conf[rows].iter().enumerate() {
                 out.hard.push(c < threshold);
@@ -199,19 +225,28 @@ pub fn collect_hard_examples(model: &LegoTransformer, batches: &[Batch], thresho
         }
     })?;
     if let Some(s) = bad_seq {
-        return Err(Error::Input(format!("collect_hard_examples: batches of sequence length {s} and {seq_len} mixed")));
+        return Err(Error::Input(format!(
+            "collect_hard_examples: batches of sequence length {s} and {seq_len} mixed"
+        )));
     }
     Ok(out)
 }
 
 /// **Spec `create_hard_example_loader(hard_examples, batch_size, ...)`**: the hard examples in
 /// shuffled batches of `batch_size` tokens (token mode) or sequences (sequence mode).
-pub fn create_hard_example_loader(hard: &HardExamples, batch_size: usize, seed: u64, mode: Phase2Mode) -> Result<Vec<HardBatch>> {
+pub fn create_hard_example_loader(
+    hard: &HardExamples,
+    batch_size: usize,
+    seed: u64,
+    mode: Phase2Mode,
+) -> Result<Vec<HardBatch>> {
     if batch_size == 0 {
         return Err(Error::Input("batch size must be at least 1".into()));
     }
     if hard.is_empty() {
-        return Err(Error::Input("there are no hard examples to batch (is the threshold too low?)".into()));
+        return Err(Error::Input(
+            "there are no hard examples to batch (is the threshold too low?)".into(),
+        ));
     }
     let mut rng = StdRng::seed_from_u64(seed);
     let d = hard.dim;
@@ -228,7 +263,14 @@ pub fn create_hard_example_loader(hard: &HardExamples, batch_size: usize, seed: 
                     hidden.extend_from_slice(h);
                     targets.push(t);
                 }
-                out.push(HardBatch { hidden: Arc::new(hidden), batch: chunk.len(), seq: 1, dim: d, targets, weights: vec![1.0; chunk.len()] });
+                out.push(HardBatch {
+                    hidden: Arc::new(hidden),
+                    batch: chunk.len(),
+                    seq: 1,
+                    dim: d,
+                    targets,
+                    weights: vec![1.0; chunk.len()],
+                });
             }
         }
         Phase2Mode::Sequence => {
@@ -242,9 +284,20 @@ pub fn create_hard_example_loader(hard: &HardExamples, batch_size: usize, seed: 
                 for &s in chunk {
                     hidden.extend_from_slice(&hard.hidden[s * t * d..(s + 1) * t * d]);
                     targets.extend_from_slice(&hard.targets[s * t..(s + 1) * t]);
-                    weights.extend(hard.hard[s * t..(s + 1) * t].iter().map(|&h| if h { 1.0 } else { 0.0 }));
+                    weights.extend(
+                        hard.hard[s * t..(s + 1) * t]
+                            .iter()
+                            .map(|&h| if h { 1.0 } else { 0.0 }),
+                    );
                 }
-                out.push(HardBatch { hidden: Arc::new(hidden), batch: chunk.len(), seq: t, dim: d, targets, weights });
+                out.push(HardBatch {
+                    hidden: Arc::new(hidden),
+                    batch: chunk.len(),
+                    seq: t,
+                    dim: d,
+                    targets,
+                    weights,
+                });
             }
         }
     }
@@ -254,7 +307,11 @@ pub fn create_hard_example_loader(hard: &HardExamples, batch_size: usize, seed: 
 /// **Spec `evaluate_on_hard_examples(model, hard_examples)`**: the deep path's mean loss and
 /// perplexity on the hard tokens, fed as `mode` feeds them (alone, or in their sequences).
 /// Returns `(loss, ppl)`.
-pub fn evaluate_on_hard_examples(model: &LegoTransformer, hard: &HardExamples, mode: Phase2Mode) -> Result<(f64, f64)> {
+pub fn evaluate_on_hard_examples(
+    model: &LegoTransformer,
+    hard: &HardExamples,
+    mode: Phase2Mode,
+) -> Result<(f64, f64)> {
     let batches = create_hard_example_loader(hard, 64, 0, mode)?;
     let start = model.config.exit_layer;
     let (mut sum, mut n) = (0.0f64, 0usize);

@@ -18,8 +18,8 @@ pub mod trainer;
 pub mod utils;
 
 pub use hard_examples::{
-    HardBatch, HardExamples, Phase2Mode, collect_hard_examples, compute_confidence_threshold, create_hard_example_loader,
-    evaluate_on_hard_examples,
+    HardBatch, HardExamples, Phase2Mode, collect_hard_examples, compute_confidence_threshold,
+    create_hard_example_loader, evaluate_on_hard_examples,
 };
 pub use trainer::{EvalStats, History, Phase2History, TrainOptions, Trainer};
 pub use utils::{Device, get_device, set_seed};

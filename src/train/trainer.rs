@@ -46,7 +46,15 @@ pub struct TrainOptions {
 
 impl Default for TrainOptions {
     fn default() -> Self {
-        TrainOptions { max_epochs: 10, patience: 2, grad_clip: Some(1.0), warmup_steps: 20, min_lr_ratio: 0.1, verbose: false, label: "train".into() }
+        TrainOptions {
+            max_epochs: 10,
+            patience: 2,
+            grad_clip: Some(1.0),
+            warmup_steps: 20,
+            min_lr_ratio: 0.1,
+            verbose: false,
+            label: "train".into(),
+        }
     }
 }
 
@@ -161,7 +169,10 @@ fn check_batches(model: &LegoTransformer, batches: &[Batch], what: &str) -> Resu
     }
     for b in batches {
         if b.seq > model.config.max_seq_len {
-            return Err(Error::Input(format!("{what}: seq_len {} is above the model's max_seq_len {}", b.seq, model.config.max_seq_len)));
+            return Err(Error::Input(format!(
+                "{what}: seq_len {} is above the model's max_seq_len {}",
+                b.seq, model.config.max_seq_len
+            )));
         }
     }
     Ok(())
@@ -176,9 +187,22 @@ struct Progress {
 
 impl Progress {
     fn new(on: bool) -> Progress {
-        Progress { start: Instant::now(), last: Instant::now(), on }
+        Progress {
+            start: Instant::now(),
+            last: Instant::now(),
+            on,
+        }
     }
-    fn tick(&mut self, label: &str, epoch: usize, epochs: usize, step: usize, steps: usize, loss: f32, tokens: u64) {
+    fn tick(
+        &mut self,
+        label: &str,
+        epoch: usize,
+        epochs: usize,
+        step: usize,
+        steps: usize,
+        loss: f32,
+        tokens: u64,
+    ) {
         if !self.on || (self.last.elapsed().as_secs_f64() < 0.5 && step + 1 != steps) {
             return;
         }
@@ -206,13 +230,24 @@ impl Trainer {
     fn schedule(&self, opt: &AdamW, steps_per_epoch: usize) -> CosineSchedule {
         let total = (self.options.max_epochs * steps_per_epoch) as u64;
         let lr = opt.config.lr;
-        CosineSchedule { max_lr: lr, min_lr: lr * self.options.min_lr_ratio, warmup: self.options.warmup_steps.min(total / 2), total }
+        CosineSchedule {
+            max_lr: lr,
+            min_lr: lr * self.options.min_lr_ratio,
+            warmup: self.options.warmup_steps.min(total / 2),
+            total,
+        }
     }
 
     /// **Spec `train_with_early_stopping(model, train, val, optimizer)`** (phase 1): trains every
     /// trainable parameter of `model`, leaves it at its best validation perplexity, and returns
     /// the history.
-    pub fn train_with_early_stopping(&self, model: &LegoTransformer, train: &[Batch], val: &[Batch], opt: &mut AdamW) -> Result<History> {
+    pub fn train_with_early_stopping(
+        &self,
+        model: &LegoTransformer,
+        train: &[Batch],
+        val: &[Batch],
+        opt: &mut AdamW,
+    ) -> Result<History> {
         check_batches(model, train, "training")?;
         check_batches(model, val, "validation")?;
         let o = &self.options;
@@ -237,13 +272,24 @@ impl Trainer {
                 opt.step();
                 let l = loss.item();
                 if !l.is_finite() {
-                    return Err(Error::Input(format!("{}: the loss became {l} at epoch {epoch}, step {i}; lower the learning rate", o.label)));
+                    return Err(Error::Input(format!(
+                        "{}: the loss became {l} at epoch {epoch}, step {i}; lower the learning rate",
+                        o.label
+                    )));
                 }
                 loss_sum += l as f64;
                 epoch_tokens += b.x.len() as u64;
                 history.tokens += b.x.len() as u64;
                 history.steps += 1;
-                progress.tick(&o.label, epoch, o.max_epochs, i, train.len(), l, history.tokens);
+                progress.tick(
+                    &o.label,
+                    epoch,
+                    o.max_epochs,
+                    i,
+                    train.len(),
+                    l,
+                    history.tokens,
+                );
             }
             let seconds = t0.elapsed().as_secs_f64();
             let eval = self.evaluate(model, val, None)?;
@@ -257,7 +303,12 @@ impl Trainer {
                 tokens_per_second: epoch_tokens as f64 / seconds,
             });
             if o.verbose {
-                eprintln!("{}: epoch {epoch} val PPL {:.2} accuracy {:.2} %", o.label, eval.ppl, 100.0 * eval.accuracy);
+                eprintln!(
+                    "{}: epoch {epoch} val PPL {:.2} accuracy {:.2} %",
+                    o.label,
+                    eval.ppl,
+                    100.0 * eval.accuracy
+                );
             }
             if eval.ppl < best.0 {
                 best = (eval.ppl, snapshot(model));
@@ -297,7 +348,10 @@ impl Trainer {
             return Err(Error::Input("phase 2: no hard batches".into()));
         }
         if num_lower_layers != model.config.exit_layer {
-            return Err(Error::Input(format!("phase 2: num_lower_layers {num_lower_layers} differs from the model's exit_layer {}", model.config.exit_layer)));
+            return Err(Error::Input(format!(
+                "phase 2: num_lower_layers {num_lower_layers} differs from the model's exit_layer {}",
+                model.config.exit_layer
+            )));
         }
         let o = &self.options;
         // The lower layers run here, once, for the validation split.
@@ -327,21 +381,41 @@ impl Trainer {
                 opt.step();
                 let l = loss.item();
                 if !l.is_finite() {
-                    return Err(Error::Input(format!("{}: the loss became {l} at epoch {epoch}, step {i}; lower the learning rate", o.label)));
+                    return Err(Error::Input(format!(
+                        "{}: the loss became {l} at epoch {epoch}, step {i}; lower the learning rate",
+                        o.label
+                    )));
                 }
                 loss_sum += l as f64 * k as f64;
                 weight_sum += k;
                 history.steps += 1;
                 history.tokens += k as u64;
                 history.positions += (b.batch * b.seq) as u64;
-                progress.tick(&o.label, epoch, o.max_epochs, i, hard_batches.len(), l, history.tokens);
+                progress.tick(
+                    &o.label,
+                    epoch,
+                    o.max_epochs,
+                    i,
+                    hard_batches.len(),
+                    l,
+                    history.tokens,
+                );
             }
             let seconds = t0.elapsed().as_secs_f64();
             let (_, hard_ppl) = evaluate_on_hard_examples(model, hard_examples, mode)?;
             let routed = val_cache.routed(model, routing_threshold);
-            history.epochs.push(Phase2Epoch { epoch, train_loss: loss_sum / weight_sum.max(1) as f64, hard_ppl, val_ppl_routed: routed.ppl, seconds });
+            history.epochs.push(Phase2Epoch {
+                epoch,
+                train_loss: loss_sum / weight_sum.max(1) as f64,
+                hard_ppl,
+                val_ppl_routed: routed.ppl,
+                seconds,
+            });
             if o.verbose {
-                eprintln!("{}: epoch {epoch} hard PPL {hard_ppl:.2}, routed val PPL {:.2}", o.label, routed.ppl);
+                eprintln!(
+                    "{}: epoch {epoch} hard PPL {hard_ppl:.2}, routed val PPL {:.2}",
+                    o.label, routed.ppl
+                );
             }
             if routed.ppl < best.0 {
                 best = (routed.ppl, snapshot(model));
@@ -362,7 +436,12 @@ impl Trainer {
     /// and the fake-early-exit statistics: with a threshold, each token's prediction comes from
     /// the exit if its confidence is at or above it, from the deep path otherwise (both are
     /// computed); without one, every token goes the full depth.
-    pub fn evaluate(&self, model: &LegoTransformer, batches: &[Batch], routing_threshold: Option<f32>) -> Result<EvalStats> {
+    pub fn evaluate(
+        &self,
+        model: &LegoTransformer,
+        batches: &[Batch],
+        routing_threshold: Option<f32>,
+    ) -> Result<EvalStats> {
         check_batches(model, batches, "evaluation")?;
         if let Some(t) = routing_threshold {
             crate::model::config::check_threshold(t)?;
@@ -398,7 +477,11 @@ impl ValCache {
             }
             hidden.push((h, b.y.clone()));
         }
-        Ok(ValCache { hidden, shallow, seq: batches[0].seq })
+        Ok(ValCache {
+            hidden,
+            shallow,
+            seq: batches[0].seq,
+        })
     }
 
     /// Statistics with routing at `threshold` (infinity: full depth).
@@ -406,18 +489,23 @@ impl ValCache {
         let c = &model.config;
         let v = c.vocab_size;
         let has_upper = c.exit_layer < c.num_layers;
-        let (mut loss, mut full_loss, mut correct, mut shallow_n) = (0.0f64, 0.0f64, 0usize, 0usize);
+        let (mut loss, mut full_loss, mut correct, mut shallow_n) =
+            (0.0f64, 0.0f64, 0usize, 0usize);
         let (mut flops, mut full_flops) = (0.0f64, 0.0f64);
         let mut k = 0;
         for (h, targets) in &self.hidden {
-            let deep = has_upper.then(|| crate::no_grad(|| model.forward_upper_layers(h, c.exit_layer)).data());
+            let deep = has_upper
+                .then(|| crate::no_grad(|| model.forward_upper_layers(h, c.exit_layer)).data());
             for (i, &y) in targets.iter().enumerate() {
                 let (conf, s_nll, s_ok) = self.shallow[k];
                 let ctx = i % self.seq + 1;
                 let (d_nll, d_ok) = match &deep {
                     Some(z) => {
                         let row = &z[i * v..(i + 1) * v];
-                        ((crate::ops::cross_entropy::logsumexp(row) - row[y]) as f64, crate::ops::select::argmax(row) == y)
+                        (
+                            (crate::ops::cross_entropy::logsumexp(row) - row[y]) as f64,
+                            crate::ops::select::argmax(row) == y,
+                        )
                     }
                     None => (s_nll, s_ok),
                 };
@@ -448,7 +536,11 @@ impl ValCache {
             tokens: k,
             shallow: shallow_n,
             shallow_ratio: shallow_n as f64 / n as f64,
-            layer_cost: if has_upper { cost::layer_cost(c, shallow_n, k - shallow_n) } else { 1.0 },
+            layer_cost: if has_upper {
+                cost::layer_cost(c, shallow_n, k - shallow_n)
+            } else {
+                1.0
+            },
             flop_cost: flops / full_flops,
             full_depth_loss: full_loss / n as f64,
         }
