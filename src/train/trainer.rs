@@ -193,6 +193,7 @@ impl Progress {
             on,
         }
     }
+    #[allow(clippy::too_many_arguments)]
     fn tick(
         &mut self,
         label: &str,
