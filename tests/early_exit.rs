@@ -174,3 +174,35 @@ fn bad_inputs_are_errors() {
     );
     assert!("sideways".parse::<UpperCacheFill>().is_err());
 }
+
+#[test]
+fn teacher_forced_early_exit_at_full_depth_equals_the_forward_and_at_zero_the_exit_head() {
+    let m = model(50, 2.0, 7);
+    let seqs = prompts(3, 12, 50);
+    let flat: Vec<usize> = seqs.iter().flat_map(|s| s[..11].iter().copied()).collect();
+    let targets: Vec<usize> = seqs.iter().flat_map(|s| s[1..].iter().copied()).collect();
+    let want = lego::no_grad(|| {
+        m.forward(&flat, 3)
+            .unwrap()
+            .cross_entropy(&targets, None)
+            .item()
+    }) as f64;
+    for fill in [UpperCacheFill::Skip, UpperCacheFill::Propagate] {
+        let deep = m.evaluate_with_early_exit(&seqs, 1.5, fill).unwrap();
+        assert_eq!((deep.tokens, deep.shallow_count), (33, 0));
+        assert!((deep.loss - want).abs() < 1e-4, "{} vs {want}", deep.loss);
+    }
+    // Threshold 0: every token exits; the loss is the shallow model's.
+    let h = lego::no_grad(|| m.get_hidden_states(&flat, 3).unwrap());
+    let (_, exit_logits) = m.compute_confidence(&h);
+    let want = exit_logits.cross_entropy(&targets, None).item() as f64;
+    let shallow = m
+        .evaluate_with_early_exit(&seqs, 0.0, UpperCacheFill::Skip)
+        .unwrap();
+    assert_eq!(shallow.shallow_count, 33);
+    assert!(
+        (shallow.loss - want).abs() < 1e-4,
+        "{} vs {want}",
+        shallow.loss
+    );
+}

@@ -38,6 +38,19 @@ use crate::error::{Error, Result};
 use crate::kernels::simd;
 use crate::ops::rope::rotate;
 
+/// The routing of one step: which rows go deep, which exit, and each row's confidence
+/// (buffers kept between steps, so a step allocates nothing).
+pub(crate) struct Routing<'a> {
+    /// Every cache row of the batch, `0..batch`.
+    pub all_rows: &'a [usize],
+    /// Rows whose token goes through the upper layers.
+    pub deep_rows: &'a mut Vec<usize>,
+    /// Rows whose token exits.
+    pub shallow_rows: &'a mut Vec<usize>,
+    /// Each row's confidence at the exit.
+    pub conf: &'a mut Vec<f32>,
+}
+
 /// What happens in the upper cache to a token that exited early.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UpperCacheFill {
@@ -147,6 +160,7 @@ impl LegoTransformer {
         let mut deep_rows: Vec<usize> = Vec::with_capacity(batch);
         let mut shallow_rows: Vec<usize> = Vec::with_capacity(batch);
         let mut next = vec![0usize; batch];
+        let mut current = vec![0usize; batch];
         let mut conf = vec![0.0f32; batch];
         let (mut flops, mut full_flops) = (0.0f64, 0.0f64);
 
@@ -212,63 +226,26 @@ impl LegoTransformer {
             if step + 1 == max_new_tokens {
                 break;
             }
-            // Lower layers for every row.
-            let t0 = Instant::now();
-            self.embed_into(&next, &mut ws);
-            self.run_cached(
-                0..exit,
-                &Step {
-                    cache_rows: &all_rows,
-                    t: 1,
-                },
+            let mut routing = Routing {
+                all_rows: &all_rows,
+                deep_rows: &mut deep_rows,
+                shallow_rows: &mut shallow_rows,
+                conf: &mut conf,
+            };
+            current.copy_from_slice(&next);
+            let sampled = self.early_exit_step(
+                &current,
+                routing_threshold,
+                fill,
                 &mut cache,
                 &mut ws,
+                &mut routing,
+                &mut stats.time,
+                |r, logits| {
+                    next[r] = sampler.sample(logits);
+                },
             );
-            let t1 = Instant::now();
-            // The exit check: confidence of each row.
-            self.logits_into(self.exit(), 0..batch, &mut ws);
-            deep_rows.clear();
-            shallow_rows.clear();
-            for (r, c) in conf.iter_mut().enumerate() {
-                *c = confidence_of_row(&ws.logits[r * v..(r + 1) * v]);
-                if *c >= routing_threshold {
-                    shallow_rows.push(r)
-                } else {
-                    deep_rows.push(r)
-                }
-            }
-            let t2 = Instant::now();
-            for &r in &shallow_rows {
-                next[r] = sampler.sample(&ws.logits[r * v..(r + 1) * v]);
-            }
-            let t3 = Instant::now();
-            if fill == UpperCacheFill::Propagate && !shallow_rows.is_empty() {
-                self.propagate_into_upper_cache(&shallow_rows, &mut cache, &mut ws);
-            }
-            let t4 = Instant::now();
-            if !deep_rows.is_empty() {
-                // Gather the deep rows' hidden states to the front (ascending, so in place).
-                for (i, &r) in deep_rows.iter().enumerate() {
-                    if i != r {
-                        ws.x.copy_within(r * d..(r + 1) * d, i * d);
-                    }
-                }
-                self.run_cached(
-                    exit..n_layers,
-                    &Step {
-                        cache_rows: &deep_rows,
-                        t: 1,
-                    },
-                    &mut cache,
-                    &mut ws,
-                );
-                self.logits_into(&self.head, 0..deep_rows.len(), &mut ws);
-            }
-            let t5 = Instant::now();
-            for (i, &r) in deep_rows.iter().enumerate() {
-                next[r] = sampler.sample(&ws.logits[i * v..(i + 1) * v]);
-            }
-            let t6 = Instant::now();
+            stats.time.sampling += sampled;
             let pos = prompt_len + step;
             self.count_routes(
                 &deep_rows,
@@ -282,12 +259,6 @@ impl LegoTransformer {
                 flops +=
                     shallow_rows.len() as f64 * (n_layers - exit) as f64 * 4.0 * (d * d) as f64;
             }
-            let tm = &mut stats.time;
-            tm.lower += (t1 - t0).as_secs_f64();
-            tm.exit_check += (t2 - t1).as_secs_f64();
-            tm.sampling += (t3 - t2).as_secs_f64() + (t6 - t5).as_secs_f64();
-            tm.upper_fill += (t4 - t3).as_secs_f64();
-            tm.upper += (t5 - t4).as_secs_f64();
         }
         let total = stats.shallow_count + stats.deep_count;
         stats.shallow_ratio = stats.shallow_count as f64 / total.max(1) as f64;
@@ -295,6 +266,94 @@ impl LegoTransformer {
         stats.flop_cost = flops / full_flops;
         stats.seconds = t_start.elapsed().as_secs_f64();
         Ok((out, stats))
+    }
+
+    /// One decoding step under early exit, for one new token per row (`tokens`): the lower
+    /// layers for every row, the exit check, the upper-cache fill of the rows that exit
+    /// (`Propagate`), and the upper layers for the gathered rows that do not. `emit(row, logits)`
+    /// is called once per row with the logits its token ends with (the exit's or the deep
+    /// head's). Adds the step's times to `time` and returns the time spent inside `emit`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn early_exit_step(
+        &self,
+        tokens: &[usize],
+        threshold: f32,
+        fill: UpperCacheFill,
+        cache: &mut KvCache,
+        ws: &mut Workspace,
+        routing: &mut Routing,
+        time: &mut TimeSplit,
+        mut emit: impl FnMut(usize, &[f32]),
+    ) -> f64 {
+        let (v, d, exit, n_layers) = (
+            self.config.vocab_size,
+            self.config.dim,
+            self.config.exit_layer,
+            self.layers.len(),
+        );
+        let batch = tokens.len();
+        // Lower layers for every row.
+        let t0 = Instant::now();
+        self.embed_into(tokens, ws);
+        self.run_cached(
+            0..exit,
+            &Step {
+                cache_rows: routing.all_rows,
+                t: 1,
+            },
+            cache,
+            ws,
+        );
+        let t1 = Instant::now();
+        // The exit check: the confidence of each row.
+        self.logits_into(self.exit(), 0..batch, ws);
+        routing.deep_rows.clear();
+        routing.shallow_rows.clear();
+        for (r, c) in routing.conf.iter_mut().enumerate() {
+            *c = confidence_of_row(&ws.logits[r * v..(r + 1) * v]);
+            if *c >= threshold {
+                routing.shallow_rows.push(r)
+            } else {
+                routing.deep_rows.push(r)
+            }
+        }
+        let t2 = Instant::now();
+        for &r in routing.shallow_rows.iter() {
+            emit(r, &ws.logits[r * v..(r + 1) * v]);
+        }
+        let t3 = Instant::now();
+        if fill == UpperCacheFill::Propagate && !routing.shallow_rows.is_empty() {
+            self.propagate_into_upper_cache(routing.shallow_rows, cache, ws);
+        }
+        let t4 = Instant::now();
+        if !routing.deep_rows.is_empty() {
+            // Gather the deep rows' hidden states to the front (ascending, so in place).
+            for (i, &r) in routing.deep_rows.iter().enumerate() {
+                if i != r {
+                    ws.x.copy_within(r * d..(r + 1) * d, i * d);
+                }
+            }
+            self.run_cached(
+                exit..n_layers,
+                &Step {
+                    cache_rows: routing.deep_rows,
+                    t: 1,
+                },
+                cache,
+                ws,
+            );
+            self.logits_into(&self.head, 0..routing.deep_rows.len(), ws);
+        }
+        let t5 = Instant::now();
+        for (i, &r) in routing.deep_rows.iter().enumerate() {
+            emit(r, &ws.logits[i * v..(i + 1) * v]);
+        }
+        let t6 = Instant::now();
+        time.lower += (t1 - t0).as_secs_f64();
+        time.exit_check += (t2 - t1).as_secs_f64();
+        time.upper_fill += (t4 - t3).as_secs_f64();
+        time.upper += (t5 - t4).as_secs_f64();
+        (t3 - t2).as_secs_f64() + (t6 - t5).as_secs_f64()
     }
 
     /// Records one generated token per row (`conf` holds each row's confidence): deep for
@@ -372,5 +431,104 @@ impl LegoTransformer {
                 lc.len[r] += 1;
             }
         }
+    }
+}
+
+/// The result of [`LegoTransformer::evaluate_with_early_exit`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TeacherForcedStats {
+    /// Mean loss of predicting each next token from the logits its token ended with.
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub ppl: f64,
+    /// Next-token accuracy.
+    pub accuracy: f64,
+    /// Tokens evaluated.
+    pub tokens: usize,
+    /// Tokens that exited early.
+    pub shallow_count: usize,
+    /// `shallow_count / tokens`.
+    pub shallow_ratio: f64,
+}
+
+impl LegoTransformer {
+    /// Teacher-forced TRUE early exit: each sequence (all of one length) is fed token by token
+    /// through the early-exit engine, routing each token as generation would, with the split
+    /// caches and `fill`; the loss of each next token is taken from the logits its predecessor
+    /// ended with. Unlike [`Trainer::evaluate`](crate::train::Trainer::evaluate), which runs
+    /// both paths over whole sequences, here a token that exited really is missing from the
+    /// upper cache (with `Skip`), as in generation.
+    pub fn evaluate_with_early_exit(
+        &self,
+        sequences: &[Vec<usize>],
+        threshold: f32,
+        fill: UpperCacheFill,
+    ) -> Result<TeacherForcedStats> {
+        check_threshold(threshold)?;
+        let first = sequences
+            .first()
+            .ok_or_else(|| Error::Input("no sequences to evaluate".into()))?;
+        let len = first.len();
+        if len < 2 {
+            return Err(Error::Input(
+                "sequences need at least 2 tokens (an input and a target)".into(),
+            ));
+        }
+        if let Some((i, s)) = sequences.iter().enumerate().find(|(_, s)| s.len() != len) {
+            return Err(Error::Input(format!(
+                "sequence {i} has {} tokens, sequence 0 has {len}",
+                s.len()
+            )));
+        }
+        let flat: Vec<usize> = sequences.iter().flatten().copied().collect();
+        self.check_tokens(&flat, sequences.len(), 0)?;
+        if len - 1 > self.config.max_seq_len {
+            return Err(Error::Input(format!(
+                "sequences of {len} tokens need max_seq_len >= {}",
+                len - 1
+            )));
+        }
+        let batch = sequences.len();
+        let mut cache = KvCache::new(&self.config, batch);
+        let mut ws = Workspace::new(self, batch);
+        let all_rows: Vec<usize> = (0..batch).collect();
+        let (mut deep_rows, mut shallow_rows, mut conf) =
+            (Vec::new(), Vec::new(), vec![0.0f32; batch]);
+        let mut tokens = vec![0usize; batch];
+        let mut stats = TeacherForcedStats::default();
+        let (mut loss, mut correct) = (0.0f64, 0usize);
+        let mut time = TimeSplit::default();
+        for pos in 0..len - 1 {
+            for (t, s) in tokens.iter_mut().zip(sequences) {
+                *t = s[pos];
+            }
+            let mut routing = Routing {
+                all_rows: &all_rows,
+                deep_rows: &mut deep_rows,
+                shallow_rows: &mut shallow_rows,
+                conf: &mut conf,
+            };
+            self.early_exit_step(
+                &tokens,
+                threshold,
+                fill,
+                &mut cache,
+                &mut ws,
+                &mut routing,
+                &mut time,
+                |r, logits| {
+                    let target = sequences[r][pos + 1];
+                    loss += (crate::ops::cross_entropy::logsumexp(logits) - logits[target]) as f64;
+                    correct += (crate::ops::select::argmax(logits) == target) as usize;
+                },
+            );
+            stats.shallow_count += shallow_rows.len();
+            stats.tokens += batch;
+        }
+        stats.loss = loss / stats.tokens as f64;
+        stats.ppl = stats.loss.exp();
+        stats.accuracy = correct as f64 / stats.tokens as f64;
+        stats.shallow_ratio = stats.shallow_count as f64 / stats.tokens as f64;
+        Ok(stats)
     }
 }

@@ -23,6 +23,6 @@ pub mod transformer;
 
 pub use cache::KvCache;
 pub use config::LegoConfig;
-pub use early_exit::{EarlyExitStats, UpperCacheFill};
+pub use early_exit::{EarlyExitStats, TeacherForcedStats, UpperCacheFill};
 pub use generate::Sampling;
 pub use transformer::{ExitHead, LegoTransformer};
