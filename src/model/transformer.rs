@@ -62,9 +62,9 @@ impl ExitHead {
 pub enum ExtendInit {
     /// Fresh random weights, as the spec does.
     Random,
-    /// Copies of the top lower layers, in order (layer `i` of the new ones copies lower layer
-    /// `exit_layer − k + i mod k`): "stacking", which starts the deep path near the shallow
-    /// model's function.
+    /// Copies of the top lower layers, in order: growing L layers by k copies layers
+    /// `L−k .. L` (cycling through them again if k > L). "Stacking" starts the new layers from
+    /// weights that already compute something useful, instead of noise.
     Stack,
 }
 
@@ -376,9 +376,10 @@ impl LegoTransformer {
                     std,
                     rng,
                 ),
-                ExtendInit::Stack => self.layers
-                    [(old - 1 - ((num_layers - old - 1 - i) % old)).min(old - 1)]
-                .deep_clone(),
+                ExtendInit::Stack => {
+                    let new = num_layers - old;
+                    self.layers[old - 1 - (new - 1 - i) % old].deep_clone()
+                }
             };
             // New layers always train, whatever the copied layer's state.
             for (_, t) in block.named_params("") {

@@ -10,8 +10,6 @@
 //! gradient is the transpose of that: `∂L/∂(Aᵀ) = (G·Bᵀ)ᵀ = B·Gᵀ`. Every transpose here is a
 //! swap of strides handed to `sgemm`, never a copy.
 
-use std::sync::Arc;
-
 use crate::kernels::gemm::sgemm;
 use crate::tensor::Tensor;
 
@@ -24,10 +22,9 @@ struct View {
 }
 
 impl View {
-    /// A `rows×cols` matrix stored row-major, read as is (`transposed = false`) or as its
-    /// transpose.
-    fn of(rows: usize, cols: usize, transposed: bool) -> View {
-        let _ = rows;
+    /// A matrix stored row-major with `cols` columns, read as is (`transposed = false`) or as
+    /// its transpose.
+    fn of(cols: usize, transposed: bool) -> View {
         if transposed {
             View { rs: 1, cs: cols }
         } else {
@@ -106,8 +103,8 @@ impl Tensor {
     pub fn matmul_ex(&self, other: &Tensor, ta: bool, tb: bool) -> Tensor {
         let d = dims(self.shape(), other.shape(), ta, tb);
         let (m, k, n) = (d.m, d.k, d.n);
-        let a_view = View::of(0, if ta { m } else { k }, ta);
-        let b_view = View::of(0, if tb { k } else { n }, tb);
+        let a_view = View::of(if ta { m } else { k }, ta);
+        let b_view = View::of(if tb { k } else { n }, tb);
         let (a, b) = (self.data(), other.data());
         let mut out = vec![0.0f32; d.batch * m * n];
 
@@ -161,8 +158,7 @@ impl Tensor {
             &[self, other],
             move |g: &[f32]| {
                 let g_view = View { rs: n, cs: 1 };
-                let (rows, lda) = if fold { (batch * m, 1) } else { (m, batch) };
-                let _ = lda;
+                let rows = if fold { batch * m } else { m };
                 // ∂L/∂A: G·Bᵀ (or B·Gᵀ if A was read transposed).
                 let mut da = vec![0.0f32; a_saved.len()];
                 // ∂L/∂B: Aᵀ·G (or Gᵀ·A if B was read transposed), summed over batches if shared.
@@ -212,7 +208,7 @@ impl Tensor {
                         );
                     }
                     let beta = if b_shared && bi > 0 { 1.0 } else { 0.0 };
-                    let at = View::of(0, if ta { m } else { k }, ta).t();
+                    let at = View::of(if ta { m } else { k }, ta).t();
                     if !tb {
                         // dB (k×n) = Aᵀ (k×rows) · G (rows×n)
                         sgemm(
@@ -255,12 +251,6 @@ impl Tensor {
             },
         )
     }
-}
-
-/// Shares a buffer with a closure (a helper so op files read the same way).
-#[allow(dead_code)]
-pub(crate) fn saved(t: &Tensor) -> Arc<Vec<f32>> {
-    t.data()
 }
 
 #[cfg(test)]
