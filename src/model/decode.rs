@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use super::cache::{KvCache, LayerCache};
 use super::transformer::{ExitHead, LegoTransformer};
 use crate::error::{Error, Result};
-use crate::kernels::gemm::{SMALL_M, matmul_xwt_split, sgemm};
+use crate::kernels::gemm::{SMALL_M, SPLIT_MIN_WEIGHTS, matmul_xwt_split, sgemm};
 use crate::kernels::parallel::worth_splitting;
 use crate::kernels::simd;
 use crate::ops::rope::{rope_tables, rotate};
@@ -313,7 +313,9 @@ impl LegoTransformer {
         let att = &mut ws.att[..m * d];
         let scores = &mut ws.scores[..m * heads * max_seq];
         let work = m * heads * (cache.len[step.cache_rows[0]] + t) * hd * 4;
-        if worth_splitting(work) {
+        // Decoding one token attends over a few thousand cached floats per head: microseconds,
+        // not worth waking a second thread for (see `SPLIT_MIN_WEIGHTS`). Prefill splits.
+        if worth_splitting(work) && work >= SPLIT_MIN_WEIGHTS * 4 {
             att.par_chunks_mut(hd)
                 .zip(scores.par_chunks_mut(max_seq))
                 .enumerate()
