@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use crate::kernels::gemm::sgemm;
 use crate::kernels::parallel::worth_splitting;
 use crate::kernels::simd;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, pool};
 
 /// Runs `f(b, h)` for every (batch, head) pair, in parallel when the work is large, and
 /// collects the results in (b, h) order.
@@ -91,7 +91,7 @@ impl Tensor {
         let results = per_head(batch, heads, batch * heads * work, |b, h| {
             let q0 = (b * q_len * heads + h) * hd;
             let k0 = (b * kv_len * heads + h) * hd;
-            let mut p = vec![0.0f32; q_len * kv_len];
+            let mut p = pool::take(q_len * kv_len); // sgemm with β = 0 writes every element
             // S = s·Q·Kᵀ: Q read with row stride `row`, Kᵀ by swapping K's strides.
             sgemm(
                 q_len,
@@ -131,11 +131,14 @@ impl Tensor {
             );
             (p, o)
         });
-        let mut out = vec![0.0f32; batch * q_len * row];
+        let mut out = pool::take(batch * q_len * row); // every head scatters its block
         for (i, (_, o)) in results.iter().enumerate() {
             scatter_head(&mut out, o, i / heads, i % heads, q_len, heads, hd);
         }
-        let probs: Vec<Vec<f32>> = results.into_iter().map(|(p, _)| p).collect();
+        let probs: Vec<pool::Recycled> = results
+            .into_iter()
+            .map(|(p, _)| pool::Recycled(p))
+            .collect();
 
         Tensor::from_op(out, &qs, "attention", &[q, k, v], move |g: &[f32]| {
             let grads = per_head(batch, heads, 2 * batch * heads * work, |b, h| {
@@ -160,7 +163,7 @@ impl Tensor {
                     hd,
                 );
                 // dP = G·Vᵀ   [q_len, kv_len]
-                let mut ds = vec![0.0f32; q_len * kv_len];
+                let mut ds = pool::take(q_len * kv_len);
                 sgemm(
                     q_len,
                     hd,
@@ -216,11 +219,12 @@ impl Tensor {
                     &mut dk,
                     hd,
                 );
+                pool::recycle(ds);
                 (dq, dk, dv)
             });
-            let mut dq = vec![0.0f32; batch * q_len * row];
-            let mut dk = vec![0.0f32; batch * kv_len * row];
-            let mut dv = vec![0.0f32; batch * kv_len * row];
+            let mut dq = pool::take(batch * q_len * row);
+            let mut dk = pool::take(batch * kv_len * row);
+            let mut dv = pool::take(batch * kv_len * row);
             for (i, (gq, gk, gv)) in grads.iter().enumerate() {
                 let (b, h) = (i / heads, i % heads);
                 scatter_head(&mut dq, gq, b, h, q_len, heads, hd);
@@ -235,7 +239,7 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use crate::ops::gradcheck::check_gradients;
-    use crate::tensor::Tensor;
+    use crate::tensor::{Tensor, pool};
 
     /// Attention written out with small ops (matmul, softmax), the slow twin of the fused op.
     fn attention_slow(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {

@@ -9,8 +9,8 @@
 use std::sync::Arc;
 
 use crate::kernels::parallel::worth_splitting;
-use crate::tensor::Tensor;
 use crate::tensor::shape::{broadcast_index_map, broadcast_shape, broadcast_strides, numel};
+use crate::tensor::{Tensor, pool};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -75,17 +75,19 @@ impl Layout {
         match self {
             Layout::Same => g,
             Layout::Repeat(len) => {
-                let mut acc = vec![0.0f32; n];
+                let mut acc = pool::zeroed(n);
                 for chunk in g.chunks_exact(*len) {
                     acc.iter_mut().zip(chunk).for_each(|(a, b)| *a += b);
                 }
+                pool::recycle(g);
                 acc
             }
             Layout::Map(map) => {
-                let mut acc = vec![0.0f32; n];
+                let mut acc = pool::zeroed(n);
                 for (i, v) in g.iter().enumerate() {
                     acc[map[i]] += v;
                 }
+                pool::recycle(g);
                 acc
             }
         }
@@ -100,7 +102,7 @@ fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Tensor {
         Arc::new(Layout::of(b.shape(), &out_shape)),
     );
     let (av, bv) = (a.data(), b.data());
-    let mut out = vec![0.0f32; n];
+    let mut out = pool::take(n);
     let fill = |(i, o): (usize, &mut f32)| *o = op.apply(av[la.index(i)], bv[lb.index(i)]);
     if worth_splitting(n * 4) {
         out.par_iter_mut().enumerate().for_each(fill);
@@ -117,41 +119,32 @@ fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Tensor {
     };
     Tensor::from_op(out, &out_shape, op.name(), &[a, b], move |g: &[f32]| {
         // Gradients with respect to the broadcast operands, element by element of the output.
-        let (ga, gb): (Vec<f32>, Vec<f32>) = match op {
-            BinaryOp::Add => (g.to_vec(), g.to_vec()),
-            BinaryOp::Sub => (g.to_vec(), g.iter().map(|x| -x).collect()),
+        let (mut ga, mut gb) = (pool::take(g.len()), pool::take(g.len()));
+        match op {
+            BinaryOp::Add => {
+                ga.copy_from_slice(g);
+                gb.copy_from_slice(g);
+            }
+            BinaryOp::Sub => {
+                ga.copy_from_slice(g);
+                gb.iter_mut().zip(g).for_each(|(d, gi)| *d = -gi);
+            }
             BinaryOp::Mul => {
                 let (av, bv) = (a_saved.as_ref().unwrap(), b_saved.as_ref().unwrap());
-                let ga = g
-                    .iter()
-                    .enumerate()
-                    .map(|(i, gi)| gi * bv[lb.index(i)])
-                    .collect();
-                let gb = g
-                    .iter()
-                    .enumerate()
-                    .map(|(i, gi)| gi * av[la.index(i)])
-                    .collect();
-                (ga, gb)
+                for (i, gi) in g.iter().enumerate() {
+                    ga[i] = gi * bv[lb.index(i)];
+                    gb[i] = gi * av[la.index(i)];
+                }
             }
             BinaryOp::Div => {
                 let (av, bv) = (a_saved.as_ref().unwrap(), b_saved.as_ref().unwrap());
-                let ga = g
-                    .iter()
-                    .enumerate()
-                    .map(|(i, gi)| gi / bv[lb.index(i)])
-                    .collect();
-                let gb = g
-                    .iter()
-                    .enumerate()
-                    .map(|(i, gi)| {
-                        let bi = bv[lb.index(i)];
-                        -gi * av[la.index(i)] / (bi * bi)
-                    })
-                    .collect();
-                (ga, gb)
+                for (i, gi) in g.iter().enumerate() {
+                    let bi = bv[lb.index(i)];
+                    ga[i] = gi / bi;
+                    gb[i] = -gi * av[la.index(i)] / (bi * bi);
+                }
             }
-        };
+        }
         vec![Some(la.reduce(ga, na)), Some(lb.reduce(gb, nb))]
     })
 }
@@ -178,7 +171,7 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use crate::ops::gradcheck::{check_gradients, check_gradients_with, values};
-    use crate::tensor::Tensor;
+    use crate::tensor::{Tensor, pool};
 
     #[test]
     fn broadcasting_a_row_and_a_column() {

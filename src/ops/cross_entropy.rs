@@ -13,7 +13,7 @@
 
 use crate::kernels::parallel::{for_each_row, worth_splitting};
 use crate::kernels::simd;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, pool};
 use rayon::prelude::*;
 
 /// `log Σₖ e^(zₖ)`, computed stably.
@@ -91,7 +91,7 @@ impl Tensor {
             "cross_entropy",
             &[self],
             move |g: &[f32]| {
-                let mut dz = z.as_ref().clone();
+                let mut dz = pool::copy_of(&z);
                 for_each_row(&mut dz, vocab, 4 * vocab, |i, row| {
                     let c = g[0] * scaled[i];
                     if c == 0.0 {
@@ -111,7 +111,7 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use crate::ops::gradcheck::check_gradients;
-    use crate::tensor::Tensor;
+    use crate::tensor::{Tensor, pool};
 
     #[test]
     fn uniform_logits_give_log_vocab() {

@@ -4,7 +4,7 @@
 //! the upstream gradients of every output row that copied row r (a scatter-add: a token that
 //! appears twice gets both contributions). Rows of tokens that did not appear get zero.
 
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, pool};
 
 impl Tensor {
     /// Looks up `ids` (laid out with shape `ids_shape`) in this `[vocab, dim]` table, giving
@@ -25,19 +25,19 @@ impl Tensor {
         );
         let (vocab, dim) = (self.dim(0), self.dim(1));
         let table = self.data();
-        let mut out = Vec::with_capacity(ids.len() * dim);
-        for (i, &id) in ids.iter().enumerate() {
+        let mut out = pool::take(ids.len() * dim);
+        for (i, (&id, row)) in ids.iter().zip(out.chunks_mut(dim)).enumerate() {
             assert!(
                 id < vocab,
                 "embedding: id {id} at position {i} is outside the vocabulary of {vocab}"
             );
-            out.extend_from_slice(&table[id * dim..(id + 1) * dim]);
+            row.copy_from_slice(&table[id * dim..(id + 1) * dim]);
         }
         let mut out_shape = ids_shape.to_vec();
         out_shape.push(dim);
         let ids = ids.to_vec();
         Tensor::from_op(out, &out_shape, "embedding", &[self], move |g: &[f32]| {
-            let mut d_table = vec![0.0f32; vocab * dim];
+            let mut d_table = pool::zeroed(vocab * dim);
             for (i, &id) in ids.iter().enumerate() {
                 let row = &mut d_table[id * dim..(id + 1) * dim];
                 row.iter_mut()
@@ -52,7 +52,7 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use crate::ops::gradcheck::check_gradients;
-    use crate::tensor::Tensor;
+    use crate::tensor::{Tensor, pool};
 
     #[test]
     fn repeated_ids_accumulate_gradient() {

@@ -5,8 +5,8 @@
 //! back; `permute` applies the inverse permutation; `narrow` puts it back into the slice it
 //! came from (zeros elsewhere); `cat` cuts it into the pieces that were joined.
 
-use crate::tensor::Tensor;
 use crate::tensor::shape::{numel, strides};
+use crate::tensor::{Tensor, pool};
 
 /// Copies `x` (of `shape`) into the order of its axes permuted by `axes`: output axis `d` is
 /// input axis `axes[d]`.
@@ -54,7 +54,7 @@ impl Tensor {
             self.numel()
         );
         Tensor::from_op_shared(self.data(), shape, "reshape", &[self], |g: &[f32]| {
-            vec![Some(g.to_vec())]
+            vec![Some(pool::copy_of(g))]
         })
     }
 
@@ -113,7 +113,7 @@ impl Tensor {
         let mut out_shape = shape.clone();
         out_shape[axis] = len;
         Tensor::from_op(out, &out_shape, "narrow", &[self], move |g: &[f32]| {
-            let mut dx = vec![0.0f32; outer * full * inner];
+            let mut dx = pool::zeroed(outer * full * inner);
             for o in 0..outer {
                 dx[(o * full + start) * inner..(o * full + start + len) * inner]
                     .copy_from_slice(&g[o * len * inner..(o + 1) * len * inner]);

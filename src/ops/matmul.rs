@@ -11,7 +11,7 @@
 //! swap of strides handed to `sgemm`, never a copy.
 
 use crate::kernels::gemm::sgemm;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, pool};
 
 /// How a stored matrix is read: element `[i][j]` of the (possibly transposed) view is at
 /// `i*rs + j*cs` of the buffer.
@@ -106,7 +106,7 @@ impl Tensor {
         let a_view = View::of(if ta { m } else { k }, ta);
         let b_view = View::of(if tb { k } else { n }, tb);
         let (a, b) = (self.data(), other.data());
-        let mut out = vec![0.0f32; d.batch * m * n];
+        let mut out = pool::take(d.batch * m * n); // sgemm with β = 0 writes every element
 
         // A weight shared by the batch, read untransposed by an untransposed `a`: the batch
         // folds into the rows, one large product instead of many small ones.
@@ -160,9 +160,9 @@ impl Tensor {
                 let g_view = View { rs: n, cs: 1 };
                 let rows = if fold { batch * m } else { m };
                 // ∂L/∂A: G·Bᵀ (or B·Gᵀ if A was read transposed).
-                let mut da = vec![0.0f32; a_saved.len()];
+                let mut da = pool::take(a_saved.len());
                 // ∂L/∂B: Aᵀ·G (or Gᵀ·A if B was read transposed), summed over batches if shared.
-                let mut db = vec![0.0f32; b_saved.len()];
+                let mut db = pool::take(b_saved.len());
                 let groups = if fold { 1 } else { batch };
                 for bi in 0..groups {
                     let (ao, go) = (bi * m * k, bi * m * n);
@@ -256,7 +256,7 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use crate::ops::gradcheck::check_gradients;
-    use crate::tensor::Tensor;
+    use crate::tensor::{Tensor, pool};
 
     #[test]
     fn small_product_by_hand() {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::kernels::parallel::for_each_row2;
 use crate::kernels::simd;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, pool};
 
 impl Tensor {
     /// RMSNorm over the last axis with scale `weight` (`[dim]`) and `eps`.
@@ -33,7 +33,7 @@ impl Tensor {
         );
         let (x, w) = (self.data(), weight.data());
         let rows = x.len() / dim.max(1);
-        let mut out = vec![0.0f32; x.len()];
+        let mut out = pool::take(x.len());
         let mut inv_rms = vec![0.0f32; rows];
         for_each_row2(&mut out, dim, &mut inv_rms, 1, 4 * dim, |i, y, r| {
             r[0] = simd::rmsnorm(&x[i * dim..(i + 1) * dim], &w, eps, y);
@@ -45,7 +45,7 @@ impl Tensor {
             "rms_norm",
             &[self, weight],
             move |g: &[f32]| {
-                let mut dx = vec![0.0f32; x.len()];
+                let mut dx = pool::take(x.len());
                 let mut dw = vec![0.0f64; dim];
                 for i in 0..rows {
                     let (xr, gr) = (&x[i * dim..(i + 1) * dim], &g[i * dim..(i + 1) * dim]);
@@ -67,7 +67,7 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use crate::ops::gradcheck::{check_gradients_with, values};
-    use crate::tensor::Tensor;
+    use crate::tensor::{Tensor, pool};
 
     #[test]
     fn unit_weight_gives_unit_rms() {

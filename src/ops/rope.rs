@@ -12,7 +12,7 @@
 //! **Backward.** A rotation is orthogonal, so its transpose is its inverse: the gradient is
 //! rotated back by `−θ`: `dx₀ = g₀·cos θ + g₁·sin θ`, `dx₁ = −g₀·sin θ + g₁·cos θ`.
 
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, pool};
 
 /// The cosine and sine of `θⱼ(p)` for each position in `positions` and each pair `j`,
 /// laid out `[position][j]`.
@@ -73,7 +73,7 @@ impl Tensor {
         let (cos, sin) = rope_tables(positions, hd, theta);
         let half = hd / 2;
         let apply = move |x: &[f32], cos: &[f32], sin: &[f32]| -> Vec<f32> {
-            let mut out = x.to_vec();
+            let mut out = pool::copy_of(x);
             for b in 0..batch {
                 for t in 0..seq {
                     let (c, sn) = (
@@ -100,7 +100,7 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use crate::ops::gradcheck::check_gradients;
-    use crate::tensor::Tensor;
+    use crate::tensor::{Tensor, pool};
 
     #[test]
     fn position_zero_is_the_identity_and_norms_are_kept() {

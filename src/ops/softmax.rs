@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::kernels::parallel::for_each_row;
 use crate::kernels::simd;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, pool};
 
 fn last_dim(t: &Tensor, op: &str) -> usize {
     let d = *t
@@ -27,11 +27,11 @@ impl Tensor {
     /// Softmax over the last axis.
     pub fn softmax(&self) -> Tensor {
         let d = last_dim(self, "softmax");
-        let mut out = self.to_vec();
+        let mut out = pool::copy_of(&self.data());
         for_each_row(&mut out, d, 4 * d, |_, row| simd::softmax_in_place(row));
         let y = Arc::new(out.clone());
         Tensor::from_op(out, self.shape(), "softmax", &[self], move |g: &[f32]| {
-            let mut dx = vec![0.0f32; g.len()];
+            let mut dx = pool::take(g.len());
             for ((dxr, gr), yr) in dx.chunks_mut(d).zip(g.chunks(d)).zip(y.chunks(d)) {
                 let gy: f32 = gr.iter().zip(yr).map(|(a, b)| a * b).sum();
                 for k in 0..d {
@@ -46,7 +46,7 @@ impl Tensor {
     /// would give −∞ for tiny probabilities).
     pub fn log_softmax(&self) -> Tensor {
         let d = last_dim(self, "log_softmax");
-        let mut out = self.to_vec();
+        let mut out = pool::copy_of(&self.data());
         for_each_row(&mut out, d, 4 * d, |_, row| {
             let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
@@ -59,7 +59,7 @@ impl Tensor {
             "log_softmax",
             &[self],
             move |g: &[f32]| {
-                let mut dx = vec![0.0f32; g.len()];
+                let mut dx = pool::take(g.len());
                 for ((dxr, gr), zr) in dx.chunks_mut(d).zip(g.chunks(d)).zip(z.chunks(d)) {
                     let gsum: f32 = gr.iter().sum();
                     for k in 0..d {
@@ -75,7 +75,7 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use crate::ops::gradcheck::check_gradients;
-    use crate::tensor::Tensor;
+    use crate::tensor::{Tensor, pool};
 
     #[test]
     fn rows_sum_to_one_and_large_values_do_not_overflow() {

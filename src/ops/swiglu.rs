@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use crate::kernels::parallel::worth_splitting;
 use crate::ops::unary::sigmoid;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, pool};
 
 impl Tensor {
     /// `silu(a) · b`, element-wise, for `a` and `b` of the same shape.
@@ -21,15 +21,18 @@ impl Tensor {
             b.shape()
         );
         let (av, bv) = (a.data(), b.data());
-        let f = |(x, y): (&f32, &f32)| x * sigmoid(*x) * y;
-        let out: Vec<f32> = if worth_splitting(av.len() * 8) {
-            av.par_iter().zip(bv.par_iter()).map(f).collect()
+        let mut out = pool::take(av.len());
+        let f = |((o, x), y): ((&mut f32, &f32), &f32)| *o = x * sigmoid(*x) * y;
+        if worth_splitting(av.len() * 8) {
+            out.par_iter_mut()
+                .zip(av.par_iter())
+                .zip(bv.par_iter())
+                .for_each(f);
         } else {
-            av.iter().zip(bv.iter()).map(f).collect()
-        };
+            out.iter_mut().zip(av.iter()).zip(bv.iter()).for_each(f);
+        }
         Tensor::from_op(out, a.shape(), "swiglu", &[a, b], move |g: &[f32]| {
-            let mut da = vec![0.0f32; g.len()];
-            let mut db = vec![0.0f32; g.len()];
+            let (mut da, mut db) = (pool::take(g.len()), pool::take(g.len()));
             for i in 0..g.len() {
                 let (x, y) = (av[i], bv[i]);
                 let s = sigmoid(x);
@@ -44,7 +47,7 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use crate::ops::gradcheck::check_gradients;
-    use crate::tensor::Tensor;
+    use crate::tensor::{Tensor, pool};
 
     #[test]
     fn equals_silu_times_b_and_its_gradients_check() {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::kernels::parallel::worth_splitting;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, pool};
 
 /// The logistic sigmoid `σ(x) = 1/(1 + e⁻ˣ)`.
 #[inline]
@@ -30,11 +30,15 @@ pub fn sigmoid(x: f32) -> f32 {
 
 /// Applies `f` to every element, in parallel when there are many.
 fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
+    let mut out = pool::take(x.len());
     if worth_splitting(x.len() * 8) {
-        x.par_iter().map(|&v| f(v)).collect()
+        out.par_iter_mut()
+            .zip(x.par_iter())
+            .for_each(|(o, &v)| *o = f(v));
     } else {
-        x.iter().map(|&v| f(v)).collect()
+        out.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v));
     }
+    out
 }
 
 /// What the derivative needs: the input, the output, or nothing.
@@ -76,7 +80,7 @@ impl Tensor {
     pub fn add_scalar(&self, c: f32) -> Tensor {
         let out = map(&self.data(), |v| v + c);
         Tensor::from_op(out, self.shape(), "add_scalar", &[self], |g: &[f32]| {
-            vec![Some(g.to_vec())]
+            vec![Some(pool::copy_of(g))]
         })
     }
 

@@ -40,7 +40,7 @@ mod tests {
     #[test]
     fn scales_down_to_max_norm_and_leaves_small_gradients() {
         let a = Tensor::zeros(&[2]).requires_grad();
-        a.accumulate_grad(&[3.0, 4.0]);
+        a.accumulate_grad(vec![3.0, 4.0]);
         assert!((clip_grad_norm(std::slice::from_ref(&a), 1.0) - 5.0).abs() < 1e-6);
         let g = a.grad().unwrap();
         assert!(((g[0] * g[0] + g[1] * g[1]).sqrt() - 1.0).abs() < 1e-5);

@@ -23,18 +23,27 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use super::Tensor;
 
+/// The closure that maps `∂L/∂out` to `[∂L/∂input_i]` (`None` where an input needs none).
+pub(crate) type BackwardFn = Box<dyn Fn(&[f32]) -> Vec<Option<Vec<f32>>> + Send + Sync>;
+
 /// The backward link of a tensor made by an op.
+///
+/// `backward` walks each link once and then **frees** it (the closure with the buffers it
+/// saved, and the links to the inputs), as PyTorch does by default: the activations go back to
+/// the buffer pool at once, and the parameters' values are no longer shared with a saved
+/// closure, so the optimizer updates them in place instead of copying them.
 pub(crate) struct GradFn {
     /// The op's name, for error messages and debugging.
     pub op: &'static str,
-    /// The tensors the op read, in the order `backward` returns their gradients.
-    pub inputs: Vec<Tensor>,
-    /// Maps `∂L/∂out` to `[∂L/∂input_i]` (`None` where an input needs no gradient).
-    #[allow(clippy::type_complexity)]
-    pub backward: Box<dyn Fn(&[f32]) -> Vec<Option<Vec<f32>>> + Send + Sync>,
+    /// The tensors the op read, in the order `backward` returns their gradients (emptied once
+    /// `backward` has passed through).
+    pub inputs: Mutex<Vec<Tensor>>,
+    /// The gradient closure (`None` once `backward` has used it).
+    pub backward: Mutex<Option<BackwardFn>>,
 }
 
 thread_local! {
@@ -107,18 +116,29 @@ impl Tensor {
                 continue; // nothing flowed here (e.g. every path to the loss was cut)
             };
             match &tensor.inner.grad_fn {
-                None => tensor.accumulate_grad(&grad),
+                None => tensor.accumulate_grad(grad),
                 Some(grad_fn) => {
-                    let input_grads = (grad_fn.backward)(&grad);
+                    let closure = grad_fn.backward.lock().expect("graph lock poisoned").take();
+                    let closure = closure.unwrap_or_else(|| {
+                        panic!(
+                            "backward: the graph through `{}` was already used by an earlier \
+                             backward() and freed; build it again (run the forward again)",
+                            grad_fn.op
+                        )
+                    });
+                    let inputs =
+                        std::mem::take(&mut *grad_fn.inputs.lock().expect("graph lock poisoned"));
+                    let input_grads = closure(&grad);
+                    drop(closure); // the buffers the op saved for its backward are free now
                     assert_eq!(
                         input_grads.len(),
-                        grad_fn.inputs.len(),
+                        inputs.len(),
                         "backward of `{}`: returned {} gradients for {} inputs",
                         grad_fn.op,
                         input_grads.len(),
-                        grad_fn.inputs.len()
+                        inputs.len()
                     );
-                    for (input, g) in grad_fn.inputs.iter().zip(input_grads) {
+                    for (input, g) in inputs.iter().zip(input_grads) {
                         let Some(g) = g else { continue };
                         if !input.requires_grad_flag() {
                             continue;
@@ -132,12 +152,17 @@ impl Tensor {
                             input.shape()
                         );
                         match grads.get_mut(&input.id()) {
-                            Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
+                            Some(acc) => {
+                                acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+                                super::pool::recycle(g);
+                            }
                             None => {
                                 grads.insert(input.id(), g);
                             }
                         }
                     }
+                    // This tensor's gradient has been passed on: its buffer can serve again.
+                    super::pool::recycle(grad);
                 }
             }
         }
@@ -163,7 +188,7 @@ fn topological_order(root: &Tensor) -> Vec<Tensor> {
         }
         stack.push((t.clone(), true));
         if let Some(grad_fn) = &t.inner.grad_fn {
-            for input in &grad_fn.inputs {
+            for input in grad_fn.inputs.lock().expect("graph lock poisoned").iter() {
                 if input.requires_grad_flag() && !visited.contains(&input.id()) {
                     stack.push((input.clone(), false));
                 }
@@ -227,6 +252,28 @@ mod tests {
     #[should_panic(expected = "has no graph")]
     fn backward_without_a_graph_panics() {
         Tensor::ones(&[1]).sum_all().backward();
+    }
+
+    #[test]
+    #[should_panic(expected = "was already used by an earlier backward() and freed")]
+    fn a_graph_is_freed_by_its_backward() {
+        let w = Tensor::ones(&[2]).requires_grad();
+        let loss = w.mul_scalar(2.0).sum_all();
+        loss.backward();
+        loss.backward();
+    }
+
+    #[test]
+    fn after_backward_the_optimizer_updates_parameters_in_place() {
+        // The graph saved w's values for the backward of `mul`; once backward has freed it,
+        // an update must not need a copy (copy-on-write) even while `loss` is alive.
+        let w = Tensor::ones(&[3]).requires_grad();
+        let loss = w.mul(&w).sum_all();
+        loss.backward();
+        let before = w.data().as_ptr();
+        w.update_data(|v| v[0] = 5.0);
+        assert_eq!(w.data().as_ptr(), before);
+        assert_eq!(loss.item(), 3.0);
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //! ```
 
 pub mod autograd;
+pub mod pool;
 pub mod shape;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -60,20 +61,36 @@ struct Inner {
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
+/// A shared empty buffer, put in place of the values of a tensor being dropped.
+fn empty_storage() -> Arc<Vec<f32>> {
+    static EMPTY: std::sync::OnceLock<Arc<Vec<f32>>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| Arc::new(Vec::new())).clone()
+}
+
 impl Drop for Inner {
-    /// Dropping a long graph recursively (each tensor dropping its inputs) would overflow the
-    /// stack after some ten thousand ops; this unlinks it iteratively instead.
+    /// Gives the values (if no one else shares them) and the gradient back to the buffer
+    /// [`pool`]. Dropping a long graph recursively (each tensor dropping its inputs) would
+    /// overflow the stack after some ten thousand ops, so the graph is unlinked iteratively.
     fn drop(&mut self) {
+        if let Ok(data) = self.data.get_mut() {
+            let values = std::mem::replace(data, empty_storage());
+            if let Ok(v) = Arc::try_unwrap(values) {
+                pool::recycle(v);
+            }
+        }
+        if let Some(g) = self.grad.get_mut().ok().and_then(Option::take) {
+            pool::recycle(g);
+        }
         let Some(grad_fn) = self.grad_fn.take() else {
             return;
         };
-        let mut pending = grad_fn.inputs;
+        let mut pending = grad_fn.inputs.into_inner().unwrap_or_default();
         drop(grad_fn.backward);
         while let Some(tensor) = pending.pop() {
             if let Ok(mut inner) = Arc::try_unwrap(tensor.inner)
                 && let Some(g) = inner.grad_fn.take()
             {
-                pending.extend(g.inputs);
+                pending.extend(g.inputs.into_inner().unwrap_or_default());
             }
         }
     }
@@ -203,8 +220,8 @@ impl Tensor {
         let record = is_grad_enabled() && inputs.iter().any(|t| t.requires_grad_flag());
         let grad_fn = record.then(|| GradFn {
             op,
-            inputs: inputs.iter().map(|t| (*t).clone()).collect(),
-            backward: Box::new(backward),
+            inputs: Mutex::new(inputs.iter().map(|t| (*t).clone()).collect()),
+            backward: Mutex::new(Some(Box::new(backward))),
         });
         Tensor::build(data, shape.to_vec(), grad_fn)
     }
@@ -341,15 +358,20 @@ impl Tensor {
 
     /// Forgets the accumulated gradient (before the next step's `backward`).
     pub fn zero_grad(&self) {
-        *self.inner.grad.lock().expect("grad lock poisoned") = None;
+        if let Some(g) = self.inner.grad.lock().expect("grad lock poisoned").take() {
+            pool::recycle(g);
+        }
     }
 
     /// Adds `g` into the accumulated gradient (backward calls accumulate, as in PyTorch).
-    pub(crate) fn accumulate_grad(&self, g: &[f32]) {
+    pub(crate) fn accumulate_grad(&self, g: Vec<f32>) {
         let mut guard = self.inner.grad.lock().expect("grad lock poisoned");
         match guard.as_mut() {
-            Some(acc) => acc.iter_mut().zip(g).for_each(|(a, b)| *a += b),
-            None => *guard = Some(g.to_vec()),
+            Some(acc) => {
+                acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+                pool::recycle(g);
+            }
+            None => *guard = Some(g),
         }
     }
 

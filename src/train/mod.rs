@@ -13,10 +13,14 @@
 //! evaluate  loss, PPL, accuracy and the early-exit statistics   [Trainer::evaluate]
 //! ```
 
+pub mod checkpoint;
 pub mod hard_examples;
 pub mod trainer;
 pub mod utils;
 
+pub use checkpoint::{
+    OptimizerState, TrainingCheckpoint, load_training_checkpoint, save_training_checkpoint,
+};
 pub use hard_examples::{
     HardBatch, HardExamples, Phase2Mode, collect_hard_examples, compute_confidence_threshold,
     create_hard_example_loader, evaluate_on_hard_examples,
