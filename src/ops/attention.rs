@@ -239,7 +239,7 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use crate::ops::gradcheck::check_gradients;
-    use crate::tensor::{Tensor, pool};
+    use crate::tensor::Tensor;
 
     /// Attention written out with small ops (matmul, softmax), the slow twin of the fused op.
     fn attention_slow(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {

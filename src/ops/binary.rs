@@ -171,7 +171,7 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use crate::ops::gradcheck::{check_gradients, check_gradients_with, values};
-    use crate::tensor::{Tensor, pool};
+    use crate::tensor::Tensor;
 
     #[test]
     fn broadcasting_a_row_and_a_column() {

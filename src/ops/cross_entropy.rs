@@ -111,7 +111,7 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use crate::ops::gradcheck::check_gradients;
-    use crate::tensor::{Tensor, pool};
+    use crate::tensor::Tensor;
 
     #[test]
     fn uniform_logits_give_log_vocab() {

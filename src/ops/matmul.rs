@@ -256,7 +256,7 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use crate::ops::gradcheck::check_gradients;
-    use crate::tensor::{Tensor, pool};
+    use crate::tensor::Tensor;
 
     #[test]
     fn small_product_by_hand() {

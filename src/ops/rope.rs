@@ -100,7 +100,7 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use crate::ops::gradcheck::check_gradients;
-    use crate::tensor::{Tensor, pool};
+    use crate::tensor::Tensor;
 
     #[test]
     fn position_zero_is_the_identity_and_norms_are_kept() {

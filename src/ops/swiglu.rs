@@ -47,7 +47,7 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use crate::ops::gradcheck::check_gradients;
-    use crate::tensor::{Tensor, pool};
+    use crate::tensor::Tensor;
 
     #[test]
     fn equals_silu_times_b_and_its_gradients_check() {
