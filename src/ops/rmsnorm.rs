@@ -13,9 +13,14 @@
 
 use std::sync::Arc;
 
-use crate::kernels::parallel::for_each_row2;
+use rayon::prelude::*;
+
+use crate::kernels::parallel::{for_each_row2, worth_splitting};
 use crate::kernels::simd;
 use crate::tensor::{Tensor, pool};
+
+/// Rows per block of the backward pass (see there).
+const ROWS_PER_BLOCK: usize = 64;
 
 impl Tensor {
     /// RMSNorm over the last axis with scale `weight` (`[dim]`) and `eps`.
@@ -46,17 +51,40 @@ impl Tensor {
             &[self, weight],
             move |g: &[f32]| {
                 let mut dx = pool::take(x.len());
-                let mut dw = vec![0.0f64; dim];
-                for i in 0..rows {
-                    let (xr, gr) = (&x[i * dim..(i + 1) * dim], &g[i * dim..(i + 1) * dim]);
-                    let r = inv_rms[i];
-                    // Σⱼ gⱼ·wⱼ·xⱼ, shared by every k of the row (term 2).
-                    let gwx: f32 = (0..dim).map(|j| gr[j] * w[j] * xr[j]).sum();
-                    let c = r * r * r * gwx / dim as f32;
-                    for k in 0..dim {
-                        dx[i * dim + k] = r * gr[k] * w[k] - c * xr[k];
-                        dw[k] += (gr[k] * xr[k] * r) as f64;
+                // Rows in blocks of a fixed size (not tied to the thread count, so the sum
+                // below is the same whatever the threads): each block computes its rows' dx and
+                // its share of dw; the shares are then added in block order.
+                let block_rows = ROWS_PER_BLOCK;
+                let backward_block = |(b, dxb): (usize, &mut [f32])| -> Vec<f32> {
+                    let mut dw_part = vec![0.0f32; dim];
+                    for (j, dxr) in dxb.chunks_mut(dim).enumerate() {
+                        let i = b * block_rows + j;
+                        let (xr, gr) = (&x[i * dim..(i + 1) * dim], &g[i * dim..(i + 1) * dim]);
+                        let r = inv_rms[i];
+                        // Σⱼ gⱼ·wⱼ·xⱼ, shared by every k of the row (term 2).
+                        let gwx: f32 = (0..dim).map(|k| gr[k] * w[k] * xr[k]).sum();
+                        let c = r * r * r * gwx / dim as f32;
+                        for k in 0..dim {
+                            dxr[k] = r * gr[k] * w[k] - c * xr[k];
+                            dw_part[k] += gr[k] * xr[k] * r;
+                        }
                     }
+                    dw_part
+                };
+                let parts: Vec<Vec<f32>> = if worth_splitting(rows * dim * 8) {
+                    dx.par_chunks_mut(block_rows * dim)
+                        .enumerate()
+                        .map(backward_block)
+                        .collect()
+                } else {
+                    dx.chunks_mut(block_rows * dim)
+                        .enumerate()
+                        .map(backward_block)
+                        .collect()
+                };
+                let mut dw = vec![0.0f64; dim];
+                for part in &parts {
+                    dw.iter_mut().zip(part).for_each(|(a, &b)| *a += b as f64);
                 }
                 vec![Some(dx), Some(dw.into_iter().map(|v| v as f32).collect())]
             },
@@ -75,6 +103,15 @@ mod tests {
         let y = x.rms_norm(&Tensor::ones(&[2]), 0.0).to_vec();
         let rms = ((y[0] * y[0] + y[1] * y[1]) / 2.0).sqrt();
         assert!((rms - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn many_rows_split_in_blocks_give_the_same_gradients() {
+        // 200 rows: several blocks, and enough work to be split across threads.
+        let (rows, dim) = (200, 67);
+        let x = values(rows * dim, 3);
+        let w: Vec<f32> = values(dim, 4).iter().map(|v| 1.0 + 0.3 * v).collect();
+        check_gradients_with(&[&[rows, dim], &[dim]], &[x, w], |t| t[0].rms_norm(&t[1], 1e-5));
     }
 
     #[test]
