@@ -57,6 +57,8 @@ pub struct Workspace {
     pub(crate) transposed: Vec<f32>,
     /// Logits, `[rows, V]`.
     pub logits: Vec<f32>,
+    /// One row of probabilities, `[V]` (the exit check's softmax).
+    pub(crate) probs: Vec<f32>,
     /// The absolute position of the first new token of each row in the current step.
     positions: Vec<usize>,
     /// RoPE cos / sin for every position `0..max_seq_len`, `[position][head_dim / 2]`.
@@ -89,6 +91,7 @@ impl Workspace {
             scores: Vec::new(),
             transposed: Vec::new(),
             logits: Vec::new(),
+            probs: vec![0.0; c.vocab_size],
             positions: Vec::new(),
             rope_cos,
             rope_sin,

@@ -33,7 +33,7 @@ use super::config::check_threshold;
 use super::cost;
 use super::decode::{Step, Workspace, linear};
 use super::generate::{Sampler, Sampling};
-use super::transformer::{LegoTransformer, confidence_of_row};
+use super::transformer::{LegoTransformer, confidence_with_scratch};
 use crate::error::{Error, Result};
 use crate::kernels::simd;
 use crate::ops::rope::rotate;
@@ -185,7 +185,7 @@ impl LegoTransformer {
         );
         deep_rows.clear();
         for r in 0..batch {
-            conf[r] = confidence_of_row(&ws.logits[r * v..(r + 1) * v]);
+            conf[r] = confidence_with_scratch(&ws.logits[r * v..(r + 1) * v], &mut ws.probs);
             if conf[r] >= routing_threshold {
                 next[r] = sampler.sample(&ws.logits[r * v..(r + 1) * v]);
             } else {
@@ -310,7 +310,7 @@ impl LegoTransformer {
         routing.deep_rows.clear();
         routing.shallow_rows.clear();
         for (r, c) in routing.conf.iter_mut().enumerate() {
-            *c = confidence_of_row(&ws.logits[r * v..(r + 1) * v]);
+            *c = confidence_with_scratch(&ws.logits[r * v..(r + 1) * v], &mut ws.probs);
             if *c >= threshold {
                 routing.shallow_rows.push(r)
             } else {

@@ -412,14 +412,21 @@ impl LegoTransformer {
 }
 
 /// The confidence of each row of logits: the largest softmax probability,
-/// `max softmax(z) = 1 / Σⱼ e^(zⱼ − max z)`.
+/// `max softmax(z) = 1 / Σⱼ e^(zⱼ − max z)`. Training-side calibration and decoding use the
+/// same kernel ([`confidence_with_scratch`]), so a token routes the same way in both.
 pub fn confidence_of_logits(logits: &[f32], vocab: usize) -> Vec<f32> {
-    logits.chunks(vocab).map(confidence_of_row).collect()
+    let mut scratch = vec![0.0f32; vocab];
+    logits
+        .chunks(vocab)
+        .map(|z| confidence_with_scratch(z, &mut scratch))
+        .collect()
 }
 
-/// The confidence of one row of logits (see [`confidence_of_logits`]).
-#[inline]
-pub fn confidence_of_row(z: &[f32]) -> f32 {
-    let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    1.0 / z.iter().map(|v| (v - m).exp()).sum::<f32>()
+/// The confidence of one row of logits, through the SIMD softmax on a `scratch` copy (no
+/// allocation: the decoding loop keeps the scratch row).
+pub fn confidence_with_scratch(z: &[f32], scratch: &mut [f32]) -> f32 {
+    let p = &mut scratch[..z.len()];
+    p.copy_from_slice(z);
+    crate::kernels::simd::softmax_in_place(p);
+    p.iter().copied().fold(0.0, f32::max)
 }
