@@ -111,7 +111,9 @@ mod tests {
         let (rows, dim) = (200, 67);
         let x = values(rows * dim, 3);
         let w: Vec<f32> = values(dim, 4).iter().map(|v| 1.0 + 0.3 * v).collect();
-        check_gradients_with(&[&[rows, dim], &[dim]], &[x, w], |t| t[0].rms_norm(&t[1], 1e-5));
+        check_gradients_with(&[&[rows, dim], &[dim]], &[x, w], |t| {
+            t[0].rms_norm(&t[1], 1e-5)
+        });
     }
 
     #[test]
