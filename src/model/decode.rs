@@ -302,16 +302,11 @@ impl LegoTransformer {
             let row = step.cache_rows[r];
             let visible = lens[row] + i + 1;
             let qh = &q[token * d + h * hd..token * d + (h + 1) * hd];
+            // This head's slice of every cached position of the row: stride D apart.
             let base = row * max_seq * d + h * hd;
-            let s = &mut scores[..visible];
-            for (j, sj) in s.iter_mut().enumerate() {
-                *sj = simd::dot(qh, &kc[base + j * d..base + j * d + hd]) * scale;
-            }
-            simd::softmax_in_place(s);
-            out.fill(0.0);
-            for (j, &p) in s.iter().enumerate() {
-                simd::axpy(p, &vc[base + j * d..base + j * d + hd], out);
-            }
+            let span = (visible - 1) * d + hd;
+            let (keys, values) = (&kc[base..base + span], &vc[base..base + span]);
+            simd::attend(qh, keys, values, d, visible, scale, scores, out);
         };
         let att = &mut ws.att[..m * d];
         let scores = &mut ws.scores[..m * heads * max_seq];

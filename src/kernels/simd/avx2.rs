@@ -395,6 +395,40 @@ pub unsafe fn adamw_update(
     }
 }
 
+/// One query's attention over `count` cached positions, as [`super::scalar::attend`]: the
+/// scores, the softmax and the weighted sum of values in one call, so the per-position `dot`
+/// and `axpy` are inlined here instead of each paying a dispatch (a head is only 32-128 wide).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA. The slices must hold what the
+/// dispatcher checked: `keys`, `values` at least `(count−1)·stride + q.len()`, `scores` at least
+/// `count`, `out` exactly `q.len()`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    count: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    for (j, s) in scores[..count].iter_mut().enumerate() {
+        // SAFETY: same CPU features as this function (the caller's guarantee).
+        *s = unsafe { dot(q, &keys[j * stride..j * stride + hd]) } * scale;
+    }
+    // SAFETY: as above.
+    unsafe { softmax_in_place(&mut scores[..count]) };
+    out.fill(0.0);
+    for (j, &p) in scores[..count].iter().enumerate() {
+        // SAFETY: as above.
+        unsafe { axpy(p, &values[j * stride..j * stride + hd], out) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{TEST_LENGTHS, assert_all_close, assert_close, test_data};
@@ -623,6 +657,36 @@ mod tests {
                 assert_all_close(&m, &m_ref, 1e-5, &format!("m {what}"));
                 assert_all_close(&v, &v_ref, 1e-5, &format!("v {what}"));
             }
+        }
+    }
+
+    #[test]
+    fn attend_equals_scalar() {
+        if !supported() {
+            return;
+        }
+        for &(hd, stride, count) in &[
+            (1, 1, 1),
+            (7, 9, 5),
+            (16, 48, 33),
+            (32, 256, 77),
+            (33, 40, 1),
+        ] {
+            let q = test_data(hd, 5);
+            let keys = test_data((count - 1) * stride + hd, 6);
+            let values = test_data((count - 1) * stride + hd, 7);
+            let (mut s1, mut o1) = (vec![0.0; count], vec![0.0; hd]);
+            let (mut s2, mut o2) = (vec![0.0; count], vec![0.0; hd]);
+            // SAFETY: supported() checked the CPU; the slices are sized as `attend` requires.
+            unsafe { attend(&q, &keys, &values, stride, count, 0.3, &mut s1, &mut o1) };
+            scalar::attend(&q, &keys, &values, stride, count, 0.3, &mut s2, &mut o2);
+            assert_all_close(
+                &s1,
+                &s2,
+                1e-5,
+                &format!("attend scores hd {hd} count {count}"),
+            );
+            assert_all_close(&o1, &o2, 1e-5, &format!("attend out hd {hd} count {count}"));
         }
     }
 }

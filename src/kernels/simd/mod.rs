@@ -20,6 +20,7 @@
 //! | [`axpy`] | `y += α·x` |
 //! | [`matmul_xwt`] | `x · wᵀ` for few rows of `x` (the decode step), written transposed |
 //! | [`softmax_in_place`] | `exp(x - max) / Σ exp(x - max)` |
+//! | [`attend`] | one query's attention over cached keys and values |
 //! | [`rmsnorm`] | `x / sqrt(mean(x²) + ε) · weight` |
 //! | [`adamw_update`] | one step of PyTorch's AdamW on a flat parameter |
 
@@ -312,6 +313,66 @@ pub fn softmax_in_place(x: &mut [f32]) {
         Level::Scalar => {}
     }
     scalar::softmax_in_place(x)
+}
+
+/// One query's attention over `count` cached positions: `scores[j] = scale·(q·k_j)` where
+/// `k_j = keys[j·stride ..][..q.len()]`, a softmax over `scores[..count]`, and
+/// `out = Σ_j scores[j]·v_j` with the values laid out like the keys. The decoding loop calls it
+/// once per (token, head), so the many short dot products stay inside one SIMD function.
+///
+/// Panics (naming the kernel) if a slice is too short for `count` positions.
+///
+/// ```
+/// # use lego::kernels::simd::attend;
+/// // Two cached positions of a 2-wide head, stored with stride 2.
+/// let (keys, values) = ([1.0, 0.0, 0.0, 1.0], [10.0, 0.0, 0.0, 20.0]);
+/// let (mut scores, mut out) = ([0.0; 2], [0.0; 2]);
+/// attend(&[0.0, 0.0], &keys, &values, 2, 2, 1.0, &mut scores, &mut out);
+/// assert_eq!(scores, [0.5, 0.5]); // equal scores: equal weights
+/// assert_eq!(out, [5.0, 10.0]);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    count: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let need = if count == 0 {
+        0
+    } else {
+        (count - 1) * stride + hd
+    };
+    assert!(
+        keys.len() >= need
+            && values.len() >= need
+            && scores.len() >= count
+            && out.len() == hd
+            && (count <= 1 || stride >= hd),
+        "attend: {count} positions of width {hd} with stride {stride} need keys/values of {need} (got {}, {}), scores of {count} (got {}), out of {hd} (got {})",
+        keys.len(),
+        values.len(),
+        scores.len(),
+        out.len()
+    );
+    #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+    match level() {
+        // SAFETY: level() returns Avx512 only if the CPU has AVX-512F; bounds checked above.
+        Level::Avx512 => {
+            return unsafe { avx512::attend(q, keys, values, stride, count, scale, scores, out) };
+        }
+        // SAFETY: level() returns Avx2 only if the CPU has AVX2 and FMA; bounds checked above.
+        Level::Avx2 => {
+            return unsafe { avx2::attend(q, keys, values, stride, count, scale, scores, out) };
+        }
+        Level::Scalar => {}
+    }
+    scalar::attend(q, keys, values, stride, count, scale, scores, out)
 }
 
 /// RMSNorm: `out = x · inv_rms · weight` with `inv_rms = 1 / sqrt(mean(x²) + eps)`; returns

@@ -152,6 +152,31 @@ pub(super) fn adamw_element(
     *p -= s.step_size * *m / denom;
 }
 
+/// One query's attention over `count` cached positions (bounds checked by the dispatcher):
+/// `scores[j] = scale·(q·k_j)` with `k_j = keys[j·stride ..][..q.len()]`, a softmax over
+/// `scores[..count]`, and `out = Σ_j scores[j]·v_j` (values laid out like keys).
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    count: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    for (j, s) in scores[..count].iter_mut().enumerate() {
+        *s = dot(q, &keys[j * stride..j * stride + hd]) * scale;
+    }
+    softmax_in_place(&mut scores[..count]);
+    out.fill(0.0);
+    for (j, &p) in scores[..count].iter().enumerate() {
+        axpy(p, &values[j * stride..j * stride + hd], out);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{TEST_LENGTHS, assert_all_close, assert_close, test_data};
