@@ -840,10 +840,12 @@ fn anatomy(model: &LegoTransformer, batch: usize, reps: usize) -> Anatomy {
             .collect();
         median(&samples)
     };
+    let mut scratch = vec![0.0f32; logits.len()];
     let confidence_row = time_row(&mut || {
-        black_box(lego::model::transformer::confidence_of_row(black_box(
-            &logits,
-        )));
+        black_box(lego::model::transformer::confidence_with_scratch(
+            black_box(&logits),
+            &mut scratch,
+        ));
     });
     let softmax_row = time_row(&mut || {
         buf.copy_from_slice(&logits);
