@@ -88,8 +88,8 @@ use std::time::Instant;
 
 use lego::Tensor;
 use lego::data::{
-    Batch, Document, SyntheticConfig, Tokenizer, batches, generate_corpus,
-    sequences_from_documents, split_documents,
+    Batch, Document, SyntheticConfig, Tokenizer, batches, generate_corpus, sequences_from_documents,
+    split_documents,
 };
 use lego::kernels::gemm::matmul_xwt_split;
 use lego::kernels::simd;
@@ -97,8 +97,7 @@ use lego::model::cache::KvCache;
 use lego::model::decode::{Step, Workspace};
 use lego::model::generate::Sampler;
 use lego::model::{
-    EarlyExitStats, LegoConfig, LegoTransformer, Sampling, UpperCacheFill, cost,
-    early_exit::TimeSplit,
+    EarlyExitStats, LegoConfig, LegoTransformer, Sampling, UpperCacheFill, cost, early_exit::TimeSplit,
 };
 use lego::optim::{AdamW, AdamWConfig};
 use lego::train::{
@@ -163,11 +162,7 @@ struct Subject {
 
 /// The synthetic corpus split into train / validation / test stories (the same every run).
 fn corpus() -> (Vec<Document>, Vec<Document>, Vec<Document>) {
-    let docs = generate_corpus(&SyntheticConfig {
-        documents: 80,
-        bytes_per_document: 10_000,
-        seed: 0,
-    });
+    let docs = generate_corpus(&SyntheticConfig { documents: 80, bytes_per_document: 10_000, seed: 0 });
     let split = split_documents(docs, 4, 4, 42).expect("80 stories split");
     (split.train, split.val, split.test)
 }
@@ -198,12 +193,7 @@ fn subject() -> Subject {
             c.exit_layer,
             c.num_layers
         );
-        assert!(
-            c.max_seq_len >= PROMPT + NEW,
-            "max_seq_len {} < {}",
-            c.max_seq_len,
-            PROMPT + NEW
-        );
+        assert!(c.max_seq_len >= PROMPT + NEW, "max_seq_len {} < {}", c.max_seq_len, PROMPT + NEW);
         let tokenizer = match meta.get("tokenizer") {
             Some(t) => Some(Tokenizer::from_json_str(t).expect("the checkpoint's tokenizer")),
             None if c.vocab_size == 256 => Some(Tokenizer::Byte),
@@ -213,13 +203,7 @@ fn subject() -> Subject {
             Some(t) => prompts_from(t, &test_docs),
             None => {
                 let mut rng = Tensor::rng(5);
-                (0..8)
-                    .map(|_| {
-                        (0..PROMPT)
-                            .map(|_| rng.random_range(0..c.vocab_size))
-                            .collect()
-                    })
-                    .collect()
+                (0..8).map(|_| (0..PROMPT).map(|_| rng.random_range(0..c.vocab_size)).collect()).collect()
             }
         };
         let description = format!(
@@ -237,11 +221,7 @@ fn subject() -> Subject {
                 "random ids (no tokenizer in the checkpoint)"
             }
         );
-        return Subject {
-            model,
-            prompts,
-            description,
-        };
+        return Subject { model, prompts, description };
     }
     train(&train_docs, &val_docs, &test_docs)
 }
@@ -257,13 +237,7 @@ fn phase1(
     round: usize,
 ) -> (usize, f64) {
     let peak = 2e-3f32;
-    let mut opt = AdamW::new(
-        model.params(),
-        AdamWConfig {
-            lr: peak,
-            ..Default::default()
-        },
-    );
+    let mut opt = AdamW::new(model.params(), AdamWConfig { lr: peak, ..Default::default() });
     let start = Instant::now();
     let (mut rounds, mut best, mut since_best, mut ppl) = (0usize, f64::INFINITY, 0, f64::NAN);
     let mut pass = 0u64;
@@ -275,15 +249,11 @@ fn phase1(
             order = batches(train, TRAIN_BATCH, Some(pass)).expect("training batches");
             next = 0;
         }
-        let chunk: Vec<Batch> = order[next..next + round]
-            .iter()
-            .filter(|b| b.batch == TRAIN_BATCH)
-            .cloned()
-            .collect();
+        let chunk: Vec<Batch> =
+            order[next..next + round].iter().filter(|b| b.batch == TRAIN_BATCH).cloned().collect();
         next += round;
         let progress = (start.elapsed().as_secs_f64() / budget).min(1.0);
-        opt.config.lr =
-            peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32;
+        opt.config.lr = peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32;
         let trainer = Trainer::new(TrainOptions {
             max_epochs: 1,
             patience: 1,
@@ -292,9 +262,7 @@ fn phase1(
             label: "phase 1".into(),
             ..TrainOptions::default()
         });
-        let h = trainer
-            .train_with_early_stopping(model, &chunk, val, &mut opt)
-            .expect("phase 1");
+        let h = trainer.train_with_early_stopping(model, &chunk, val, &mut opt).expect("phase 1");
         ppl = h.epochs[0].val_ppl;
         rounds += 1;
         if ppl < best {
@@ -320,14 +288,7 @@ fn train(train_docs: &[Document], val_docs: &[Document], test_docs: &[Document])
     let s = LegoConfig::s();
     let shallow_config = LegoConfig {
         exit_layer: 2,
-        ..LegoConfig::new(
-            s.vocab_size,
-            s.dim,
-            2,
-            s.num_heads,
-            s.ffn_hidden,
-            s.max_seq_len,
-        )
+        ..LegoConfig::new(s.vocab_size, s.dim, 2, s.num_heads, s.ffn_hidden, s.max_seq_len)
     };
     let train_seqs = sequences_from_documents(&tokenizer, train_docs, TRAIN_SEQ);
     let val_seqs = sequences_from_documents(&tokenizer, val_docs, TRAIN_SEQ);
@@ -346,32 +307,20 @@ fn train(train_docs: &[Document], val_docs: &[Document], test_docs: &[Document])
 
     // Calibrate at 50 % hard on the validation split; hard examples of the training split.
     let threshold = compute_confidence_threshold(&model, &val, 0.5).expect("threshold");
-    let hard_source: Vec<Batch> = batches(&train_seqs, TRAIN_BATCH, Some(99))
-        .expect("batches")
-        .into_iter()
-        .take(pick(12, 4))
-        .collect();
+    let hard_source: Vec<Batch> =
+        batches(&train_seqs, TRAIN_BATCH, Some(99)).expect("batches").into_iter().take(pick(12, 4)).collect();
     let hard = collect_hard_examples(&model, &hard_source, threshold).expect("hard examples");
 
     // Phase 2: 4 layers, lower part frozen, upper layers on the hard examples.
-    let deep = model
-        .extend(4, threshold, true, &mut Tensor::rng(2))
-        .expect("extend");
+    let deep = model.extend(4, threshold, true, &mut Tensor::rng(2)).expect("extend");
     drop(model);
-    let mut opt = AdamW::new(
-        deep.trainable_params(),
-        AdamWConfig {
-            lr: 1e-3,
-            ..Default::default()
-        },
-    );
+    let mut opt = AdamW::new(deep.trainable_params(), AdamWConfig { lr: 1e-3, ..Default::default() });
     let start2 = Instant::now();
     let budget2 = pick(35.0, 4.0);
     let (mut epochs2, mut ppl2) = (0usize, f64::NAN);
     while start2.elapsed().as_secs_f64() < budget2 {
         let progress = (start2.elapsed().as_secs_f64() / budget2).min(1.0);
-        opt.config.lr =
-            1e-3 * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32;
+        opt.config.lr = 1e-3 * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32;
         let hard_batches =
             create_hard_example_loader(&hard, TRAIN_BATCH, epochs2 as u64, Phase2Mode::Sequence)
                 .expect("hard batches");
@@ -404,20 +353,12 @@ fn train(train_docs: &[Document], val_docs: &[Document], test_docs: &[Document])
         );
     }
     eprintln!();
-    let full = Trainer::new(TrainOptions::default())
-        .evaluate(&deep, &val, None)
-        .expect("evaluate");
+    let full = Trainer::new(TrainOptions::default()).evaluate(&deep, &val, None).expect("evaluate");
 
     let path = target_dir().join("bench-early-exit-model.safetensors");
     let mut meta = BTreeMap::new();
-    meta.insert(
-        "tokenizer".to_string(),
-        tokenizer.to_json().to_string_compact(),
-    );
-    meta.insert(
-        "trained_by".to_string(),
-        "benches/early_exit.rs".to_string(),
-    );
+    meta.insert("tokenizer".to_string(), tokenizer.to_json().to_string_compact());
+    meta.insert("trained_by".to_string(), "benches/early_exit.rs".to_string());
     let saved = match deep.save(&path, &meta) {
         Ok(()) => format!("saved to {}", path.display()),
         Err(e) => format!("not saved ({e})"),
@@ -433,11 +374,7 @@ fn train(train_docs: &[Document], val_docs: &[Document], test_docs: &[Document])
         hard.len(),
         full.ppl
     );
-    Subject {
-        prompts: prompts_from(&tokenizer, test_docs),
-        model: deep,
-        description,
-    }
+    Subject { prompts: prompts_from(&tokenizer, test_docs), model: deep, description }
 }
 
 // ----- the machine -------------------------------------------------------------------------
@@ -473,10 +410,7 @@ fn stream_rate(buf: &[f32], threads: usize, passes: usize) -> f64 {
             })
             .sum()
     };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .expect("rayon pool");
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("rayon pool");
     pool.install(|| {
         for _ in 0..3 {
             black_box(pass());
@@ -494,11 +428,7 @@ fn stream_rate(buf: &[f32], threads: usize, passes: usize) -> f64 {
 
 /// The decode shapes `(n, k, count)` of one layer's products `x·Wᵀ`, W `[n, k]`.
 fn layer_shapes(c: &LegoConfig) -> [(usize, usize, usize); 3] {
-    [
-        (c.dim, c.dim, 4),
-        (c.ffn_hidden, c.dim, 2),
-        (c.dim, c.ffn_hidden, 1),
-    ]
+    [(c.dim, c.dim, 4), (c.ffn_hidden, c.dim, 2), (c.dim, c.ffn_hidden, 1)]
 }
 
 /// FLOP/s of one layer's products for `m` rows: `simd::matmul_xwt` on every thread at once
@@ -569,13 +499,7 @@ fn measure_machine(c: &LegoConfig) -> Machine {
         gemm[m] = gemm_rate(c, m, threads, false, calls);
         gemm_split[m] = gemm_rate(c, m, threads, true, calls);
     }
-    Machine {
-        threads,
-        bandwidth,
-        bandwidth_1thread,
-        gemm,
-        gemm_split,
-    }
+    Machine { threads, bandwidth, bandwidth_1thread, gemm, gemm_split }
 }
 
 // ----- the cost model ----------------------------------------------------------------------
@@ -628,12 +552,8 @@ impl CostModel<'_> {
     /// `head`: (flops, bytes).
     fn layers(&self, layers: usize, ctxs: &[usize], head: bool) -> (f64, f64) {
         let n = layers as f64;
-        let mut flops: f64 = ctxs
-            .iter()
-            .map(|&ctx| n * cost::layer_flops(self.c, ctx))
-            .sum();
-        let mut bytes =
-            n * self.layer_bytes() + ctxs.iter().map(|&ctx| n * self.kv_bytes(ctx)).sum::<f64>();
+        let mut flops: f64 = ctxs.iter().map(|&ctx| n * cost::layer_flops(self.c, ctx)).sum();
+        let mut bytes = n * self.layer_bytes() + ctxs.iter().map(|&ctx| n * self.kv_bytes(ctx)).sum::<f64>();
         if head {
             flops += ctxs.len() as f64 * cost::head_flops(self.c);
             bytes += self.head_bytes();
@@ -668,8 +588,7 @@ impl CostModel<'_> {
             let ctxs = vec![PROMPT + s; batch];
             let (f, b) = self.layers(exit, &ctxs, false);
             p.lower += self.phase(f, b, batch);
-            p.exit_check +=
-                self.phase(batch as f64 * cost::head_flops(c), self.head_bytes(), batch);
+            p.exit_check += self.phase(batch as f64 * cost::head_flops(c), self.head_bytes(), batch);
             let deep: Vec<usize> = (0..batch).filter(|&r| routes[r][s]).collect();
             let shallow = batch - deep.len();
             if !deep.is_empty() {
@@ -717,23 +636,12 @@ fn full_depth_split(model: &LegoTransformer, prompts: &[Vec<usize>], reps: usize
         cache.clear();
         let flat: Vec<usize> = prompts.iter().flatten().copied().collect();
         model.embed_into(&flat, &mut ws);
-        let prefill = Step {
-            cache_rows: &rows,
-            t: PROMPT,
-        };
+        let prefill = Step { cache_rows: &rows, t: PROMPT };
         model.run_cached(0..n, &prefill, &mut cache, &mut ws);
-        model.logits_into(
-            &model.head,
-            (0..batch).map(|r| r * PROMPT + PROMPT - 1),
-            &mut ws,
-        );
-        let mut next: Vec<usize> = (0..batch)
-            .map(|r| sampler.sample(&ws.logits[r * v..(r + 1) * v]))
-            .collect();
-        let step = Step {
-            cache_rows: &rows,
-            t: 1,
-        };
+        model.logits_into(&model.head, (0..batch).map(|r| r * PROMPT + PROMPT - 1), &mut ws);
+        let mut next: Vec<usize> =
+            (0..batch).map(|r| sampler.sample(&ws.logits[r * v..(r + 1) * v])).collect();
+        let step = Step { cache_rows: &rows, t: 1 };
         let mut t = [0.0f64; 4];
         for _ in 0..STEPS {
             let t0 = Instant::now();
@@ -758,12 +666,7 @@ fn full_depth_split(model: &LegoTransformer, prompts: &[Vec<usize>], reps: usize
         }
     }
     let med = |i: usize| median(&samples.iter().map(|s| s[i]).collect::<Vec<_>>());
-    FullSplit {
-        lower: med(0),
-        upper: med(1),
-        head: med(2),
-        sampling: med(3),
-    }
+    FullSplit { lower: med(0), upper: med(1), head: med(2), sampling: med(3) }
 }
 
 /// The anatomy of a decode step, per step at one batch size (seconds).
@@ -782,9 +685,7 @@ struct Anatomy {
 fn anatomy(model: &LegoTransformer, batch: usize, reps: usize) -> Anatomy {
     let c = &model.config;
     let (d, f, v) = (c.dim, c.ffn_hidden, c.vocab_size);
-    let x: Vec<f32> = (0..batch * d.max(f))
-        .map(|i| ((i % 17) as f32 - 8.0) * 1e-2)
-        .collect();
+    let x: Vec<f32> = (0..batch * d.max(f)).map(|i| ((i % 17) as f32 - 8.0) * 1e-2).collect();
     let mut out = vec![0.0f32; batch * d.max(f).max(v)];
     let weights: Vec<Vec<(std::sync::Arc<Vec<f32>>, usize)>> = model
         .layers
@@ -808,13 +709,7 @@ fn anatomy(model: &LegoTransformer, batch: usize, reps: usize) -> Anatomy {
         let t0 = Instant::now();
         for layer in &weights {
             for (w, k) in layer {
-                matmul_xwt_split(
-                    &x[..batch * k],
-                    batch,
-                    *k,
-                    w,
-                    &mut out[..w.len() / k * batch],
-                );
+                matmul_xwt_split(&x[..batch * k], batch, *k, w, &mut out[..w.len() / k * batch]);
             }
         }
         let t1 = Instant::now();
@@ -842,10 +737,7 @@ fn anatomy(model: &LegoTransformer, batch: usize, reps: usize) -> Anatomy {
     };
     let mut scratch = vec![0.0f32; logits.len()];
     let confidence_row = time_row(&mut || {
-        black_box(lego::model::transformer::confidence_with_scratch(
-            black_box(&logits),
-            &mut scratch,
-        ));
+        black_box(lego::model::transformer::confidence_with_scratch(black_box(&logits), &mut scratch));
     });
     let softmax_row = time_row(&mut || {
         buf.copy_from_slice(&logits);
@@ -882,10 +774,7 @@ struct Measured {
 
 /// Per rep: `(t128 − t1) / 127`, the time of one decode step.
 fn steps(t128: &[f64], t1: &[f64]) -> Vec<f64> {
-    t128.iter()
-        .zip(t1)
-        .map(|(a, b)| (a - b) / STEPS as f64)
-        .collect()
+    t128.iter().zip(t1).map(|(a, b)| (a - b) / STEPS as f64).collect()
 }
 
 fn min(v: &[f64]) -> f64 {
@@ -904,10 +793,7 @@ impl Measured {
     /// The measured speed-up: the median over reps of each rep's ratio (the two calls of a
     /// rep ran back to back, so a busy moment of the machine mostly hits both).
     fn speedup(&self) -> f64 {
-        let (g, e) = (
-            steps(&self.gen_128, &self.gen_1),
-            steps(&self.ee_128, &self.ee_1),
-        );
+        let (g, e) = (steps(&self.gen_128, &self.gen_1), steps(&self.ee_128, &self.ee_1));
         median(&g.iter().zip(&e).map(|(g, e)| g / e).collect::<Vec<_>>())
     }
     /// The speed-up of the best (least disturbed) reps: `(min t128 − min t1)` of each.
@@ -916,14 +802,7 @@ impl Measured {
     }
     /// Whole calls, prefill included: the median of each rep's ratio.
     fn speedup_e2e(&self) -> f64 {
-        median(
-            &self
-                .gen_128
-                .iter()
-                .zip(&self.ee_128)
-                .map(|(g, e)| g / e)
-                .collect::<Vec<_>>(),
-        )
+        median(&self.gen_128.iter().zip(&self.ee_128).map(|(g, e)| g / e).collect::<Vec<_>>())
     }
 }
 
@@ -952,9 +831,7 @@ fn early_exit(
 
 fn generate(model: &LegoTransformer, prompts: &[Vec<usize>], new: usize) -> f64 {
     let t = Instant::now();
-    let out = model
-        .generate(prompts, new, &Sampling::greedy())
-        .expect("generate");
+    let out = model.generate(prompts, new, &Sampling::greedy()).expect("generate");
     let dt = t.elapsed().as_secs_f64();
     black_box(out);
     dt
@@ -964,12 +841,7 @@ fn generate(model: &LegoTransformer, prompts: &[Vec<usize>], new: usize) -> f64 
 /// quantile of the exit confidences seen while generating at full depth; routing changes the
 /// tokens and so the confidences, so the guess is then refined by bisection on the measured
 /// shallow ratio (which falls as the threshold rises). Returns the best threshold tried.
-fn calibrate(
-    model: &LegoTransformer,
-    prompts: &[Vec<usize>],
-    target: f64,
-    fill: UpperCacheFill,
-) -> f32 {
+fn calibrate(model: &LegoTransformer, prompts: &[Vec<usize>], target: f64, fill: UpperCacheFill) -> f32 {
     if target <= 0.0 {
         return 2.0; // above any confidence: nothing exits
     }
@@ -1027,14 +899,8 @@ fn measure(
         splits.push(s.time);
         stats = s;
     }
-    let per_step = |f: fn(&TimeSplit) -> f64| {
-        median(
-            &splits
-                .iter()
-                .map(|s| f(s) / STEPS as f64)
-                .collect::<Vec<_>>(),
-        )
-    };
+    let per_step =
+        |f: fn(&TimeSplit) -> f64| median(&splits.iter().map(|s| f(s) / STEPS as f64).collect::<Vec<_>>());
     let split = TimeSplit {
         prefill: median(&splits.iter().map(|s| s.prefill).collect::<Vec<_>>()),
         lower: per_step(|s| s.lower),
@@ -1043,9 +909,7 @@ fn measure(
         upper_fill: per_step(|s| s.upper_fill),
         sampling: per_step(|s| s.sampling),
     };
-    let steps_with_deep = (1..NEW)
-        .filter(|&s| stats.routes.iter().any(|r| r[s]))
-        .count();
+    let steps_with_deep = (1..NEW).filter(|&s| stats.routes.iter().any(|r| r[s])).count();
     Measured {
         batch: prompts.len(),
         fill,
@@ -1087,9 +951,7 @@ fn torch_decode(batch: usize, threads: usize) -> Option<f64> {
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().find(|l| l.starts_with("RESULT"))?;
-    line.split_whitespace()
-        .find_map(|f| f.strip_prefix("new_tok_per_s_median="))
-        .and_then(|v| v.parse().ok())
+    line.split_whitespace().find_map(|f| f.strip_prefix("new_tok_per_s_median=")).and_then(|v| v.parse().ok())
 }
 
 // ----- report ------------------------------------------------------------------------------
@@ -1102,11 +964,7 @@ fn main() {
     let t_start = Instant::now();
     println!(
         "early-exit bench{}: {} threads, SIMD {:?}, load average {}",
-        if quick() {
-            " (QUICK: rough numbers)"
-        } else {
-            ""
-        },
+        if quick() { " (QUICK: rough numbers)" } else { "" },
         rayon::current_num_threads(),
         simd::level(),
         load_average()
@@ -1145,11 +1003,7 @@ fn main() {
 
     let busy = std::fs::read_to_string("/proc/loadavg")
         .ok()
-        .and_then(|l| {
-            l.split_whitespace()
-                .next()
-                .and_then(|x| x.parse::<f64>().ok())
-        })
+        .and_then(|l| l.split_whitespace().next().and_then(|x| x.parse::<f64>().ok()))
         .is_some_and(|l| l > machine.threads as f64 + 0.5);
     if busy {
         println!(
@@ -1163,11 +1017,7 @@ fn main() {
     let batch_sizes: Vec<usize> = std::env::var("LEGO_BENCH_BATCHES")
         .unwrap_or_else(|_| "1,8".into())
         .split(',')
-        .map(|b| {
-            b.trim()
-                .parse()
-                .expect("LEGO_BENCH_BATCHES: numbers from 1 to 8")
-        })
+        .map(|b| b.trim().parse().expect("LEGO_BENCH_BATCHES: numbers from 1 to 8"))
         .collect();
     let mut results: Vec<Measured> = Vec::new();
     let mut full_splits: Vec<(usize, FullSplit)> = Vec::new();
@@ -1181,23 +1031,9 @@ fn main() {
         for &target in &TARGETS {
             let th = calibrate(model, prompts, target, UpperCacheFill::Skip);
             thresholds.push(th);
-            results.push(measure(
-                model,
-                prompts,
-                target,
-                th,
-                UpperCacheFill::Skip,
-                reps,
-            ));
+            results.push(measure(model, prompts, target, th, UpperCacheFill::Skip, reps));
         }
-        results.push(measure(
-            model,
-            prompts,
-            0.5,
-            thresholds[2],
-            UpperCacheFill::Propagate,
-            reps,
-        ));
+        results.push(measure(model, prompts, 0.5, thresholds[2], UpperCacheFill::Propagate, reps));
         full_splits.push((batch, full_depth_split(model, prompts, pick(5, 1))));
         anatomies.push((batch, anatomy(model, batch, pick(60, 10))));
     }
@@ -1232,23 +1068,7 @@ fn main() {
     );
     println!(
         "{:>5} {:>9} {:>6} {:>8} {:>7} {:>6} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6}",
-        "",
-        "",
-        "",
-        "",
-        "ratio",
-        "steps",
-        "µs",
-        "µs",
-        "",
-        "",
-        "",
-        "",
-        "",
-        "",
-        "saved",
-        "saved",
-        "(ee)"
+        "", "", "", "", "ratio", "steps", "µs", "µs", "", "", "", "", "", "", "saved", "saved", "(ee)"
     );
     let mut csv = String::from(
         "batch,fill,target_shallow,threshold,shallow_ratio,steps_with_deep,reps,\
@@ -1358,8 +1178,7 @@ fn main() {
             il += cm.phase(fl, by, *batch) / STEPS as f64;
             let (fl, by) = cm.layers(n - exit, &ctxs, false);
             iu += cm.phase(fl, by, *batch) / STEPS as f64;
-            ih += cm.phase(*batch as f64 * cost::head_flops(c), cm.head_bytes(), *batch)
-                / STEPS as f64;
+            ih += cm.phase(*batch as f64 * cost::head_flops(c), cm.head_bytes(), *batch) / STEPS as f64;
         }
         println!(
             "  generate, batch {batch} (its loop replayed from the engine's pieces): lower {:.1} / \
@@ -1413,14 +1232,7 @@ fn main() {
         "sample",
         "other"
     );
-    let names = [
-        "lower",
-        "exit check",
-        "upper",
-        "upper fill",
-        "sampling",
-        "other",
-    ];
+    let names = ["lower", "exit check", "upper", "upper fill", "sampling", "other"];
     let mut short: Vec<String> = Vec::new();
     for r in &results {
         let ideal_gen = cm.full_depth(r.batch).total() / STEPS as f64;
@@ -1429,27 +1241,9 @@ fn main() {
         let per = |x: f64| x / STEPS as f64;
         let s = &r.split;
         let other = r.ee_step() - (s.lower + s.exit_check + s.upper + s.upper_fill + s.sampling);
-        let measured = [
-            s.lower,
-            s.exit_check,
-            s.upper,
-            s.upper_fill,
-            s.sampling,
-            other,
-        ];
-        let ideal = [
-            per(ip.lower),
-            per(ip.exit_check),
-            per(ip.upper),
-            per(ip.fill),
-            0.0,
-            0.0,
-        ];
-        let excess: Vec<f64> = measured
-            .iter()
-            .zip(&ideal)
-            .map(|(m, i)| m - g * i)
-            .collect();
+        let measured = [s.lower, s.exit_check, s.upper, s.upper_fill, s.sampling, other];
+        let ideal = [per(ip.lower), per(ip.exit_check), per(ip.upper), per(ip.fill), 0.0, 0.0];
+        let excess: Vec<f64> = measured.iter().zip(&ideal).map(|(m, i)| m - g * i).collect();
         println!(
             "{:>5} {:>9} {:>6.1}% {:>7.1} / {:>5.1} {:>7.1} / {:>5.1} {:>7.1} / {:>5.1} {:>5.1} / {:>5.1} {:>6.1} {:>6.1} {:>5.2}ms | {:>5.2} |         {:>6.1} {:>6.1} {:>6.1} {:>6.1} {:>6.1} {:>6.1}",
             r.batch,
@@ -1476,11 +1270,7 @@ fn main() {
         );
         let eff = r.speedup() / (ideal_gen / per(ip.total()));
         if eff < 0.9 {
-            let (i, e) = excess
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .expect("six phases");
+            let (i, e) = excess.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("six phases");
             short.push(format!(
                 "batch {} {} at {:.0} % shallow: efficiency {:.3} (best reps {:.3}); the largest \
                  excess is the {} phase, {:.1} µs a step beyond g × ideal ({:.1} µs measured, \
@@ -1513,20 +1303,14 @@ fn main() {
     println!();
     println!("Full-depth generate beside PyTorch (config S, decode new tokens/s, same threads):");
     for &batch in &batch_sizes {
-        let gen_steps: Vec<f64> = results
-            .iter()
-            .filter(|r| r.batch == batch)
-            .map(|r| r.gen_step())
-            .collect();
+        let gen_steps: Vec<f64> = results.iter().filter(|r| r.batch == batch).map(|r| r.gen_step()).collect();
         let ours = batch as f64 / median(&gen_steps);
         let peers_md = match batch {
             1 => Some(820.0),
             8 => Some(3880.0),
             _ => None,
         };
-        let md = peers_md.map_or(String::new(), |p| {
-            format!("; PEERS.md PyTorch {p:.0} -> {:.2}x", ours / p)
-        });
+        let md = peers_md.map_or(String::new(), |p| format!("; PEERS.md PyTorch {p:.0} -> {:.2}x", ours / p));
         match torch_decode(batch, machine.threads) {
             Some(t) => println!(
                 "  batch {batch}: lego generate {ours:.0} tok/s, PyTorch run now {t:.0} -> {:.2}x{md}",

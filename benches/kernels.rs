@@ -100,10 +100,7 @@ fn time_it(mut f: impl FnMut()) -> Timing {
         })
         .collect();
     samples.sort();
-    Timing {
-        median: samples[samples.len() / 2],
-        min: samples[0],
-    }
+    Timing { median: samples[samples.len() / 2], min: samples[0] }
 }
 
 /// One row of the results.
@@ -144,13 +141,7 @@ fn bench_matmul(m: usize, k: usize, n: usize, threads: usize, rows: &mut Vec<Row
             sgemm(m, k, n, 1.0, &a, k, 1, &b, n, 1, 0.0, &mut c, n);
             black_box(&mut c);
         });
-        rows.push(Row {
-            name: "sgemm A·B".into(),
-            shape: shape.clone(),
-            threads,
-            timing,
-            flops,
-        });
+        rows.push(Row { name: "sgemm A·B".into(), shape: shape.clone(), threads, timing, flops });
     }
 
     // x·Wᵀ: B[p][j] = W[j][p], i.e. row stride 1 and column stride K.
@@ -158,13 +149,7 @@ fn bench_matmul(m: usize, k: usize, n: usize, threads: usize, rows: &mut Vec<Row
         sgemm(m, k, n, 1.0, &a, k, 1, &b, 1, k, 0.0, &mut c, n);
         black_box(&mut c);
     });
-    rows.push(Row {
-        name: "sgemm x·Wᵀ".into(),
-        shape: shape.clone(),
-        threads,
-        timing,
-        flops,
-    });
+    rows.push(Row { name: "sgemm x·Wᵀ".into(), shape: shape.clone(), threads, timing, flops });
 
     // The Tensor op, no gradient recorded (the leaves do not require one).
     let x = Tensor::from_vec(a.clone(), &[m, k]);
@@ -172,13 +157,7 @@ fn bench_matmul(m: usize, k: usize, n: usize, threads: usize, rows: &mut Vec<Row
     let timing = time_it(|| {
         black_box(x.matmul_t(&w));
     });
-    rows.push(Row {
-        name: "op matmul_t".into(),
-        shape,
-        threads,
-        timing,
-        flops,
-    });
+    rows.push(Row { name: "op matmul_t".into(), shape, threads, timing, flops });
 }
 
 /// Attention and RMSNorm at config S, forward and forward + backward, inside the current pool.
@@ -226,20 +205,13 @@ fn bench_s_ops(threads: usize, rows: &mut Vec<Row>) {
 
     // RMSNorm: x [B, T, D], weight [D]. Memory-bound; no GFLOP/s.
     let x = Tensor::randn(&[b, t, d], 0.0, 1.0, &mut rng).requires_grad();
-    let w = Tensor::from_vec(values(d, 9).iter().map(|v| 1.0 + 0.1 * v).collect(), &[d])
-        .requires_grad();
+    let w = Tensor::from_vec(values(d, 9).iter().map(|v| 1.0 + 0.1 * v).collect(), &[d]).requires_grad();
     let g_norm = values(b * t * d, 10);
     let shape = format!("B{b} T{t} D{d}");
     let timing = time_it(|| {
         black_box(x.rms_norm(&w, 1e-5));
     });
-    rows.push(Row {
-        name: "rms_norm fwd".into(),
-        shape: shape.clone(),
-        threads,
-        timing,
-        flops: None,
-    });
+    rows.push(Row { name: "rms_norm fwd".into(), shape: shape.clone(), threads, timing, flops: None });
     let timing = time_it(|| {
         x.zero_grad();
         w.zero_grad();
@@ -247,13 +219,7 @@ fn bench_s_ops(threads: usize, rows: &mut Vec<Row>) {
         y.backward_with(g_norm.clone());
         black_box(x.grad());
     });
-    rows.push(Row {
-        name: "rms_norm fwd+bwd".into(),
-        shape,
-        threads,
-        timing,
-        flops: None,
-    });
+    rows.push(Row { name: "rms_norm fwd+bwd".into(), shape, threads, timing, flops: None });
 }
 
 /// The 1-minute load average (Linux), to tell a quiet machine from a busy one.
@@ -298,10 +264,7 @@ fn main() {
     );
     let mut order: Vec<&Row> = rows.iter().collect();
     order.sort_by_key(|r| {
-        let group = rows
-            .iter()
-            .position(|q| q.shape == r.shape && q.name == r.name)
-            .unwrap();
+        let group = rows.iter().position(|q| q.shape == r.shape && q.name == r.name).unwrap();
         (group, r.threads)
     });
     let mut csv = String::from("name,shape,threads,median_ms,gflops\n");
@@ -324,8 +287,7 @@ fn main() {
             r.shape,
             r.threads,
             r.timing.median.as_secs_f64() * 1e3,
-            r.gflops(r.timing.median)
-                .map_or(String::new(), |g| format!("{g:.2}"))
+            r.gflops(r.timing.median).map_or(String::new(), |g| format!("{g:.2}"))
         )
         .unwrap();
     }

@@ -96,10 +96,7 @@ fn quick() -> bool {
 
 /// Timed reps: `full` in a full run, 2 in a quick one, or `LEGO_BENCH_REPS` if set.
 fn reps(full: usize) -> usize {
-    if let Some(n) = std::env::var("LEGO_BENCH_REPS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
+    if let Some(n) = std::env::var("LEGO_BENCH_REPS").ok().and_then(|v| v.parse::<usize>().ok()) {
         return n.max(1);
     }
     if quick() { 2 } else { full }
@@ -119,10 +116,7 @@ fn list_var(name: &str, default: &str) -> Vec<String> {
 fn numbers_var(name: &str, default: &str) -> Vec<usize> {
     list_var(name, default)
         .iter()
-        .map(|s| {
-            s.parse()
-                .unwrap_or_else(|_| panic!("{name}: {s:?} is not a number"))
-        })
+        .map(|s| s.parse().unwrap_or_else(|_| panic!("{name}: {s:?} is not a number")))
         .collect()
 }
 
@@ -133,11 +127,7 @@ fn parts() -> Vec<String> {
         .filter(|a| !a.starts_with('-'))
         .flat_map(|a| a.split(',').map(str::to_string).collect::<Vec<_>>())
         .collect();
-    let parts = if args.is_empty() {
-        list_var("LEGO_BENCH", "decode,prefill,train")
-    } else {
-        args
-    };
+    let parts = if args.is_empty() { list_var("LEGO_BENCH", "decode,prefill,train") } else { args };
     for p in &parts {
         assert!(
             ["decode", "prefill", "train"].contains(&p.as_str()),
@@ -227,15 +217,11 @@ impl Row {
 fn bench_decode(r: &Reference, model: &LegoTransformer, batch: usize, threads: usize) -> Row {
     let v = r.config.vocab_size;
     let mut rng = Tensor::rng(11);
-    let prompts: Vec<Vec<usize>> = (0..batch)
-        .map(|_| random_ids(DECODE_PROMPT, v, &mut rng))
-        .collect();
+    let prompts: Vec<Vec<usize>> = (0..batch).map(|_| random_ids(DECODE_PROMPT, v, &mut rng)).collect();
     let greedy = Sampling::greedy();
     let run = |new: usize| {
         let t = Instant::now();
-        let out = model
-            .generate(&prompts, new, &greedy)
-            .expect("generate failed");
+        let out = model.generate(&prompts, new, &greedy).expect("generate failed");
         let dt = t.elapsed();
         assert_eq!(out[0].len(), DECODE_PROMPT + new);
         black_box(out);
@@ -269,10 +255,7 @@ fn bench_decode(r: &Reference, model: &LegoTransformer, batch: usize, threads: u
         extra: vec![
             ("gen1_ms", ms(p_med)),
             ("gen128_ms", ms(w_med)),
-            (
-                "e2e_tok_s",
-                batch as f64 * DECODE_NEW as f64 / w_med.as_secs_f64(),
-            ),
+            ("e2e_tok_s", batch as f64 * DECODE_NEW as f64 / w_med.as_secs_f64()),
         ],
     }
 }
@@ -293,15 +276,7 @@ fn bench_prefill(r: &Reference, model: &LegoTransformer, batch: usize, threads: 
         cache.clear();
         let start = Instant::now();
         model.embed_into(&ids, &mut ws);
-        model.run_cached(
-            layers.clone(),
-            &Step {
-                cache_rows: &rows,
-                t,
-            },
-            &mut cache,
-            &mut ws,
-        );
+        model.run_cached(layers.clone(), &Step { cache_rows: &rows, t }, &mut cache, &mut ws);
         model.logits_into(&model.head, (0..batch).map(|b| b * t + t - 1), &mut ws);
         black_box(&ws.logits);
         start.elapsed()
@@ -372,11 +347,7 @@ fn bench_train(r: &Reference, model: &LegoTransformer, threads: usize) -> Row {
         tok_s: tokens / total.0.as_secs_f64(),
         tok_s_best: tokens / total.1.as_secs_f64(),
         median_ms: ms(total.0),
-        extra: vec![
-            ("fwd_ms", ms(fwd.0)),
-            ("bwd_ms", ms(bwd.0)),
-            ("opt_ms", ms(optim.0)),
-        ],
+        extra: vec![("fwd_ms", ms(fwd.0)), ("bwd_ms", ms(bwd.0)), ("opt_ms", ms(optim.0))],
     }
 }
 
@@ -416,15 +387,7 @@ fn print_table(rows: &[Row]) {
         let header = match part {
             "decode" => format!(
                 "{:<4} {:>5} {:>3} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
-                "cfg",
-                "batch",
-                "thr",
-                "tok/s",
-                "best",
-                "decode ms",
-                "gen1 ms",
-                "gen128 ms",
-                "e2e tok/s"
+                "cfg", "batch", "thr", "tok/s", "best", "decode ms", "gen1 ms", "gen128 ms", "e2e tok/s"
             ),
             "prefill" => format!(
                 "{:<4} {:>5} {:>3} {:>10} {:>10} {:>10}",
@@ -504,10 +467,8 @@ fn write_csv(rows: &[Row]) {
         |_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-model.csv"),
         std::path::PathBuf::from,
     );
-    let written = path
-        .parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|_| std::fs::write(&path, csv));
+    let written =
+        path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|_| std::fs::write(&path, csv));
     match written {
         Ok(()) => println!("wrote {}", path.display()),
         Err(e) => eprintln!("could not write {}: {e}", path.display()),
@@ -536,8 +497,8 @@ fn main() {
         if !configs.iter().any(|c| c.eq_ignore_ascii_case(r.name)) {
             continue;
         }
-        let model = LegoTransformer::new(r.config.clone(), &mut Tensor::rng(42))
-            .expect("reference config is valid");
+        let model =
+            LegoTransformer::new(r.config.clone(), &mut Tensor::rng(42)).expect("reference config is valid");
         for &thr in &threads {
             for part in &parts {
                 match part.as_str() {
@@ -560,9 +521,7 @@ fn main() {
     }
 
     rows.sort_by_key(|r| {
-        let part = ["decode", "prefill", "train"]
-            .iter()
-            .position(|p| *p == r.part);
+        let part = ["decode", "prefill", "train"].iter().position(|p| *p == r.part);
         let config = ["T", "S", "M"].iter().position(|c| *c == r.config);
         (part, config, r.batch, std::cmp::Reverse(r.threads))
     });

@@ -38,12 +38,7 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        out: PathBuf::from("target/independent-check"),
-        steps: 40,
-        seed: 7,
-        scale: 2.5,
-    };
+    let mut args = Args { out: PathBuf::from("target/independent-check"), steps: 40, seed: 7, scale: 2.5 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -54,9 +49,7 @@ fn parse_args() -> Result<Args, String> {
             "--seed" => args.seed = value.parse().map_err(|e| bad(&e))?,
             "--scale" => args.scale = value.parse().map_err(|e| bad(&e))?,
             _ => {
-                return Err(format!(
-                    "unknown flag {flag} (--out, --steps, --seed, --scale)"
-                ));
+                return Err(format!("unknown flag {flag} (--out, --steps, --seed, --scale)"));
             }
         }
     }
@@ -67,11 +60,7 @@ fn parse_args() -> Result<Args, String> {
 fn checksum(name: &str, t: &Tensor) {
     let d = t.data();
     let sum: f64 = d.iter().map(|&v| v as f64).sum();
-    println!(
-        "{name} {:?}: sum {sum:.6}, first 3 {:?}",
-        t.shape(),
-        &d[..3]
-    );
+    println!("{name} {:?}: sum {sum:.6}, first 3 {:?}", t.shape(), &d[..3]);
 }
 
 /// `tokens` as `run.c` prints them: each token's piece (`<i>` in our tokenizer.bin), no
@@ -79,11 +68,7 @@ fn checksum(name: &str, t: &Tensor) {
 /// run.c's other decode rules do not apply to our pieces: it strips a leading space after BOS
 /// (ours have none) and turns pieces like `<0x0A>` into raw bytes (`<10>` does not match).
 fn runc_form(tokens: &[usize]) -> String {
-    tokens
-        .iter()
-        .take_while(|&&t| t != BOS)
-        .map(|t| format!("<{t}>"))
-        .collect()
+    tokens.iter().take_while(|&&t| t != BOS).map(|t| format!("<{t}>")).collect()
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -106,11 +91,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let bin_path = args.out.join("model.bin");
     model.export_llama2c(&bin_path)?;
     println!("wrote {}", st_path.display());
-    println!(
-        "wrote {} and {}",
-        bin_path.display(),
-        args.out.join("tokenizer.bin").display()
-    );
+    println!("wrote {} and {}", bin_path.display(), args.out.join("tokenizer.bin").display());
 
     // Checksums to hold against `safetensors.numpy.load_file`.
     checksum("tok_embeddings.weight", &model.tok_embeddings);

@@ -119,10 +119,7 @@ impl Mlp {
     /// Every parameter, for the optimizer. Cloning a `Tensor` is cheap and shares the
     /// values and the gradient: the optimizer updates the very tensors the model uses.
     fn parameters(&self) -> Vec<Tensor> {
-        self.layers
-            .iter()
-            .flat_map(|l| [l.w.clone(), l.b.clone()])
-            .collect()
+        self.layers.iter().flat_map(|l| [l.w.clone(), l.b.clone()]).collect()
     }
 }
 
@@ -154,19 +151,8 @@ fn main() {
     // square, and scales each step by them. Its learning rate follows a schedule: a short
     // linear warm-up (large first steps from random weights can be erratic), then a cosine
     // decay, so the last steps are small and settle into a minimum.
-    let schedule = CosineSchedule {
-        max_lr: 0.02,
-        min_lr: 0.0005,
-        warmup: 50,
-        total: STEPS,
-    };
-    let mut opt = AdamW::new(
-        params,
-        AdamWConfig {
-            weight_decay: 1e-4,
-            ..Default::default()
-        },
-    );
+    let schedule = CosineSchedule { max_lr: 0.02, min_lr: 0.0005, warmup: 50, total: STEPS };
+    let mut opt = AdamW::new(params, AdamWConfig { weight_decay: 1e-4, ..Default::default() });
 
     let mut first_loss = None;
     let mut last_loss = f32::NAN;
@@ -216,8 +202,5 @@ fn main() {
         last_loss < first_loss / 5.0,
         "the training loss did not fall enough: {first_loss} → {last_loss}"
     );
-    assert!(
-        test_acc > 0.9,
-        "test accuracy {test_acc} is too low: the model did not learn the spirals"
-    );
+    assert!(test_acc > 0.9, "test accuracy {test_acc} is too low: the model did not learn the spirals");
 }

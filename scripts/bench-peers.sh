@@ -6,6 +6,7 @@
 #   scripts/bench-peers.sh            # train T S M, decode S M at batch 1 and 8
 #   QUICK=1 scripts/bench-peers.sh    # fewer reps (a smoke run)
 #   THREADS=1 scripts/bench-peers.sh  # 1 thread (PEERS.md's column is then the 2-thread one)
+#   ONLY=decode scripts/bench-peers.sh  # only the decode (or train) pairs
 #
 # Our bench binary is built once up front and run directly, so edits made to src/ while this
 # runs do not change what is measured. Results: stdout and target/bench-peers.csv.
@@ -15,6 +16,7 @@ cd "$(dirname "$0")/.."
 PEER=${PEER:-../shared/peers/torch_bench.py}
 [ -f "$PEER" ] || PEER=/work/shared/peers/torch_bench.py
 THREADS=${THREADS:-2}
+ONLY=${ONLY:-train,decode}
 QUICK=${QUICK:-0}
 python3 -c "import torch" 2>/dev/null || { echo "torch is not importable: pip install torch" >&2; exit 1; }
 
@@ -54,10 +56,12 @@ run_pair() { # part cfg batch peer_reps
     out=$(python3 "$PEER" decode "$cfg" "$preps" "$THREADS" "$batch" | grep '^RESULT')
     theirs=$(field new_tok_per_s_median <<<"$out")
   fi
-  tmin=$(sed -n 's/.*_median=[0-9.]* min=\([0-9.]*\).*/\1/p' <<<"$out" | head -1)
-  tmax=$(sed -n 's/.*_median=[0-9.]* min=[0-9.]* max=\([0-9.]*\).*/\1/p' <<<"$out" | head -1)
-  local key=${part}_${cfg}_$batch
-  local pm=${PEERS_MD[$key]:-}
+  # The peer prints "<key>=median min=.. max=.."; decode also prints prefill figures after.
+  local key=tok_per_s_median
+  [ "$part" = decode ] && key=new_tok_per_s_median
+  tmin=$(sed -n "s/.* $key=[0-9.]* min=\([0-9.]*\).*/\1/p" <<<"$out" | head -1)
+  tmax=$(sed -n "s/.* $key=[0-9.]* min=[0-9.]* max=\([0-9.]*\).*/\1/p" <<<"$out" | head -1)
+  local pm=${PEERS_MD[${part}_${cfg}_$batch]:-}
   local ratio
   ratio=$(python3 -c "print(f'{$ours/$theirs:.2f}')")
   echo "$part,$cfg,$batch,$THREADS,$ours,$best,$theirs,$tmin,$tmax,$pm,$ratio" >>"$CSV"
@@ -65,12 +69,16 @@ run_pair() { # part cfg batch peer_reps
   echo "${ROWS[-1]}   (load $(cut -d' ' -f1 /proc/loadavg))"
 }
 
-run_pair train T 32 15
-run_pair train S 16 9
-run_pair train M 8 5
-for cfg in S M; do
-  for b in 1 8; do run_pair decode "$cfg" "$b" 7; done
-done
+if [[ ,$ONLY, == *,train,* ]]; then
+  run_pair train T 32 15
+  run_pair train S 16 9
+  run_pair train M 8 5
+fi
+if [[ ,$ONLY, == *,decode,* ]]; then
+  for cfg in S M; do
+    for b in 1 8; do run_pair decode "$cfg" "$b" 7; done
+  done
+fi
 
 echo
 echo "tokens/s, $THREADS threads, median (lego 'best' = fastest rep); train: batch x seq as DEVELOPERS.md;"

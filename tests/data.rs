@@ -38,17 +38,7 @@ fn files_to_batches_end_to_end() {
     }
     let docs = load_texts(&dir).unwrap();
     let names: Vec<&str> = docs.iter().map(|d| d.name.as_str()).collect();
-    assert_eq!(
-        names,
-        [
-            "work0.txt",
-            "work1.txt",
-            "work2.txt",
-            "work3.txt",
-            "work4.txt",
-            "work5.txt"
-        ]
-    );
+    assert_eq!(names, ["work0.txt", "work1.txt", "work2.txt", "work3.txt", "work4.txt", "work5.txt"]);
 
     let split = split_documents(docs, 1, 1, 3).unwrap();
     let tokenizer = Tokenizer::word(&split.train, 64).unwrap();
@@ -61,11 +51,7 @@ fn files_to_batches_end_to_end() {
     let train = batches(&sequences, 16, Some(0)).unwrap();
     let rows: usize = train.iter().map(|b| b.batch).sum();
     assert_eq!(rows, sequences.len());
-    assert!(
-        train
-            .iter()
-            .all(|b| b.seq == 8 && b.x.iter().all(|&id| id < tokenizer.vocab_size()))
-    );
+    assert!(train.iter().all(|b| b.seq == 8 && b.x.iter().all(|&id| id < tokenizer.vocab_size())));
     fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -97,18 +83,14 @@ fn one_file_corpora_split_into_blocks() {
     assert_eq!(blocks[0].text, "a b\nc");
     // A single document cannot be split three ways; its blocks can.
     let msg = input_message(split_documents(vec![doc], 1, 1, 0));
-    assert!(
-        msg.contains("1 given") && msg.contains("at least 3"),
-        "{msg}"
-    );
+    assert!(msg.contains("1 given") && msg.contains("at least 3"), "{msg}");
     assert!(split_documents(blocks, 1, 1, 0).is_ok());
 }
 
 #[test]
 fn the_split_is_reproducible_disjoint_and_complete() {
-    let docs: Vec<Document> = (0..30)
-        .map(|i| Document::new(format!("d{i:02}"), format!("text {i}")))
-        .collect();
+    let docs: Vec<Document> =
+        (0..30).map(|i| Document::new(format!("d{i:02}"), format!("text {i}"))).collect();
     let a = split_documents(docs.clone(), 4, 3, 2024).unwrap();
     let b = split_documents(docs.clone(), 4, 3, 2024).unwrap();
     assert_eq!(a, b, "same seed, same split");
@@ -122,16 +104,10 @@ fn the_split_is_reproducible_disjoint_and_complete() {
     assert_eq!(seen.len(), 30, "every document is used");
 
     let json = a.to_json().to_string_compact();
-    assert!(
-        json.starts_with(r#"{"train":["d"#) && json.contains(r#""test":["#),
-        "{json}"
-    );
+    assert!(json.starts_with(r#"{"train":["d"#) && json.contains(r#""test":["#), "{json}");
 
     let msg = input_message(split_documents(docs[..7].to_vec(), 4, 3, 0));
-    assert!(
-        msg.contains("7 given") && msg.contains("at least 8"),
-        "{msg}"
-    );
+    assert!(msg.contains("7 given") && msg.contains("at least 8"), "{msg}");
 }
 
 #[test]
@@ -144,10 +120,7 @@ fn word_tokenizer_round_trips_known_words_and_caps_its_vocabulary() {
     // the x4, dog x2, fox x2, then one-timers alphabetically: brown, jumps (cap 6 with <unk>).
     let words: Vec<String> = (0..tok.vocab_size()).map(|id| tok.token_text(id)).collect();
     assert_eq!(words, ["<unk>", "the", "dog", "fox", "brown", "jumps"]);
-    assert_eq!(
-        tok,
-        Tokenizer::word(&[train[1].clone(), train[0].clone()], 6).unwrap()
-    );
+    assert_eq!(tok, Tokenizer::word(&[train[1].clone(), train[0].clone()], 6).unwrap());
 
     let ids = tok.encode("the brown fox jumps the dog");
     assert!(!ids.contains(&UNK_ID));
@@ -155,10 +128,7 @@ fn word_tokenizer_round_trips_known_words_and_caps_its_vocabulary() {
     // Lowercasing, and unknown words.
     assert_eq!(tok.encode("The DOG"), tok.encode("the dog"));
     assert_eq!(tok.encode("the cat"), [1, UNK_ID]);
-    assert_eq!(
-        tok.decode(&tok.encode("A Fox, a fox")),
-        "<unk> <unk> <unk> fox"
-    );
+    assert_eq!(tok.decode(&tok.encode("A Fox, a fox")), "<unk> <unk> <unk> fox");
 
     // The default cap, 8192 including <unk>, on a text of 10,000 distinct words.
     let many: String = (0..10_000).map(|i| format!("w{i} ")).collect();
@@ -177,11 +147,7 @@ fn byte_tokenizer_round_trips_utf8() {
 
 #[test]
 fn tokenizers_round_trip_through_json_text() {
-    let docs = generate_corpus(&SyntheticConfig {
-        documents: 3,
-        bytes_per_document: 3_000,
-        seed: 4,
-    });
+    let docs = generate_corpus(&SyntheticConfig { documents: 3, bytes_per_document: 3_000, seed: 4 });
     for tok in [Tokenizer::Byte, Tokenizer::word(&docs, 300).unwrap()] {
         // As it would sit in a checkpoint's string metadata.
         let stored: String = tok.to_json().to_string_compact();
@@ -203,11 +169,7 @@ fn sequences_and_batches_are_shifted_by_one() {
     assert_eq!(seqs[2][..], tokens[34..51]);
 
     let out = batches(&seqs, 10, Some(7)).unwrap();
-    assert_eq!(
-        out.len(),
-        6,
-        "58 sequences: five full batches and a partial one"
-    );
+    assert_eq!(out.len(), 6, "58 sequences: five full batches and a partial one");
     assert_eq!(out.last().unwrap().batch, 8);
     for b in &out {
         assert_eq!(b.x.len(), b.batch * b.seq);
@@ -222,11 +184,7 @@ fn sequences_and_batches_are_shifted_by_one() {
 
     let random = create_synthetic_data(5, 4, 32, 100, 1);
     assert_eq!(random, create_synthetic_data(5, 4, 32, 100, 1));
-    assert!(
-        random
-            .iter()
-            .all(|b| b.x.len() == 128 && b.y.iter().all(|&id| id < 100))
-    );
+    assert!(random.iter().all(|b| b.x.len() == 128 && b.y.iter().all(|&id| id < 100)));
 }
 
 #[test]
@@ -249,10 +207,7 @@ fn synthetic_corpus_is_deterministic_sized_and_has_easy_and_hard_words() {
     sorted.sort_unstable_by(|a, b| b.cmp(a));
     let total: usize = sorted.iter().sum();
     let top_tenth: usize = sorted[..sorted.len() / 10].iter().sum();
-    assert!(
-        2 * top_tenth > total,
-        "top 10% of types: {top_tenth} of {total} tokens"
-    );
+    assert!(2 * top_tenth > total, "top 10% of types: {top_tenth} of {total} tokens");
     assert!(sorted.len() > 1000, "a long tail: {} types", sorted.len());
 
     // Frames are deterministic: "upon" is always followed by "a time".
@@ -266,17 +221,9 @@ fn synthetic_corpus_is_deterministic_sized_and_has_easy_and_hard_words() {
     // The split works on it and a held-out story has few words the training stories lack.
     let split = split_documents(docs, 4, 4, 0).unwrap();
     let tok = Tokenizer::word(&split.train, 8192).unwrap();
-    let test: Vec<usize> = split
-        .test
-        .iter()
-        .flat_map(|d| tok.encode(&d.text))
-        .collect();
+    let test: Vec<usize> = split.test.iter().flat_map(|d| tok.encode(&d.text)).collect();
     let unknown = test.iter().filter(|&&id| id == UNK_ID).count();
-    assert!(
-        unknown * 20 < test.len(),
-        "{unknown} of {} test tokens are <unk>",
-        test.len()
-    );
+    assert!(unknown * 20 < test.len(), "{unknown} of {} test tokens are <unk>", test.len());
 }
 
 /// Reads the real corpus if `scripts/fetch-shakespeare.sh` has fetched it.

@@ -10,10 +10,7 @@ use lego::model::{LegoConfig, LegoTransformer};
 use lego::optim::{AdamW, AdamWConfig};
 
 fn train_losses(threads: usize) -> Vec<u32> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     pool.install(|| {
         // Large enough that the matrix products and attention really split across threads.
         let config = LegoConfig::new(300, 64, 2, 4, 172, 64);
@@ -22,9 +19,7 @@ fn train_losses(threads: usize) -> Vec<u32> {
         let (batch, seq) = (8, 64);
         let mut losses = Vec::new();
         for step in 0..4 {
-            let ids: Vec<usize> = (0..batch * (seq + 1))
-                .map(|i| (i * 31 + step * 17) % 300)
-                .collect();
+            let ids: Vec<usize> = (0..batch * (seq + 1)).map(|i| (i * 31 + step * 17) % 300).collect();
             let (x, y): (Vec<usize>, Vec<usize>) = ids
                 .chunks(seq + 1)
                 .flat_map(|r| r[..seq].iter().copied().zip(r[1..].iter().copied()))
@@ -44,10 +39,7 @@ fn same_seed_and_threads_give_bit_identical_losses() {
     for threads in [1, 2] {
         let first = train_losses(threads);
         let second = train_losses(threads);
-        assert_eq!(
-            first, second,
-            "{threads} thread(s): losses differ between runs"
-        );
+        assert_eq!(first, second, "{threads} thread(s): losses differ between runs");
         // And training does something: the loss moves.
         assert_ne!(first[0], first[3]);
     }

@@ -5,10 +5,7 @@ use lego::model::{LegoConfig, LegoTransformer, Sampling, UpperCacheFill};
 
 /// A 4-layer model, exit at 2, with weights large enough that confidences spread out.
 fn model(vocab: usize, scale: f32, seed: u64) -> LegoTransformer {
-    let config = LegoConfig {
-        exit_layer: 2,
-        ..LegoConfig::new(vocab, 32, 4, 4, 64, 64)
-    };
+    let config = LegoConfig { exit_layer: 2, ..LegoConfig::new(vocab, 32, 4, 4, 64, 64) };
     let m = LegoTransformer::new(config, &mut Tensor::rng(seed)).unwrap();
     for p in m.params() {
         let v: Vec<f32> = p.to_vec().iter().map(|x| x * scale).collect();
@@ -18,9 +15,7 @@ fn model(vocab: usize, scale: f32, seed: u64) -> LegoTransformer {
 }
 
 fn prompts(n: usize, len: usize, vocab: usize) -> Vec<Vec<usize>> {
-    (0..n)
-        .map(|r| (0..len).map(|i| (i * 11 + r * 29 + 5) % vocab).collect())
-        .collect()
+    (0..n).map(|r| (0..len).map(|i| (i * 11 + r * 29 + 5) % vocab).collect()).collect()
 }
 
 #[test]
@@ -28,9 +23,7 @@ fn a_threshold_above_one_never_exits_and_equals_generate() {
     let m = model(50, 3.0, 1);
     let p = prompts(3, 6, 50);
     for fill in [UpperCacheFill::Skip, UpperCacheFill::Propagate] {
-        let (tokens, stats) = m
-            .generate_with_early_exit(&p, 20, 1.5, &Sampling::greedy(), fill)
-            .unwrap();
+        let (tokens, stats) = m.generate_with_early_exit(&p, 20, 1.5, &Sampling::greedy(), fill).unwrap();
         assert_eq!(tokens, m.generate(&p, 20, &Sampling::greedy()).unwrap());
         assert_eq!((stats.deep_count, stats.shallow_count), (60, 0));
         assert_eq!(stats.actual_compute_cost, 1.0);
@@ -42,9 +35,8 @@ fn threshold_zero_always_exits_and_never_runs_an_upper_layer_after_the_prompt() 
     let m = model(50, 3.0, 2);
     let p = prompts(2, 5, 50);
     m.reset_layer_calls();
-    let (tokens, stats) = m
-        .generate_with_early_exit(&p, 16, 0.0, &Sampling::greedy(), UpperCacheFill::Skip)
-        .unwrap();
+    let (tokens, stats) =
+        m.generate_with_early_exit(&p, 16, 0.0, &Sampling::greedy(), UpperCacheFill::Skip).unwrap();
     assert_eq!((stats.shallow_count, stats.deep_count), (32, 0));
     assert_eq!(stats.actual_compute_cost, 0.5);
     // The upper layers ran once, for the prompt; the lower ones once per step.
@@ -52,19 +44,13 @@ fn threshold_zero_always_exits_and_never_runs_an_upper_layer_after_the_prompt() 
     assert_eq!(m.layer_calls(0), 16);
     // And the tokens are those of the shallow model: the first two layers and the exit head.
     let shallow = LegoTransformer::from_parts(
-        LegoConfig {
-            num_layers: 2,
-            ..m.config.clone()
-        },
+        LegoConfig { num_layers: 2, ..m.config.clone() },
         m.tok_embeddings.clone(),
         m.layers[..2].to_vec(),
         m.exit().clone(),
         None,
     );
-    assert_eq!(
-        tokens,
-        shallow.generate(&p, 16, &Sampling::greedy()).unwrap()
-    );
+    assert_eq!(tokens, shallow.generate(&p, 16, &Sampling::greedy()).unwrap());
 }
 
 #[test]
@@ -72,16 +58,14 @@ fn each_row_of_a_batch_routes_and_decodes_as_it_would_alone() {
     let m = model(40, 3.0, 3);
     let p = prompts(6, 7, 40);
     // A threshold near the middle of the confidences, so rows really differ.
-    let (_, probe) = m
-        .generate_with_early_exit(&p, 12, 2.0, &Sampling::greedy(), UpperCacheFill::Skip)
-        .unwrap();
+    let (_, probe) =
+        m.generate_with_early_exit(&p, 12, 2.0, &Sampling::greedy(), UpperCacheFill::Skip).unwrap();
     let mut all: Vec<f32> = probe.confidences.iter().flatten().copied().collect();
     all.sort_by(f32::total_cmp);
     let threshold = all[all.len() / 2];
     for fill in [UpperCacheFill::Skip, UpperCacheFill::Propagate] {
-        let (batch_tokens, batch_stats) = m
-            .generate_with_early_exit(&p, 12, threshold, &Sampling::greedy(), fill)
-            .unwrap();
+        let (batch_tokens, batch_stats) =
+            m.generate_with_early_exit(&p, 12, threshold, &Sampling::greedy(), fill).unwrap();
         let mixed = batch_stats.routes.iter().any(|r| r.iter().any(|&d| d))
             && batch_stats.routes.iter().any(|r| r.iter().any(|&d| !d));
         assert!(mixed, "the test needs rows that go both ways");
@@ -97,9 +81,7 @@ fn each_row_of_a_batch_routes_and_decodes_as_it_would_alone() {
                 )
                 .unwrap();
             // A confidence within 1e-5 of the threshold may route either way by rounding.
-            if alone_stats.confidences[0]
-                .iter()
-                .any(|c| (c - threshold).abs() < 1e-5)
+            if alone_stats.confidences[0].iter().any(|c| (c - threshold).abs() < 1e-5)
                 && alone_stats.routes[0] != batch_stats.routes[r]
             {
                 skipped += 1;
@@ -125,18 +107,13 @@ fn each_row_of_a_batch_routes_and_decodes_as_it_would_alone() {
 #[test]
 fn an_untrained_model_exits_at_a_low_threshold_and_not_at_a_high_one() {
     // Spec lesson 1: the prototype's initialisation, vocabulary 100.
-    let config = LegoConfig {
-        exit_layer: 2,
-        ..LegoConfig::new(100, 64, 4, 4, 172, 64)
-    };
+    let config = LegoConfig { exit_layer: 2, ..LegoConfig::new(100, 64, 4, 4, 172, 64) };
     let m = LegoTransformer::new(config, &mut Tensor::rng(4)).unwrap();
     let p = prompts(2, 4, 100);
-    let (_, low) = m
-        .generate_with_early_exit(&p, 16, 0.02, &Sampling::greedy(), UpperCacheFill::Skip)
-        .unwrap();
-    let (_, high) = m
-        .generate_with_early_exit(&p, 16, 0.5, &Sampling::greedy(), UpperCacheFill::Skip)
-        .unwrap();
+    let (_, low) =
+        m.generate_with_early_exit(&p, 16, 0.02, &Sampling::greedy(), UpperCacheFill::Skip).unwrap();
+    let (_, high) =
+        m.generate_with_early_exit(&p, 16, 0.5, &Sampling::greedy(), UpperCacheFill::Skip).unwrap();
     assert!(low.shallow_count > 0, "no token exited at 0.02");
     assert_eq!(high.shallow_count, 0, "a token exited at 0.5");
 }
@@ -145,9 +122,8 @@ fn an_untrained_model_exits_at_a_low_threshold_and_not_at_a_high_one() {
 fn propagate_pays_for_its_fill_and_still_saves_flops() {
     let m = model(50, 3.0, 5);
     let p = prompts(1, 5, 50);
-    let (_, stats) = m
-        .generate_with_early_exit(&p, 10, 0.0, &Sampling::greedy(), UpperCacheFill::Propagate)
-        .unwrap();
+    let (_, stats) =
+        m.generate_with_early_exit(&p, 10, 0.0, &Sampling::greedy(), UpperCacheFill::Propagate).unwrap();
     assert_eq!(stats.shallow_count, 10);
     assert!(stats.flop_cost > 0.0 && stats.flop_cost < 1.0);
     assert!(stats.time.upper_fill > 0.0);
@@ -165,13 +141,9 @@ fn bad_inputs_are_errors() {
     assert!(g(f32::NAN).contains("routing threshold"));
     assert!(g(-0.5).contains("routing threshold"));
     assert!(
-        m.generate_with_early_exit(&[vec![]], 4, 0.5, &Sampling::greedy(), UpperCacheFill::Skip)
-            .is_err()
+        m.generate_with_early_exit(&[vec![]], 4, 0.5, &Sampling::greedy(), UpperCacheFill::Skip).is_err()
     );
-    assert!(
-        m.generate_with_early_exit(&p, 60, 0.5, &Sampling::greedy(), UpperCacheFill::Skip)
-            .is_err()
-    );
+    assert!(m.generate_with_early_exit(&p, 60, 0.5, &Sampling::greedy(), UpperCacheFill::Skip).is_err());
     assert!("sideways".parse::<UpperCacheFill>().is_err());
 }
 
@@ -181,12 +153,7 @@ fn teacher_forced_early_exit_at_full_depth_equals_the_forward_and_at_zero_the_ex
     let seqs = prompts(3, 12, 50);
     let flat: Vec<usize> = seqs.iter().flat_map(|s| s[..11].iter().copied()).collect();
     let targets: Vec<usize> = seqs.iter().flat_map(|s| s[1..].iter().copied()).collect();
-    let want = lego::no_grad(|| {
-        m.forward(&flat, 3)
-            .unwrap()
-            .cross_entropy(&targets, None)
-            .item()
-    }) as f64;
+    let want = lego::no_grad(|| m.forward(&flat, 3).unwrap().cross_entropy(&targets, None).item()) as f64;
     for fill in [UpperCacheFill::Skip, UpperCacheFill::Propagate] {
         let deep = m.evaluate_with_early_exit(&seqs, 1.5, fill).unwrap();
         assert_eq!((deep.tokens, deep.shallow_count), (33, 0));
@@ -196,13 +163,7 @@ fn teacher_forced_early_exit_at_full_depth_equals_the_forward_and_at_zero_the_ex
     let h = lego::no_grad(|| m.get_hidden_states(&flat, 3).unwrap());
     let (_, exit_logits) = m.compute_confidence(&h);
     let want = exit_logits.cross_entropy(&targets, None).item() as f64;
-    let shallow = m
-        .evaluate_with_early_exit(&seqs, 0.0, UpperCacheFill::Skip)
-        .unwrap();
+    let shallow = m.evaluate_with_early_exit(&seqs, 0.0, UpperCacheFill::Skip).unwrap();
     assert_eq!(shallow.shallow_count, 33);
-    assert!(
-        (shallow.loss - want).abs() < 1e-4,
-        "{} vs {want}",
-        shallow.loss
-    );
+    assert!((shallow.loss - want).abs() < 1e-4, "{} vs {want}", shallow.loss);
 }

@@ -11,10 +11,7 @@ use lego::{Tensor, no_grad};
 const SCALE: f32 = 1.0;
 
 fn tiny_config() -> LegoConfig {
-    LegoConfig {
-        exit_layer: 1,
-        ..LegoConfig::new(37, 24, 3, 3, 40, 48)
-    }
+    LegoConfig { exit_layer: 1, ..LegoConfig::new(37, 24, 3, 3, 40, 48) }
 }
 
 fn model(seed: u64) -> LegoTransformer {
@@ -33,15 +30,8 @@ fn tokens(n: usize, seed: usize) -> Vec<usize> {
 
 fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let worst = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
-        .fold(0.0f32, f32::max);
-    assert!(
-        worst <= tol,
-        "{what}: worst relative difference {worst} > {tol}"
-    );
+    let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0.0f32, f32::max);
+    assert!(worst <= tol, "{what}: worst relative difference {worst} > {tol}");
 }
 
 #[test]
@@ -53,16 +43,9 @@ fn cached_decoding_equals_the_uncached_forward() {
 
     // Prompt in one step, then one token at a time.
     let mut cache = KvCache::new(&m.config, 1);
-    let mut got = m
-        .forward_with_cache(&seq[..8], 1, &mut cache, true)
-        .unwrap()
-        .to_vec();
+    let mut got = m.forward_with_cache(&seq[..8], 1, &mut cache, true).unwrap().to_vec();
     for &tok in &seq[8..] {
-        got.extend(
-            m.forward_with_cache(&[tok], 1, &mut cache, true)
-                .unwrap()
-                .to_vec(),
-        );
+        got.extend(m.forward_with_cache(&[tok], 1, &mut cache, true).unwrap().to_vec());
     }
     assert_close("token by token", &got, &full, 1e-5);
 
@@ -70,11 +53,7 @@ fn cached_decoding_equals_the_uncached_forward() {
     let mut cache = KvCache::new(&m.config, 1);
     let mut got = Vec::new();
     for piece in [&seq[..3], &seq[3..4], &seq[4..15], &seq[15..]] {
-        got.extend(
-            m.forward_with_cache(piece, 1, &mut cache, true)
-                .unwrap()
-                .to_vec(),
-        );
+        got.extend(m.forward_with_cache(piece, 1, &mut cache, true).unwrap().to_vec());
     }
     assert_close("in pieces", &got, &full, 1e-5);
     assert_eq!(got.len(), 28 * v);
@@ -85,16 +64,9 @@ fn use_cache_false_leaves_the_cache_unchanged() {
     let m = model(2);
     let seq = tokens(10, 2);
     let mut cache = KvCache::new(&m.config, 1);
-    m.forward_with_cache(&seq[..6], 1, &mut cache, true)
-        .unwrap();
-    let a = m
-        .forward_with_cache(&seq[6..], 1, &mut cache, false)
-        .unwrap()
-        .to_vec();
-    let b = m
-        .forward_with_cache(&seq[6..], 1, &mut cache, true)
-        .unwrap()
-        .to_vec();
+    m.forward_with_cache(&seq[..6], 1, &mut cache, true).unwrap();
+    let a = m.forward_with_cache(&seq[6..], 1, &mut cache, false).unwrap().to_vec();
+    let b = m.forward_with_cache(&seq[6..], 1, &mut cache, true).unwrap().to_vec();
     assert_eq!(a, b);
     assert_eq!(cache.positions, vec![10]);
 }
@@ -105,19 +77,11 @@ fn a_batch_of_rows_decodes_like_each_row_alone() {
     let rows = [tokens(9, 3), tokens(9, 4), tokens(9, 5)];
     let flat: Vec<usize> = rows.iter().flatten().copied().collect();
     let mut cache = KvCache::new(&m.config, 3);
-    let batched = m
-        .forward_with_cache(&flat, 3, &mut cache, true)
-        .unwrap()
-        .to_vec();
+    let batched = m.forward_with_cache(&flat, 3, &mut cache, true).unwrap().to_vec();
     let v = m.config.vocab_size;
     for (r, row) in rows.iter().enumerate() {
         let alone = no_grad(|| m.forward(row, 1).unwrap()).to_vec();
-        assert_close(
-            &format!("row {r}"),
-            &batched[r * 9 * v..(r + 1) * 9 * v],
-            &alone,
-            1e-5,
-        );
+        assert_close(&format!("row {r}"), &batched[r * 9 * v..(r + 1) * 9 * v], &alone, 1e-5);
     }
 }
 
@@ -140,19 +104,12 @@ fn greedy_generate_equals_repeated_argmax_of_the_full_forward() {
 fn sampling_is_seeded_and_respects_top_k() {
     let m = model(5);
     let prompts = vec![tokens(4, 8)];
-    let s = Sampling {
-        temperature: 1.0,
-        top_k: 3,
-        top_p: 0.9,
-        seed: 42,
-    };
+    let s = Sampling { temperature: 1.0, top_k: 3, top_p: 0.9, seed: 42 };
     let a = m.generate(&prompts, 15, &s).unwrap();
     let b = m.generate(&prompts, 15, &s).unwrap();
     assert_eq!(a, b);
     // With top_k = 1 sampling is greedy whatever the temperature.
-    let k1 = m
-        .generate(&prompts, 15, &Sampling { top_k: 1, ..s })
-        .unwrap();
+    let k1 = m.generate(&prompts, 15, &Sampling { top_k: 1, ..s }).unwrap();
     assert_eq!(k1, m.generate(&prompts, 15, &Sampling::greedy()).unwrap());
 }
 
@@ -165,9 +122,7 @@ fn the_partial_forward_in_two_parts_equals_the_forward() {
     let h0 = no_grad(|| m.embed(&seq, 1).unwrap());
     let e = m.config.exit_layer;
     let h = m.forward_with_cache_partial(&h0, &mut cache, 0, e).unwrap();
-    let h = m
-        .forward_with_cache_partial(&h, &mut cache, e, m.layers.len())
-        .unwrap();
+    let h = m.forward_with_cache_partial(&h, &mut cache, e, m.layers.len()).unwrap();
     let got = no_grad(|| m.head.forward(&h)).to_vec();
     assert_close("partial 0..e, e..L", &got, &want, 1e-5);
     // get_hidden_states then forward_upper_layers is the same function too.
@@ -184,22 +139,15 @@ fn a_token_at_position_p_is_the_same_in_one_pass_or_after_a_cache() {
     let v = m.config.vocab_size;
     let p = 16;
     let mut cache = KvCache::new(&m.config, 1);
-    m.forward_with_cache(&seq[..p], 1, &mut cache, true)
-        .unwrap();
-    let last = m
-        .forward_with_cache(&seq[p..], 1, &mut cache, true)
-        .unwrap()
-        .to_vec();
+    m.forward_with_cache(&seq[..p], 1, &mut cache, true).unwrap();
+    let last = m.forward_with_cache(&seq[p..], 1, &mut cache, true).unwrap().to_vec();
     assert_close("position 16", &last, &full[p * v..], 1e-5);
 }
 
 #[test]
 fn extend_keeps_the_lower_outputs_and_frozen_parameters_do_not_move() {
     let shallow = LegoTransformer::new(
-        LegoConfig {
-            exit_layer: 2,
-            ..LegoConfig::new(37, 24, 2, 3, 40, 48)
-        },
+        LegoConfig { exit_layer: 2, ..LegoConfig::new(37, 24, 2, 3, 40, 48) },
         &mut Tensor::rng(8),
     )
     .unwrap();
@@ -215,11 +163,8 @@ fn extend_keeps_the_lower_outputs_and_frozen_parameters_do_not_move() {
     assert_eq!((c1, l1.to_vec()), (c2, l2.to_vec()));
 
     // Train a step: the embedding, lower layers and exit head stay put; the upper layers move.
-    let before: Vec<(String, Vec<f32>, bool)> = deep
-        .named_params()
-        .into_iter()
-        .map(|(n, t)| (n, t.to_vec(), t.requires_grad_flag()))
-        .collect();
+    let before: Vec<(String, Vec<f32>, bool)> =
+        deep.named_params().into_iter().map(|(n, t)| (n, t.to_vec(), t.requires_grad_flag())).collect();
     let mut opt = AdamW::new(deep.params(), AdamWConfig::default());
     let logits = deep.forward(&seq, 1).unwrap();
     logits.cross_entropy(&tokens(10, 12), None).backward();
@@ -237,35 +182,20 @@ fn extend_keeps_the_lower_outputs_and_frozen_parameters_do_not_move() {
         }
     }
     // The shallow model is untouched by all this (extend copied, it did not share).
-    assert_eq!(
-        no_grad(|| shallow.get_hidden_states(&seq, 1).unwrap()).to_vec(),
-        h_shallow.to_vec()
-    );
+    assert_eq!(no_grad(|| shallow.get_hidden_states(&seq, 1).unwrap()).to_vec(), h_shallow.to_vec());
 }
 
 #[test]
 fn extend_by_stacking_copies_the_top_lower_layers() {
     let shallow = LegoTransformer::new(
-        LegoConfig {
-            exit_layer: 2,
-            ..LegoConfig::new(37, 24, 2, 3, 40, 48)
-        },
+        LegoConfig { exit_layer: 2, ..LegoConfig::new(37, 24, 2, 3, 40, 48) },
         &mut Tensor::rng(8),
     )
     .unwrap();
     let deep = shallow
-        .extend_with(
-            4,
-            0.3,
-            false,
-            lego::model::transformer::ExtendInit::Stack,
-            &mut Tensor::rng(9),
-        )
+        .extend_with(4, 0.3, false, lego::model::transformer::ExtendInit::Stack, &mut Tensor::rng(9))
         .unwrap();
-    assert_eq!(
-        deep.layers[2].attention.wq.weight.to_vec(),
-        shallow.layers[0].attention.wq.weight.to_vec()
-    );
+    assert_eq!(deep.layers[2].attention.wq.weight.to_vec(), shallow.layers[0].attention.wq.weight.to_vec());
     assert_eq!(
         deep.layers[3].feed_forward.w2.weight.to_vec(),
         shallow.layers[1].feed_forward.w2.weight.to_vec()
@@ -292,11 +222,7 @@ fn checkpoints_round_trip_bit_exactly_and_bad_files_are_errors() {
             b.to_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
             "{n1}"
         );
-        assert_eq!(
-            a.requires_grad_flag(),
-            b.requires_grad_flag(),
-            "{n1} frozen flag"
-        );
+        assert_eq!(a.requires_grad_flag(), b.requires_grad_flag(), "{n1} frozen flag");
     }
     // Truncated: an error that names the file.
     let bytes = std::fs::read(&path).unwrap();
@@ -315,48 +241,20 @@ fn bad_inputs_are_errors_with_a_message() {
     assert!(msg(m.forward(&[0, 37], 1)).contains("token id 37"));
     assert!(msg(m.forward(&[], 1)).contains("empty"));
     assert!(msg(m.forward(&tokens(49, 0), 1)).contains("max_seq_len"));
-    let g = |p: Vec<Vec<usize>>, n: usize| {
-        m.generate(&p, n, &Sampling::greedy())
-            .unwrap_err()
-            .to_string()
-    };
+    let g = |p: Vec<Vec<usize>>, n: usize| m.generate(&p, n, &Sampling::greedy()).unwrap_err().to_string();
     assert!(g(vec![vec![]], 3).contains("empty prompt"));
     assert!(g(vec![tokens(40, 0)], 9).contains("exceeds max_seq_len"));
     assert!(g(vec![tokens(3, 0), tokens(4, 0)], 1).contains("equal length"));
     assert!(g(vec![vec![99]], 1).contains("outside the vocabulary"));
     let mut rng = Tensor::rng(0);
-    assert!(
-        m.extend(3, 0.5, true, &mut rng)
-            .unwrap_err()
-            .to_string()
-            .contains("only grow")
-    );
-    assert!(
-        m.extend(4, f32::NAN, true, &mut rng)
-            .unwrap_err()
-            .to_string()
-            .contains("routing threshold")
-    );
-    assert!(
-        m.extend(4, -1.0, true, &mut rng)
-            .unwrap_err()
-            .to_string()
-            .contains("routing threshold")
-    );
-    assert!(
-        m.extend(4, 1.5, true, &mut rng).is_ok(),
-        "a threshold above 1 means never exit"
-    );
-    let bad = Sampling {
-        temperature: -1.0,
-        ..Sampling::greedy()
-    };
+    assert!(m.extend(3, 0.5, true, &mut rng).unwrap_err().to_string().contains("only grow"));
+    assert!(m.extend(4, f32::NAN, true, &mut rng).unwrap_err().to_string().contains("routing threshold"));
+    assert!(m.extend(4, -1.0, true, &mut rng).unwrap_err().to_string().contains("routing threshold"));
+    assert!(m.extend(4, 1.5, true, &mut rng).is_ok(), "a threshold above 1 means never exit");
+    let bad = Sampling { temperature: -1.0, ..Sampling::greedy() };
     assert!(m.generate(&[tokens(3, 0)], 2, &bad).is_err());
     let mut cache = KvCache::new(&m.config, 2);
     assert!(
-        m.forward_with_cache(&[1, 2], 1, &mut cache, true)
-            .unwrap_err()
-            .to_string()
-            .contains("does not fit")
+        m.forward_with_cache(&[1, 2], 1, &mut cache, true).unwrap_err().to_string().contains("does not fit")
     );
 }

@@ -53,11 +53,7 @@ impl Config {
             batch: fx.meta("batch"),
             seq: fx.meta("seq"),
         };
-        assert_eq!(
-            c.n_heads * c.head_dim,
-            c.dim,
-            "heads × head_dim must be dim"
-        );
+        assert_eq!(c.n_heads * c.head_dim, c.dim, "heads × head_dim must be dim");
         c
     }
 
@@ -90,12 +86,7 @@ struct Forward {
 }
 
 /// The forward pass of the module doc, from our ops.
-fn forward(
-    c: &Config,
-    p: &BTreeMap<String, Tensor>,
-    tokens: &[usize],
-    targets: &[usize],
-) -> Forward {
+fn forward(c: &Config, p: &BTreeMap<String, Tensor>, tokens: &[usize], targets: &[usize]) -> Forward {
     let (b, t, d, h, hd) = (c.batch, c.seq, c.dim, c.n_heads, c.head_dim);
     let w = |name: &str| &p[name];
     let mut x = w("tok_embeddings.weight").embedding(tokens, &[b, t]); // (B, T, D)
@@ -122,17 +113,11 @@ fn forward(
             after_layer0 = Some(x.clone());
         }
     }
-    let logits = x
-        .rms_norm(w("norm.weight"), c.norm_eps)
-        .matmul_t(w("output.weight")); // (B, T, V)
+    let logits = x.rms_norm(w("norm.weight"), c.norm_eps).matmul_t(w("output.weight")); // (B, T, V)
     let loss = logits
         .reshape(&[b * t, c.vocab]) // (B·T, V)
         .cross_entropy(targets, None);
-    Forward {
-        after_layer0: after_layer0.expect("the model has at least one layer"),
-        logits,
-        loss,
-    }
+    Forward { after_layer0: after_layer0.expect("the model has at least one layer"), logits, loss }
 }
 
 #[test]
@@ -156,12 +141,7 @@ fn tiny_llama_forward_and_gradients() {
 
     out.loss.backward();
     // Every gradient in the file is checked: one per parameter.
-    let grads_in_file = fx
-        .file
-        .tensors
-        .keys()
-        .filter(|k| k.starts_with("grad."))
-        .count();
+    let grads_in_file = fx.file.tensors.keys().filter(|k| k.starts_with("grad.")).count();
     assert_eq!(grads_in_file, params.len());
     // Looser than the default (1e-6 of the RMS absolute): these gradients are of order
     // 0.02-0.1 (RMS), each the sum over 12 tokens of products taken back through two layers
@@ -171,10 +151,7 @@ fn tiny_llama_forward_and_gradients() {
     // on an RMS of 3.7e-2), while the forward values (hidden, logits) match within 1e-6 of
     // their RMS. This still catches an error of 1e-3 relative (scaling the loss by 1 + 1e-3
     // before `backward` fails it 70x over); a wrong derivative is off by far more.
-    let grad_tol = Tol {
-        rtol: 1e-5,
-        atol: 2e-5,
-    };
+    let grad_tol = Tol { rtol: 1e-5, atol: 2e-5 };
     for (name, param) in &params {
         fx.check_grad(&format!("grad.{name}"), param, grad_tol);
     }
@@ -211,17 +188,12 @@ fn lego_transformer_matches_the_fixture() {
 
     // The graph-free engine, with its split cache, gives the same logits.
     let mut cache = KvCache::new(&model.config, c.batch);
-    let cached = model
-        .forward_with_cache(&tokens, c.batch, &mut cache, true)
-        .unwrap();
+    let cached = model.forward_with_cache(&tokens, c.batch, &mut cache, true).unwrap();
     fx.check_tensor("logits", &cached);
 
     loss.backward();
     // Same tolerance as the op-built model above, for the same reasons.
-    let grad_tol = Tol {
-        rtol: 1e-5,
-        atol: 2e-5,
-    };
+    let grad_tol = Tol { rtol: 1e-5, atol: 2e-5 };
     for (name, param) in &named {
         fx.check_grad(&format!("grad.{name}"), param, grad_tol);
     }

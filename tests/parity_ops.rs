@@ -27,12 +27,7 @@ fn op_case(case: &str, inputs: &[&str], op: impl FnOnce(&Fixture, &[Tensor]) -> 
     let fx = Fixture::load(&format!("ops/{case}.safetensors"));
 
     // Every gradient in the file must be one we check: no input left out by mistake.
-    let in_file: BTreeSet<&str> = fx
-        .file
-        .tensors
-        .keys()
-        .filter_map(|k| k.strip_prefix("grad_"))
-        .collect();
+    let in_file: BTreeSet<&str> = fx.file.tensors.keys().filter_map(|k| k.strip_prefix("grad_")).collect();
     let checked: BTreeSet<&str> = inputs.iter().copied().collect();
     assert_eq!(in_file, checked, "{case}: differentiated inputs");
 
@@ -144,19 +139,13 @@ op_cases! {
 /// is the prefix the fixture was made with.
 fn attention_checked(fx: &Fixture, x: &[Tensor]) -> Tensor {
     let (q, k, v) = (&x[0], &x[1], &x[2]);
-    assert_eq!(
-        k.dim(1) - q.dim(1),
-        fx.meta::<usize>("prefix"),
-        "attention prefix"
-    );
+    assert_eq!(k.dim(1) - q.dim(1), fx.meta::<usize>("prefix"), "attention prefix");
     Tensor::attention(q, k, v)
 }
 
 /// The file names (without `.safetensors`) in `tests/fixtures/<group>/`.
 fn fixture_names(group: &str) -> BTreeSet<String> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(group);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(group);
     std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
         .map(|entry| entry.unwrap().file_name().into_string().unwrap())
@@ -195,11 +184,7 @@ fn adamw_three_steps() {
         opt.zero_grad();
         let g = fx.tensor(&format!("g{step}"));
         param.mul(&g).sum_all().backward();
-        assert_eq!(
-            param.grad().unwrap(),
-            g.to_vec(),
-            "gradient fed to step {step}"
-        );
+        assert_eq!(param.grad().unwrap(), g.to_vec(), "gradient fed to step {step}");
 
         let before = param.to_vec();
         opt.step();
@@ -216,20 +201,13 @@ fn adamw_three_steps() {
         // worst: 1.2e-7 (one ulp).
         let got_step: Vec<f32> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
         let want_after = fx.values(&want);
-        let want_step: Vec<f32> = want_after
-            .iter()
-            .zip(&want_before)
-            .map(|(a, b)| a - b)
-            .collect();
+        let want_step: Vec<f32> = want_after.iter().zip(&want_before).map(|(a, b)| a - b).collect();
         common::assert_close_tol(
             &format!("adamw step {step}"),
             &[want_step.len()],
             &got_step,
             &want_step,
-            Tol {
-                rtol: 1e-5,
-                atol: 5e-5,
-            },
+            Tol { rtol: 1e-5, atol: 5e-5 },
         );
         want_before = want_after.to_vec();
     }

@@ -1,8 +1,7 @@
 //! The LEGO pipeline on tiny data: phase 1, calibration, hard examples, phase 2, evaluation.
 
 use lego::data::{
-    Batch, SyntheticConfig, Tokenizer, batches, create_synthetic_data, generate_corpus,
-    make_sequences,
+    Batch, SyntheticConfig, Tokenizer, batches, create_synthetic_data, generate_corpus, make_sequences,
 };
 use lego::model::{LegoConfig, LegoTransformer};
 use lego::optim::{AdamW, AdamWConfig};
@@ -14,11 +13,7 @@ use lego::{Tensor, no_grad};
 
 /// Small batches of the structured synthetic corpus, byte-level.
 fn corpus_batches(seq: usize) -> (Vec<Batch>, Vec<Batch>) {
-    let docs = generate_corpus(&SyntheticConfig {
-        documents: 6,
-        bytes_per_document: 3000,
-        seed: 1,
-    });
+    let docs = generate_corpus(&SyntheticConfig { documents: 6, bytes_per_document: 3000, seed: 1 });
     let tok = Tokenizer::Byte;
     let train: Vec<usize> = docs[..5].iter().flat_map(|d| tok.encode(&d.text)).collect();
     let val: Vec<usize> = tok.encode(&docs[5].text);
@@ -27,69 +22,38 @@ fn corpus_batches(seq: usize) -> (Vec<Batch>, Vec<Batch>) {
 }
 
 fn shallow_model() -> LegoTransformer {
-    let config = LegoConfig {
-        exit_layer: 2,
-        ..LegoConfig::new(256, 32, 2, 4, 64, 32)
-    };
+    let config = LegoConfig { exit_layer: 2, ..LegoConfig::new(256, 32, 2, 4, 64, 32) };
     LegoTransformer::new(config, &mut Tensor::rng(3)).unwrap()
 }
 
 fn quiet(epochs: usize) -> Trainer {
-    Trainer::new(TrainOptions {
-        max_epochs: epochs,
-        patience: 2,
-        warmup_steps: 2,
-        ..TrainOptions::default()
-    })
+    Trainer::new(TrainOptions { max_epochs: epochs, patience: 2, warmup_steps: 2, ..TrainOptions::default() })
 }
 
 #[test]
 fn the_pipeline_runs_end_to_end_and_phase_2_moves_only_the_upper_part() {
     let (train, val) = corpus_batches(32);
     let model = shallow_model();
-    let mut opt = AdamW::new(
-        model.params(),
-        AdamWConfig {
-            lr: 3e-3,
-            ..Default::default()
-        },
-    );
-    let history = quiet(2)
-        .train_with_early_stopping(&model, &train, &val, &mut opt)
-        .unwrap();
+    let mut opt = AdamW::new(model.params(), AdamWConfig { lr: 3e-3, ..Default::default() });
+    let history = quiet(2).train_with_early_stopping(&model, &train, &val, &mut opt).unwrap();
     assert!(!history.epochs.is_empty() && history.best_epoch >= 1);
-    assert!(
-        history.epochs[0].val_ppl < 256.0,
-        "phase 1 learned nothing: {:?}",
-        history.epochs[0]
-    );
+    assert!(history.epochs[0].val_ppl < 256.0, "phase 1 learned nothing: {:?}", history.epochs[0]);
 
     let threshold = compute_confidence_threshold(&model, &val, 0.5).unwrap();
     let hard = collect_hard_examples(&model, &train, threshold).unwrap();
     assert!(!hard.is_empty());
-    let deep = model
-        .extend(4, threshold, true, &mut Tensor::rng(4))
-        .unwrap();
+    let deep = model.extend(4, threshold, true, &mut Tensor::rng(4)).unwrap();
     let frozen_before: Vec<(String, Vec<f32>)> = deep
         .named_params()
         .into_iter()
         .filter(|(_, t)| !t.requires_grad_flag())
         .map(|(n, t)| (n, t.to_vec()))
         .collect();
-    assert!(
-        frozen_before.len() >= 1 + 2 * 9 + 2,
-        "embedding, lower layers, exit head"
-    );
+    assert!(frozen_before.len() >= 1 + 2 * 9 + 2, "embedding, lower layers, exit head");
 
     for mode in [Phase2Mode::Sequence, Phase2Mode::Token] {
         let hard_batches = create_hard_example_loader(&hard, 8, 5, mode).unwrap();
-        let mut opt2 = AdamW::new(
-            deep.trainable_params(),
-            AdamWConfig {
-                lr: 1e-3,
-                ..Default::default()
-            },
-        );
+        let mut opt2 = AdamW::new(deep.trainable_params(), AdamWConfig { lr: 1e-3, ..Default::default() });
         deep.reset_layer_calls();
         let h2 = quiet(2)
             .train_upper_layers_with_early_stopping(
@@ -105,24 +69,11 @@ fn the_pipeline_runs_end_to_end_and_phase_2_moves_only_the_upper_part() {
             .unwrap();
         assert!(!h2.epochs.is_empty());
         // The lower layers ran only to cache the validation split's hidden states, once per batch.
-        assert_eq!(
-            deep.layer_calls(0),
-            val.len(),
-            "{mode:?}: the lower layers ran inside the epochs"
-        );
+        assert_eq!(deep.layer_calls(0), val.len(), "{mode:?}: the lower layers ran inside the epochs");
         assert_eq!(deep.layer_calls(1), val.len());
-        assert!(
-            deep.layer_calls(2) >= hard_batches.len(),
-            "the upper layers trained"
-        );
+        assert!(deep.layer_calls(2) >= hard_batches.len(), "the upper layers trained");
         for (name, before) in &frozen_before {
-            let now = deep
-                .named_params()
-                .into_iter()
-                .find(|(n, _)| n == name)
-                .unwrap()
-                .1
-                .to_vec();
+            let now = deep.named_params().into_iter().find(|(n, _)| n == name).unwrap().1.to_vec();
             assert_eq!(&now, before, "{mode:?}: frozen {name} changed in phase 2");
         }
     }
@@ -130,15 +81,9 @@ fn the_pipeline_runs_end_to_end_and_phase_2_moves_only_the_upper_part() {
     // Evaluation: routing statistics are consistent.
     let trainer = quiet(1);
     let full = trainer.evaluate(&deep, &val, None).unwrap();
-    assert_eq!(
-        (full.shallow, full.layer_cost, full.flop_cost),
-        (0, 1.0, 1.0)
-    );
+    assert_eq!((full.shallow, full.layer_cost, full.flop_cost), (0, 1.0, 1.0));
     let routed = trainer.evaluate(&deep, &val, Some(threshold)).unwrap();
-    assert!(
-        routed.shallow_ratio > 0.2 && routed.shallow_ratio < 0.8,
-        "{routed:?}"
-    );
+    assert!(routed.shallow_ratio > 0.2 && routed.shallow_ratio < 0.8, "{routed:?}");
     assert!((routed.layer_cost - (1.0 - 0.5 * routed.shallow_ratio)).abs() < 1e-9);
     assert!(routed.flop_cost < 1.0);
     let (_, hard_ppl) = evaluate_on_hard_examples(&deep, &hard, Phase2Mode::Sequence).unwrap();
@@ -181,9 +126,7 @@ fn bad_inputs_are_errors_with_a_message() {
     let model = shallow_model();
     let data = create_synthetic_data(1, 2, 8, 256, 1);
     for bad in [0.0f32, 1.0, -0.2, f32::NAN] {
-        let e = compute_confidence_threshold(&model, &data, bad)
-            .unwrap_err()
-            .to_string();
+        let e = compute_confidence_threshold(&model, &data, bad).unwrap_err().to_string();
         assert!(e.contains("ratio must be in (0, 1)"), "{e}");
     }
     let hard = collect_hard_examples(&model, &data, 2.0).unwrap();
@@ -195,15 +138,7 @@ fn bad_inputs_are_errors_with_a_message() {
     );
     let long = create_synthetic_data(1, 1, 40, 256, 1);
     let mut opt = AdamW::new(model.params(), AdamWConfig::default());
-    let e = quiet(1)
-        .train_with_early_stopping(&model, &long, &long, &mut opt)
-        .unwrap_err()
-        .to_string();
+    let e = quiet(1).train_with_early_stopping(&model, &long, &long, &mut opt).unwrap_err().to_string();
     assert!(e.contains("max_seq_len"), "{e}");
-    assert!(
-        batches(&[vec![1, 2, 3]], 0, None)
-            .unwrap_err()
-            .to_string()
-            .contains("batch size")
-    );
+    assert!(batches(&[vec![1, 2, 3]], 0, None).unwrap_err().to_string().contains("batch size"));
 }

@@ -30,10 +30,7 @@ fn sample() -> Vec<(String, Vec<usize>, Vec<f32>)> {
 
 fn sample_metadata() -> BTreeMap<String, String> {
     BTreeMap::from([
-        (
-            "config".to_string(),
-            r#"{"dim": 64, "layers": 2}"#.to_string(),
-        ),
+        ("config".to_string(), r#"{"dim": 64, "layers": 2}"#.to_string()),
         ("note".to_string(), "tab\there, quote\" and é".to_string()),
         ("step".to_string(), "1000".to_string()),
     ])
@@ -43,10 +40,7 @@ fn le_bytes(data: &[f32]) -> Vec<u8> {
     data.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn our_bytes(
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
-    meta: &BTreeMap<String, String>,
-) -> Vec<u8> {
+fn our_bytes(tensors: &[(String, Vec<usize>, Vec<f32>)], meta: &BTreeMap<String, String>) -> Vec<u8> {
     let views: Vec<(&str, &[usize], &[f32])> = tensors
         .iter()
         .map(|(name, shape, data)| (name.as_str(), shape.as_slice(), data.as_slice()))
@@ -58,15 +52,10 @@ fn reference_bytes(
     tensors: &[(String, Vec<usize>, Vec<f32>)],
     meta: Option<HashMap<String, String>>,
 ) -> Vec<u8> {
-    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(name, shape, data)| (name.clone(), shape.clone(), le_bytes(data)))
-        .collect();
+    let raw: Vec<(String, Vec<usize>, Vec<u8>)> =
+        tensors.iter().map(|(name, shape, data)| (name.clone(), shape.clone(), le_bytes(data))).collect();
     let views = raw.iter().map(|(name, shape, bytes)| {
-        (
-            name.clone(),
-            TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap(),
-        )
+        (name.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap())
     });
     reference::serialize(views, &meta).unwrap()
 }
@@ -106,12 +95,7 @@ fn we_read_what_the_reference_writes() {
     }
 
     let without_metadata = reference_bytes(&tensors, None);
-    assert!(
-        ours::deserialize(&without_metadata, "reference")
-            .unwrap()
-            .metadata
-            .is_empty()
-    );
+    assert!(ours::deserialize(&without_metadata, "reference").unwrap().metadata.is_empty());
 }
 
 /// With at most one metadata key (the reference keeps metadata in a `HashMap`, so with more its
@@ -120,17 +104,11 @@ fn we_read_what_the_reference_writes() {
 #[test]
 fn both_writers_give_identical_bytes() {
     let tensors = sample();
-    assert_eq!(
-        our_bytes(&tensors, &BTreeMap::new()),
-        reference_bytes(&tensors, None)
-    );
+    assert_eq!(our_bytes(&tensors, &BTreeMap::new()), reference_bytes(&tensors, None));
 
     let one = BTreeMap::from([("format".to_string(), "lego".to_string())]);
     let one_map = Some(one.clone().into_iter().collect());
-    assert_eq!(
-        our_bytes(&tensors, &one),
-        reference_bytes(&tensors, one_map)
-    );
+    assert_eq!(our_bytes(&tensors, &one), reference_bytes(&tensors, one_map));
 }
 
 /// A file the reference refuses we refuse too, and the other way round, for a few corruptions.
@@ -158,10 +136,7 @@ fn both_readers_reject_the_same_corruptions() {
     }
 
     for (what, corrupt) in cases {
-        assert!(
-            reference::SafeTensors::deserialize(&corrupt).is_err(),
-            "reference: {what}"
-        );
+        assert!(reference::SafeTensors::deserialize(&corrupt).is_err(), "reference: {what}");
         assert!(ours::deserialize(&corrupt, "f").is_err(), "ours: {what}");
     }
 }

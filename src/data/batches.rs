@@ -70,10 +70,7 @@ impl Batch {
 /// ```
 pub fn make_sequences(tokens: &[usize], seq_len: usize) -> Vec<Vec<usize>> {
     assert!(seq_len > 0, "make_sequences: seq_len must be at least 1");
-    tokens
-        .chunks_exact(seq_len + 1)
-        .map(<[usize]>::to_vec)
-        .collect()
+    tokens.chunks_exact(seq_len + 1).map(<[usize]>::to_vec).collect()
 }
 
 /// Encodes each document on its own and cuts it into windows ([`make_sequences`]), so that no
@@ -83,14 +80,8 @@ pub fn make_sequences(tokens: &[usize], seq_len: usize) -> Vec<Vec<usize>> {
 /// # Panics
 ///
 /// If `seq_len` is 0.
-pub fn sequences_from_documents(
-    tokenizer: &Tokenizer,
-    docs: &[Document],
-    seq_len: usize,
-) -> Vec<Vec<usize>> {
-    docs.iter()
-        .flat_map(|doc| make_sequences(&tokenizer.encode(&doc.text), seq_len))
-        .collect()
+pub fn sequences_from_documents(tokenizer: &Tokenizer, docs: &[Document], seq_len: usize) -> Vec<Vec<usize>> {
+    docs.iter().flat_map(|doc| make_sequences(&tokenizer.encode(&doc.text), seq_len)).collect()
 }
 
 /// Stacks `sequences` (each `seq + 1` tokens, as from [`make_sequences`]) into batches of
@@ -118,18 +109,13 @@ pub fn sequences_from_documents(
 /// assert_eq!(b[0].y, [2, 3, 5, 6]);
 /// assert_eq!(b[1].batch, 1); // the partial last batch
 /// ```
-pub fn batches(
-    sequences: &[Vec<usize>],
-    batch_size: usize,
-    shuffle_seed: Option<u64>,
-) -> Result<Vec<Batch>> {
+pub fn batches(sequences: &[Vec<usize>], batch_size: usize, shuffle_seed: Option<u64>) -> Result<Vec<Batch>> {
     if batch_size == 0 {
         return Err(Error::Input("batch size must be at least 1, got 0".into()));
     }
     let Some(first) = sequences.first() else {
         return Err(Error::Input(
-            "no sequences to batch: the text is shorter than one window of seq_len + 1 tokens"
-                .into(),
+            "no sequences to batch: the text is shorter than one window of seq_len + 1 tokens".into(),
         ));
     };
     let window = first.len();
@@ -138,11 +124,7 @@ pub fn batches(
             "sequences of {window} token(s) hold no input/target pair; they need at least 2"
         )));
     }
-    if let Some((i, s)) = sequences
-        .iter()
-        .enumerate()
-        .find(|(_, s)| s.len() != window)
-    {
+    if let Some((i, s)) = sequences.iter().enumerate().find(|(_, s)| s.len() != window) {
         return Err(Error::Input(format!(
             "sequence {i} has {} tokens, sequence 0 has {window}: all must be equally long",
             s.len()
@@ -164,12 +146,7 @@ pub fn batches(
                 x.extend_from_slice(&s[..seq]); // tokens 0 .. seq-1
                 y.extend_from_slice(&s[1..]); //   tokens 1 .. seq: shifted by one
             }
-            Batch {
-                x,
-                y,
-                batch: rows.len(),
-                seq,
-            }
+            Batch { x, y, batch: rows.len(), seq }
         })
         .collect();
     Ok(out)
@@ -254,10 +231,7 @@ mod tests {
         firsts.sort();
         assert_eq!(firsts, (0..40).collect::<Vec<_>>());
         // Rows stay whole: each target is its input + 100.
-        assert!(
-            a.iter()
-                .all(|b| b.x.iter().zip(&b.y).all(|(x, y)| y - x == 100))
-        );
+        assert!(a.iter().all(|b| b.x.iter().zip(&b.y).all(|(x, y)| y - x == 100)));
     }
 
     #[test]

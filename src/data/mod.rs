@@ -55,9 +55,7 @@ pub mod synthetic;
 pub mod text;
 pub mod tokenizer;
 
-pub use batches::{
-    Batch, batches, create_synthetic_data, make_sequences, sequences_from_documents,
-};
+pub use batches::{Batch, batches, create_synthetic_data, make_sequences, sequences_from_documents};
 pub use split::{Split, split_documents};
 pub use synthetic::{SyntheticConfig, generate_corpus};
 pub use text::{Document, load_texts, split_blocks};

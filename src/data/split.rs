@@ -74,12 +74,7 @@ fn names(docs: &[Document]) -> Vec<&str> {
 /// let split = split_documents(docs, 2, 1, 7).unwrap();
 /// assert_eq!((split.train.len(), split.val.len(), split.test.len()), (7, 1, 2));
 /// ```
-pub fn split_documents(
-    docs: Vec<Document>,
-    n_test: usize,
-    n_val: usize,
-    seed: u64,
-) -> Result<Split> {
+pub fn split_documents(docs: Vec<Document>, n_test: usize, n_val: usize, seed: u64) -> Result<Split> {
     let needed = n_test
         .checked_add(n_val)
         .and_then(|n| n.checked_add(1))
@@ -127,9 +122,7 @@ mod tests {
     use super::*;
 
     fn corpus(n: usize) -> Vec<Document> {
-        (0..n)
-            .map(|i| Document::new(format!("doc{i:02}"), format!("text {i}")))
-            .collect()
+        (0..n).map(|i| Document::new(format!("doc{i:02}"), format!("text {i}"))).collect()
     }
 
     #[test]
@@ -158,10 +151,7 @@ mod tests {
         let err = split_documents(corpus(3), 2, 1, 0).unwrap_err();
         assert!(matches!(err, Error::Input(_)));
         let msg = err.to_string();
-        assert!(
-            msg.contains("3 given") && msg.contains("at least 4"),
-            "{msg}"
-        );
+        assert!(msg.contains("3 given") && msg.contains("at least 4"), "{msg}");
         // Exactly enough leaves one training document.
         let split = split_documents(corpus(4), 2, 1, 0).unwrap();
         assert_eq!(split.train.len(), 1);

@@ -92,11 +92,7 @@ pub struct SyntheticConfig {
 /// 40 stories of about 10 KB each, about 400 KB and 80,000 words in all, seed 0.
 impl Default for SyntheticConfig {
     fn default() -> Self {
-        SyntheticConfig {
-            documents: 40,
-            bytes_per_document: 10_000,
-            seed: 0,
-        }
+        SyntheticConfig { documents: 40, bytes_per_document: 10_000, seed: 0 }
     }
 }
 
@@ -158,10 +154,8 @@ impl Lexicon {
 
 /// `syllables` random consonant-vowel syllables, e.g. `"bako"`, `"trilema"`.
 fn stem(rng: &mut StdRng, syllables: usize) -> String {
-    const ONSETS: [&str; 18] = [
-        "b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "tr", "ch",
-        "sh",
-    ];
+    const ONSETS: [&str; 18] =
+        ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "tr", "ch", "sh"];
     const VOWELS: [&str; 7] = ["a", "e", "i", "o", "u", "ai", "ou"];
     let mut word = String::new();
     for _ in 0..syllables {
@@ -181,22 +175,17 @@ fn capitalise(word: &str) -> String {
 
 /// Every word the templates use outside their slots; the lexicons avoid them.
 const FRAME_WORDS: [&str; 50] = [
-    "once", "upon", "a", "time", ",", "in", "the", "land", "of", "there", "lived", "named", ".",
-    "every", "morning", "walked", "to", "and", "back", "again", "said", "that", "was", "very",
-    "so", "it", "who", "?", "course", "always", "is", "end", "story", "from", "one", "day", "met",
-    "asked", "for", "counted", ":", "two", "three", "four", "five", "too", "then", "went", "home",
-    "with",
+    "once", "upon", "a", "time", ",", "in", "the", "land", "of", "there", "lived", "named", ".", "every",
+    "morning", "walked", "to", "and", "back", "again", "said", "that", "was", "very", "so", "it", "who", "?",
+    "course", "always", "is", "end", "story", "from", "one", "day", "met", "asked", "for", "counted", ":",
+    "two", "three", "four", "five", "too", "then", "went", "home", "with",
 ];
 
 /// One story: the opening, paragraphs of template sentences until `budget` bytes, the closing.
 fn story(lex: &Lexicon, budget: usize, rng: &mut StdRng) -> String {
     let zipf = |n: usize| Zipf::new(n as f64, ZIPF_EXPONENT).expect("a lexicon is not empty");
-    let (noun_z, verb_z, adj_z, name_z) = (
-        zipf(lex.nouns.len()),
-        zipf(lex.verbs.len()),
-        zipf(lex.adjectives.len()),
-        zipf(lex.names.len()),
-    );
+    let (noun_z, verb_z, adj_z, name_z) =
+        (zipf(lex.nouns.len()), zipf(lex.verbs.len()), zipf(lex.adjectives.len()), zipf(lex.names.len()));
     // Zipf samples are 1-based ranks.
     let pick = |words: &[String], z: &Zipf<f64>, rng: &mut StdRng| -> String {
         words[z.sample(rng) as usize - 1].clone()
@@ -226,38 +215,15 @@ fn story(lex: &Lexicon, budget: usize, rng: &mut StdRng) -> String {
         let adj = |rng: &mut StdRng| pick(&lex.adjectives, &adj_z, rng);
         // Most sentences are about the hero; the rest about someone from the name lexicon.
         let someone = |rng: &mut StdRng| {
-            if rng.random_bool(0.6) {
-                hero.clone()
-            } else {
-                pick(&lex.names, &name_z, rng)
-            }
+            if rng.random_bool(0.6) { hero.clone() } else { pick(&lex.names, &name_z, rng) }
         };
         let sentence = match rng.random_range(0..12) {
             0 | 1 => format!("{} {} the {} .", someone(rng), verb(rng), noun(rng)),
-            2 | 3 => format!(
-                "the {} {} {} the {} .",
-                adj(rng),
-                noun(rng),
-                verb(rng),
-                noun(rng)
-            ),
-            4 => format!(
-                "every morning {} walked to the {} and back again .",
-                someone(rng),
-                noun(rng)
-            ),
-            5 => format!(
-                "{} said that the {} was very {} .",
-                someone(rng),
-                noun(rng),
-                adj(rng)
-            ),
+            2 | 3 => format!("the {} {} {} the {} .", adj(rng), noun(rng), verb(rng), noun(rng)),
+            4 => format!("every morning {} walked to the {} and back again .", someone(rng), noun(rng)),
+            5 => format!("{} said that the {} was very {} .", someone(rng), noun(rng), adj(rng)),
             6 => "and so it was .".to_string(),
-            7 => format!(
-                "who {} the {} ? it was {hero} , of course .",
-                verb(rng),
-                noun(rng)
-            ),
+            7 => format!("who {} the {} ? it was {hero} , of course .", verb(rng), noun(rng)),
             8 => format!("in {land} the {} was always {} .", noun(rng), adj(rng)),
             9 => format!(
                 "one day {hero} met {} and asked for a {} {} .",
@@ -265,21 +231,12 @@ fn story(lex: &Lexicon, budget: usize, rng: &mut StdRng) -> String {
                 adj(rng),
                 noun(rng)
             ),
-            10 => format!(
-                "{} counted : one , two , three , four , five .",
-                someone(rng)
-            ),
-            _ => format!(
-                "then {} went home with the {} too .",
-                someone(rng),
-                noun(rng)
-            ),
+            10 => format!("{} counted : one , two , three , four , five .", someone(rng)),
+            _ => format!("then {} went home with the {} too .", someone(rng), noun(rng)),
         };
         text.push_str(&sentence);
     }
-    text.push_str(&format!(
-        "\n\nand that is the end of the story of {hero} from {land} .\n"
-    ));
+    text.push_str(&format!("\n\nand that is the end of the story of {hero} from {land} .\n"));
     text
 }
 
@@ -291,35 +248,21 @@ mod tests {
     use crate::data::tokenizer::words;
 
     fn small(seed: u64) -> Vec<Document> {
-        generate_corpus(&SyntheticConfig {
-            documents: 8,
-            bytes_per_document: 4_000,
-            seed,
-        })
+        generate_corpus(&SyntheticConfig { documents: 8, bytes_per_document: 4_000, seed })
     }
 
     #[test]
     fn the_lexicon_is_distinct_and_avoids_frame_words() {
         let lex = Lexicon::new();
-        let all: Vec<String> = [
-            &lex.nouns,
-            &lex.verbs,
-            &lex.adjectives,
-            &lex.names,
-            &lex.lands,
-        ]
-        .into_iter()
-        .flatten()
-        .map(|w| w.to_lowercase())
-        .collect();
+        let all: Vec<String> = [&lex.nouns, &lex.verbs, &lex.adjectives, &lex.names, &lex.lands]
+            .into_iter()
+            .flatten()
+            .map(|w| w.to_lowercase())
+            .collect();
         assert_eq!(all.len(), NOUNS + VERBS + ADJECTIVES + NAMES + LANDS);
         let distinct: HashSet<&String> = all.iter().collect();
         assert_eq!(distinct.len(), all.len());
-        assert!(
-            FRAME_WORDS
-                .iter()
-                .all(|f| !distinct.contains(&f.to_string()))
-        );
+        assert!(FRAME_WORDS.iter().all(|f| !distinct.contains(&f.to_string())));
         // Every template word is listed in FRAME_WORDS.
         let frames: HashSet<&str> = FRAME_WORDS.into_iter().collect();
         for doc in small(3) {
@@ -337,19 +280,11 @@ mod tests {
         let a = small(5);
         assert_eq!(a, small(5));
         assert_ne!(a, small(6));
-        let fewer = generate_corpus(&SyntheticConfig {
-            documents: 3,
-            bytes_per_document: 4_000,
-            seed: 5,
-        });
+        let fewer = generate_corpus(&SyntheticConfig { documents: 3, bytes_per_document: 4_000, seed: 5 });
         assert_eq!(&a[..3], &fewer[..]);
         assert_eq!(a[0].name, "story-001");
         for doc in &a {
-            assert!(
-                doc.text.len() >= 4_000 && doc.text.len() < 4_300,
-                "{}",
-                doc.text.len()
-            );
+            assert!(doc.text.len() >= 4_000 && doc.text.len() < 4_300, "{}", doc.text.len());
         }
     }
 
@@ -376,15 +311,8 @@ mod tests {
         sorted.sort_unstable_by(|a, b| b.cmp(a));
         let total: usize = sorted.iter().sum();
         let top: usize = sorted[..sorted.len() / 10].iter().sum();
-        assert!(
-            top * 2 > total,
-            "top 10% of types cover {top} of {total} tokens"
-        );
+        assert!(top * 2 > total, "top 10% of types cover {top} of {total} tokens");
         let once = sorted.iter().filter(|&&c| c == 1).count();
-        assert!(
-            once * 3 > sorted.len(),
-            "{once} of {} types occur once",
-            sorted.len()
-        );
+        assert!(once * 3 > sorted.len(), "{once} of {} types occur once", sorted.len());
     }
 }

@@ -23,10 +23,7 @@ pub struct Document {
 impl Document {
     /// A document from a name and its text.
     pub fn new(name: impl Into<String>, text: impl Into<String>) -> Document {
-        Document {
-            name: name.into(),
-            text: text.into(),
-        }
+        Document { name: name.into(), text: text.into() }
     }
 }
 
@@ -57,9 +54,7 @@ pub fn load_texts(path: impl AsRef<Path>) -> Result<Vec<Document>> {
             let file = entry.path();
             let hidden = entry.file_name().to_string_lossy().starts_with('.');
             // `fs::metadata` follows symbolic links, so a link to a file counts as a file.
-            let is_file = fs::metadata(&file)
-                .map_err(|e| Error::io(&file, e))?
-                .is_file();
+            let is_file = fs::metadata(&file).map_err(|e| Error::io(&file, e))?.is_file();
             if is_file && !hidden {
                 files.push(file);
             }
@@ -94,10 +89,7 @@ pub fn load_texts(path: impl AsRef<Path>) -> Result<Vec<Document>> {
         docs.push(Document { name, text });
     }
     if docs.is_empty() {
-        return Err(Error::Input(format!(
-            "empty corpus: {} holds no file with any text",
-            path.display()
-        )));
+        return Err(Error::Input(format!("empty corpus: {} holds no file with any text", path.display())));
     }
     Ok(docs)
 }
@@ -167,10 +159,7 @@ mod tests {
         fs::create_dir(dir.join("sub")).unwrap();
         fs::write(dir.join("sub").join("d.txt"), "dee").unwrap();
         let docs = load_texts(&dir).unwrap();
-        assert_eq!(
-            docs,
-            vec![Document::new("a.txt", "ay"), Document::new("b.txt", "bee")]
-        );
+        assert_eq!(docs, vec![Document::new("a.txt", "ay"), Document::new("b.txt", "bee")]);
         // A single file is one document.
         let one = load_texts(dir.join("b.txt")).unwrap();
         assert_eq!(one, vec![Document::new("b.txt", "bee")]);
@@ -192,19 +181,13 @@ mod tests {
         let bad = load_texts(&dir).unwrap_err();
         assert!(matches!(bad, Error::Format(_)));
         let msg = bad.to_string();
-        assert!(
-            msg.contains("latin1.txt") && msg.contains("offset 3"),
-            "{msg}"
-        );
+        assert!(msg.contains("latin1.txt") && msg.contains("offset 3"), "{msg}");
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn blocks_are_cut_at_blank_lines_and_numbered_so_they_sort() {
-        let text = (1..=12)
-            .map(|i| format!("block {i}\nline two"))
-            .collect::<Vec<_>>()
-            .join("\n \n\n");
+        let text = (1..=12).map(|i| format!("block {i}\nline two")).collect::<Vec<_>>().join("\n \n\n");
         let blocks = split_blocks(&Document::new("f", text));
         assert_eq!(blocks.len(), 12);
         assert_eq!(blocks[0].name, "f#01");

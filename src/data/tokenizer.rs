@@ -147,9 +147,7 @@ impl Tokenizer {
         // order the hash map handed the words out in.
         ranked.sort_unstable_by(|(wa, ca), (wb, cb)| cb.cmp(ca).then_with(|| wa.cmp(wb)));
         ranked.truncate(max_vocab - 1);
-        let vocab = std::iter::once(UNK.to_string())
-            .chain(ranked.into_iter().map(|(w, _)| w))
-            .collect();
+        let vocab = std::iter::once(UNK.to_string()).chain(ranked.into_iter().map(|(w, _)| w)).collect();
         let vocab = WordVocab::from_words(vocab).expect("words from `words` are well formed");
         Ok(Tokenizer::Word(vocab))
     }
@@ -175,9 +173,7 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Vec<usize> {
         match self {
             Tokenizer::Byte => text.bytes().map(usize::from).collect(),
-            Tokenizer::Word(vocab) => words(text)
-                .map(|w| vocab.id(&w).unwrap_or(UNK_ID))
-                .collect(),
+            Tokenizer::Word(vocab) => words(text).map(|w| vocab.id(&w).unwrap_or(UNK_ID)).collect(),
         }
     }
 
@@ -199,10 +195,8 @@ impl Tokenizer {
                 String::from_utf8_lossy(&bytes).into_owned()
             }
             Tokenizer::Word(vocab) => {
-                let words: Vec<&str> = ids
-                    .iter()
-                    .map(|&id| vocab.words.get(id).map_or(UNK, String::as_str))
-                    .collect();
+                let words: Vec<&str> =
+                    ids.iter().map(|&id| vocab.words.get(id).map_or(UNK, String::as_str)).collect();
                 words.join(" ")
             }
         }
@@ -243,10 +237,8 @@ impl Tokenizer {
         if value.as_object().is_none() {
             return Err(bad(format!("expected an object, found {value}")));
         }
-        let kind = value
-            .get("kind")
-            .and_then(Json::as_str)
-            .ok_or_else(|| bad("no \"kind\" string".into()))?;
+        let kind =
+            value.get("kind").and_then(Json::as_str).ok_or_else(|| bad("no \"kind\" string".into()))?;
         match kind {
             "byte" => Ok(Tokenizer::Byte),
             "word" => {
@@ -266,9 +258,7 @@ impl Tokenizer {
                 let vocab = WordVocab::from_words(words).map_err(|e| bad(format!("vocab: {e}")))?;
                 Ok(Tokenizer::Word(vocab))
             }
-            other => Err(bad(format!(
-                "unknown kind {other:?} (expected \"byte\" or \"word\")"
-            ))),
+            other => Err(bad(format!("unknown kind {other:?} (expected \"byte\" or \"word\")"))),
         }
     }
 
@@ -304,10 +294,7 @@ mod tests {
         // The order of the documents does not matter.
         let docs = [Document::new("1", "e d c"), Document::new("2", "b a b a a")];
         let reversed = [docs[1].clone(), docs[0].clone()];
-        assert_eq!(
-            Tokenizer::word(&docs, 4).unwrap(),
-            Tokenizer::word(&reversed, 4).unwrap()
-        );
+        assert_eq!(Tokenizer::word(&docs, 4).unwrap(), Tokenizer::word(&reversed, 4).unwrap());
         // A cap above the number of words keeps them all.
         assert_eq!(fitted("x y", 100).vocab_size(), 3);
     }
@@ -358,10 +345,7 @@ mod tests {
             (r#"{"kind":"word","vocab":["<unk>",3]}"#, "not a string"),
             (r#"{"kind":"word","vocab":["a","<unk>"]}"#, "first word"),
             (r#"{"kind":"word","vocab":["<unk>","a","a"]}"#, "twice"),
-            (
-                r#"{"kind":"word","vocab":["<unk>","A"]}"#,
-                "never be produced",
-            ),
+            (r#"{"kind":"word","vocab":["<unk>","A"]}"#, "never be produced"),
             (r#"{"kind":"word","vocab":["<unk>","a b"]}"#, "whitespace"),
             ("{", "JSON"),
         ];

@@ -47,10 +47,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// The temporary file's path: beside `path`, named after it, the process id and a counter.
 fn temp_path(path: &Path) -> Result<PathBuf> {
     let Some(name) = path.file_name() else {
-        let e = std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "the path does not name a file",
-        );
+        let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path does not name a file");
         return Err(Error::io(path, e));
     };
     let counter = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -88,8 +85,7 @@ mod tests {
 
     impl TestDir {
         fn new(name: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("lego-atomic-{}-{name}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("lego-atomic-{}-{name}", std::process::id()));
             let _ = fs::remove_dir_all(&dir);
             fs::create_dir_all(&dir).unwrap();
             TestDir(dir)
@@ -146,20 +142,14 @@ mod tests {
         let target = dir.0.join("target");
         fs::create_dir(&target).unwrap();
         fs::write(target.join("inside"), b"old").unwrap();
-        assert!(matches!(
-            write_atomic(&target, b"new"),
-            Err(Error::Io { .. })
-        ));
+        assert!(matches!(write_atomic(&target, b"new"), Err(Error::Io { .. })));
         assert_eq!(dir.entries(), ["target"]);
         assert_eq!(fs::read(target.join("inside")).unwrap(), b"old");
     }
 
     #[test]
     fn path_without_a_file_name_is_an_error() {
-        assert!(matches!(
-            write_atomic(Path::new("/"), b"x"),
-            Err(Error::Io { .. })
-        ));
+        assert!(matches!(write_atomic(Path::new("/"), b"x"), Err(Error::Io { .. })));
     }
 
     #[test]

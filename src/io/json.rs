@@ -88,9 +88,7 @@ impl Json {
     /// would silently come back as `...992`; such numbers give `None` instead.
     pub fn as_u64(&self) -> Option<u64> {
         match self {
-            Json::Number(x) if x.fract() == 0.0 && *x >= 0.0 && *x < EXACT_INTEGER_LIMIT => {
-                Some(*x as u64)
-            }
+            Json::Number(x) if x.fract() == 0.0 && *x >= 0.0 && *x < EXACT_INTEGER_LIMIT => Some(*x as u64),
             _ => None,
         }
     }
@@ -298,12 +296,7 @@ fn write_string(out: &mut String, s: &str) {
 /// error is [`Error::Format`], naming the byte offset and what was expected there, e.g.
 /// `JSON: at byte 7: expected ':' after an object key`.
 pub fn parse(text: &str) -> Result<Json> {
-    let mut parser = Parser {
-        text,
-        bytes: text.as_bytes(),
-        pos: 0,
-        depth: 0,
-    };
+    let mut parser = Parser { text, bytes: text.as_bytes(), pos: 0, depth: 0 };
     parser.skip_whitespace();
     let value = parser.value()?;
     parser.skip_whitespace();
@@ -330,10 +323,7 @@ impl Parser<'_> {
             Some(c) => format!("found {c:?}"),
             None => "found the end of input".to_string(),
         };
-        Error::Format(format!(
-            "JSON: at byte {}: expected {what}, {found}",
-            self.pos
-        ))
+        Error::Format(format!("JSON: at byte {}: expected {what}, {found}", self.pos))
     }
 
     fn peek(&self) -> Option<u8> {
@@ -478,9 +468,7 @@ impl Parser<'_> {
             self.digits();
         }
         let literal = &self.text[start..self.pos];
-        let x: f64 = literal
-            .parse()
-            .expect("the grammar above only admits valid floats");
+        let x: f64 = literal.parse().expect("the grammar above only admits valid floats");
         if !x.is_finite() {
             return Err(Error::Format(format!(
                 "JSON: at byte {start}: number {literal} is too large for an f64"
@@ -599,8 +587,7 @@ mod tests {
 
     #[test]
     fn parses_every_kind_of_value() {
-        let v = parse(r#" { "a": [1, -2.5, 3e2, true, false, null], "b": {"c": "d"}, "e": {} } "#)
-            .unwrap();
+        let v = parse(r#" { "a": [1, -2.5, 3e2, true, false, null], "b": {"c": "d"}, "e": {} } "#).unwrap();
         assert_eq!(
             v,
             Json::Object(vec![
@@ -615,30 +602,19 @@ mod tests {
                         Json::Null,
                     ])
                 ),
-                (
-                    "b".into(),
-                    Json::Object(vec![("c".into(), Json::String("d".into()))])
-                ),
+                ("b".into(), Json::Object(vec![("c".into(), Json::String("d".into()))])),
                 ("e".into(), Json::Object(vec![])),
             ])
         );
         assert_eq!(parse("[]").unwrap(), Json::Array(vec![]));
         assert_eq!(parse("\"\"").unwrap(), Json::String(String::new()));
-        assert_eq!(
-            parse("-0").unwrap().as_f64().unwrap().to_bits(),
-            (-0.0f64).to_bits()
-        );
+        assert_eq!(parse("-0").unwrap().as_f64().unwrap().to_bits(), (-0.0f64).to_bits());
     }
 
     #[test]
     fn objects_keep_insertion_order() {
         let v = parse(r#"{"z": 1, "a": 2, "m": 3}"#).unwrap();
-        let keys: Vec<&str> = v
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, _)| k.as_str())
-            .collect();
+        let keys: Vec<&str> = v.as_object().unwrap().iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, ["z", "a", "m"]);
         assert_eq!(v.to_string_compact(), r#"{"z":1,"a":2,"m":3}"#);
     }
@@ -654,12 +630,8 @@ mod tests {
 
     #[test]
     fn string_escapes_decode() {
-        let v =
-            parse(r#""q\" b\\ s\/ \b\f\n\r\t \u0041\u00e9\u20AC \ud83d\ude00 raw é€😀""#).unwrap();
-        assert_eq!(
-            v.as_str().unwrap(),
-            "q\" b\\ s/ \u{8}\u{c}\n\r\t Aé€ 😀 raw é€😀"
-        );
+        let v = parse(r#""q\" b\\ s\/ \b\f\n\r\t \u0041\u00e9\u20AC \ud83d\ude00 raw é€😀""#).unwrap();
+        assert_eq!(v.as_str().unwrap(), "q\" b\\ s/ \u{8}\u{c}\n\r\t Aé€ 😀 raw é€😀");
     }
 
     #[test]
@@ -675,9 +647,7 @@ mod tests {
 
     #[test]
     fn number_grammar_is_strict() {
-        for bad in [
-            "01", "+1", "1.", ".5", "1e", "1e+", "-", "- 1", "0x10", "NaN", "Infinity",
-        ] {
+        for bad in ["01", "+1", "1.", ".5", "1e", "1e+", "-", "- 1", "0x10", "NaN", "Infinity"] {
             let _ = err(bad);
         }
         assert!(err("1e400").contains("too large"));
@@ -687,23 +657,11 @@ mod tests {
 
     #[test]
     fn errors_name_the_byte_and_what_was_expected() {
-        assert_eq!(
-            err(r#"{"a" 1}"#),
-            "JSON: at byte 5: expected ':' after an object key, found '1'"
-        );
+        assert_eq!(err(r#"{"a" 1}"#), "JSON: at byte 5: expected ':' after an object key, found '1'");
         assert_eq!(err("[1,]"), "JSON: at byte 3: expected a value, found ']'");
-        assert_eq!(
-            err("{\"a\":1,}"),
-            "JSON: at byte 7: expected a string as an object key, found '}'"
-        );
-        assert_eq!(
-            err("[1 2]"),
-            "JSON: at byte 3: expected ',' or ']' in an array, found '2'"
-        );
-        assert_eq!(
-            err(""),
-            "JSON: at byte 0: expected a value, found the end of input"
-        );
+        assert_eq!(err("{\"a\":1,}"), "JSON: at byte 7: expected a string as an object key, found '}'");
+        assert_eq!(err("[1 2]"), "JSON: at byte 3: expected ',' or ']' in an array, found '2'");
+        assert_eq!(err(""), "JSON: at byte 0: expected a value, found the end of input");
         assert!(err("tru").contains("'true'"));
     }
 
@@ -792,29 +750,20 @@ mod tests {
 
     #[test]
     fn accessors() {
-        let v = parse(r#"{"n": 7, "f": 1.5, "neg": -1, "big": 9007199254740993, "s": "x", "b": true, "a": [1]}"#)
-            .unwrap();
+        let v =
+            parse(r#"{"n": 7, "f": 1.5, "neg": -1, "big": 9007199254740993, "s": "x", "b": true, "a": [1]}"#)
+                .unwrap();
         assert_eq!(v.get("n").unwrap().as_u64(), Some(7));
         assert_eq!(v.get("f").unwrap().as_u64(), None);
         assert_eq!(v.get("f").unwrap().as_f64(), Some(1.5));
         assert_eq!(v.get("neg").unwrap().as_u64(), None);
-        assert_eq!(
-            v.get("big").unwrap().as_u64(),
-            None,
-            "beyond 2^53 is not exact"
-        );
-        assert_eq!(
-            Json::Number(9_007_199_254_740_991.0).as_u64(),
-            Some((1 << 53) - 1)
-        );
+        assert_eq!(v.get("big").unwrap().as_u64(), None, "beyond 2^53 is not exact");
+        assert_eq!(Json::Number(9_007_199_254_740_991.0).as_u64(), Some((1 << 53) - 1));
         assert_eq!(Json::Number(9_007_199_254_740_992.0).as_u64(), None);
         assert_eq!(v.get("s").unwrap().as_str(), Some("x"));
         assert_eq!(v.get("s").unwrap().as_f64(), None);
         assert_eq!(v.get("b").unwrap().as_bool(), Some(true));
-        assert_eq!(
-            v.get("a").unwrap().as_array(),
-            Some(&[Json::Number(1.0)][..])
-        );
+        assert_eq!(v.get("a").unwrap().as_array(), Some(&[Json::Number(1.0)][..]));
         assert!(v.get("a").unwrap().as_object().is_none());
         assert!(Json::Null.is_null());
     }
@@ -827,9 +776,6 @@ mod tests {
             ("name".into(), "tiny".into()),
             ("ok".into(), true.into()),
         ]);
-        assert_eq!(
-            v.to_string_compact(),
-            r#"{"dims":[2,3],"lr":0.5,"name":"tiny","ok":true}"#
-        );
+        assert_eq!(v.to_string_compact(), r#"{"dims":[2,3],"lr":0.5,"name":"tiny","ok":true}"#);
     }
 }

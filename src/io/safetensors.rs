@@ -113,34 +113,22 @@ impl SafeTensors {
 /// assert_eq!(read.tensors["w"].shape, [2, 2]);
 /// assert_eq!(read.tensors["w"].data, [1.0, 2.0, 3.0, 4.0]);
 /// ```
-pub fn serialize(
-    tensors: &[(&str, &[usize], &[f32])],
-    metadata: &BTreeMap<String, String>,
-) -> Vec<u8> {
+pub fn serialize(tensors: &[(&str, &[usize], &[f32])], metadata: &BTreeMap<String, String>) -> Vec<u8> {
     let mut sorted: Vec<&(&str, &[usize], &[f32])> = tensors.iter().collect();
     sorted.sort_by_key(|(name, _, _)| *name);
     for pair in sorted.windows(2) {
-        assert_ne!(
-            pair[0].0, pair[1].0,
-            "safetensors::serialize: two tensors named '{}'",
-            pair[0].0
-        );
+        assert_ne!(pair[0].0, pair[1].0, "safetensors::serialize: two tensors named '{}'", pair[0].0);
     }
 
     // The header: metadata first, then each tensor with its byte range, one after another.
     let mut entries = Vec::with_capacity(sorted.len() + 1);
     if !metadata.is_empty() {
-        let pairs = metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), Json::from(v.as_str())));
+        let pairs = metadata.iter().map(|(k, v)| (k.clone(), Json::from(v.as_str())));
         entries.push((METADATA_KEY.to_string(), Json::Object(pairs.collect())));
     }
     let mut offset = 0;
     for &&(name, shape, data) in &sorted {
-        assert_ne!(
-            name, METADATA_KEY,
-            "safetensors::serialize: '{METADATA_KEY}' is reserved"
-        );
+        assert_ne!(name, METADATA_KEY, "safetensors::serialize: '{METADATA_KEY}' is reserved");
         let count = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
         assert_eq!(
             count,
@@ -230,8 +218,7 @@ pub fn deserialize(bytes: &[u8], origin: &str) -> Result<SafeTensors> {
     // Part 2: the header, and part 3: the data section.
     let (header, data) = rest.split_at(header_len as usize);
 
-    let header =
-        std::str::from_utf8(header).map_err(|e| bad(format!("header is not valid UTF-8 ({e})")))?;
+    let header = std::str::from_utf8(header).map_err(|e| bad(format!("header is not valid UTF-8 ({e})")))?;
     let header = json::parse(header).map_err(|e| match e {
         Error::Format(msg) => bad(format!("header: {msg}")),
         other => other,
@@ -250,8 +237,8 @@ pub fn deserialize(bytes: &[u8], origin: &str) -> Result<SafeTensors> {
             }
             metadata = Some(read_metadata(entry).map_err(bad)?);
         } else {
-            let (shape, begin, end) = read_entry(entry, data.len())
-                .map_err(|what| bad(format!("tensor '{name}': {what}")))?;
+            let (shape, begin, end) =
+                read_entry(entry, data.len()).map_err(|what| bad(format!("tensor '{name}': {what}")))?;
             infos.push((name, shape, begin, end));
         }
     }
@@ -279,31 +266,16 @@ pub fn deserialize(bytes: &[u8], origin: &str) -> Result<SafeTensors> {
         previous = name;
     }
     if covered != data.len() {
-        return Err(bad(format!(
-            "data bytes {covered}..{} (at the end) belong to no tensor",
-            data.len()
-        )));
+        return Err(bad(format!("data bytes {covered}..{} (at the end) belong to no tensor", data.len())));
     }
 
     let mut tensors = BTreeMap::new();
     for (name, shape, begin, end) in infos {
-        let values = data[begin..end]
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        tensors.insert(
-            name.to_string(),
-            TensorData {
-                shape,
-                data: values,
-            },
-        );
+        let values =
+            data[begin..end].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        tensors.insert(name.to_string(), TensorData { shape, data: values });
     }
-    Ok(SafeTensors {
-        tensors,
-        metadata: metadata.unwrap_or_default(),
-        origin: origin.to_string(),
-    })
+    Ok(SafeTensors { tensors, metadata: metadata.unwrap_or_default(), origin: origin.to_string() })
 }
 
 /// The `"__metadata__"` entry: an object whose values are all strings.
@@ -314,9 +286,7 @@ fn read_metadata(entry: &Json) -> std::result::Result<BTreeMap<String, String>, 
     let mut metadata = BTreeMap::new();
     for (key, value) in pairs {
         let Some(value) = value.as_str() else {
-            return Err(format!(
-                "'{METADATA_KEY}' value for '{key}' is not a string"
-            ));
+            return Err(format!("'{METADATA_KEY}' value for '{key}' is not a string"));
         };
         if metadata.insert(key.clone(), value.to_string()).is_some() {
             return Err(format!("'{METADATA_KEY}' has key '{key}' twice"));
@@ -328,18 +298,11 @@ fn read_metadata(entry: &Json) -> std::result::Result<BTreeMap<String, String>, 
 /// One tensor's header entry, checked on its own: returns (shape, begin, end) with
 /// `end - begin` equal to 4 bytes per value and `end` within `data_len`. Other keys in the
 /// entry are ignored, as the reference implementation does.
-fn read_entry(
-    entry: &Json,
-    data_len: usize,
-) -> std::result::Result<(Vec<usize>, usize, usize), String> {
+fn read_entry(entry: &Json, data_len: usize) -> std::result::Result<(Vec<usize>, usize, usize), String> {
     if entry.as_object().is_none() {
         return Err("entry is not an object".into());
     }
-    let field = |key: &str| {
-        entry
-            .get(key)
-            .ok_or_else(|| format!("entry has no \"{key}\""))
-    };
+    let field = |key: &str| entry.get(key).ok_or_else(|| format!("entry has no \"{key}\""));
 
     let dtype = field("dtype")?;
     match dtype.as_str() {
@@ -375,9 +338,7 @@ fn read_entry(
         ));
     }
     if end > data_len {
-        return Err(format!(
-            "data_offsets [{begin}, {end}] run past the data section ({data_len} bytes)"
-        ));
+        return Err(format!("data_offsets [{begin}, {end}] run past the data section ({data_len} bytes)"));
     }
     Ok((shape, begin, end))
 }
@@ -428,10 +389,7 @@ mod tests {
             )
         );
         let data = &bytes[8 + n..];
-        let expected: Vec<u8> = [1.0f32, -1.0, 2.0]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
+        let expected: Vec<u8> = [1.0f32, -1.0, 2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
         assert_eq!(data, expected, "sorted by name, contiguous, little-endian");
     }
 
@@ -453,10 +411,7 @@ mod tests {
         ];
         let ramp: Vec<f32> = (0..24).map(|i| i as f32 * 0.1 - 1.0).collect();
         let meta = BTreeMap::from([
-            (
-                "config".to_string(),
-                r#"{"dim": 64, "note": "é\n"}"#.to_string(),
-            ),
+            ("config".to_string(), r#"{"dim": 64, "note": "é\n"}"#.to_string()),
             ("empty".to_string(), String::new()),
         ]);
         let input: [(&str, &[usize], &[f32]); 4] = [
@@ -524,10 +479,7 @@ mod tests {
         bytes[8] = 0xff;
         assert!(format_error(deserialize(&bytes, "f")).contains("not valid UTF-8"));
         let msg = format_error(deserialize(&file_with_header("{\"a\":", b""), "f"));
-        assert!(
-            msg.starts_with("f: header: JSON: at byte 5: expected a value"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("f: header: JSON: at byte 5: expected a value"), "{msg}");
         let msg = format_error(deserialize(&file_with_header("[]", b""), "f"));
         assert!(msg.contains("not a JSON object"), "{msg}");
     }
@@ -536,102 +488,45 @@ mod tests {
     fn entries_must_be_complete_and_f32() {
         let check = |header: &str, data: &[u8], expected: &str| {
             let msg = format_error(deserialize(&file_with_header(header, data), "m.st"));
-            assert!(
-                msg.contains(expected),
-                "{header}: got {msg:?}, expected {expected:?}"
-            );
+            assert!(msg.contains(expected), "{header}: got {msg:?}, expected {expected:?}");
         };
         let four = [0u8; 4];
         check(r#"{"t":1}"#, b"", "tensor 't': entry is not an object");
-        check(
-            r#"{"t":{"shape":[1],"data_offsets":[0,4]}}"#,
-            &four,
-            "tensor 't': entry has no \"dtype\"",
-        );
-        check(
-            r#"{"t":{"dtype":"F32","data_offsets":[0,4]}}"#,
-            &four,
-            "no \"shape\"",
-        );
-        check(
-            r#"{"t":{"dtype":"F32","shape":[1]}}"#,
-            &four,
-            "no \"data_offsets\"",
-        );
+        check(r#"{"t":{"shape":[1],"data_offsets":[0,4]}}"#, &four, "tensor 't': entry has no \"dtype\"");
+        check(r#"{"t":{"dtype":"F32","data_offsets":[0,4]}}"#, &four, "no \"shape\"");
+        check(r#"{"t":{"dtype":"F32","shape":[1]}}"#, &four, "no \"data_offsets\"");
         check(
             r#"{"t":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}"#,
             &four,
             "m.st: tensor 't': dtype is BF16; only F32 is supported",
         );
-        check(
-            r#"{"t":{"dtype":7,"shape":[1],"data_offsets":[0,4]}}"#,
-            &four,
-            "dtype is 7, not a string",
-        );
+        check(r#"{"t":{"dtype":7,"shape":[1],"data_offsets":[0,4]}}"#, &four, "dtype is 7, not a string");
         check(
             r#"{"t":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
             &four,
             "shape [-1] is not a list",
         );
-        check(
-            r#"{"t":{"dtype":"F32","shape":[1.5],"data_offsets":[0,4]}}"#,
-            &four,
-            "is not a list",
-        );
-        check(
-            r#"{"t":{"dtype":"F32","shape":[1],"data_offsets":[0]}}"#,
-            &four,
-            "not two byte positions",
-        );
-        check(
-            r#"{"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4,8]}}"#,
-            &four,
-            "not two byte positions",
-        );
-        check(
-            r#"{"__metadata__":[],"t":1}"#,
-            b"",
-            "'__metadata__' is not an object",
-        );
-        check(
-            r#"{"__metadata__":{"k":1}}"#,
-            b"",
-            "'__metadata__' value for 'k' is not a string",
-        );
-        check(
-            r#"{"__metadata__":{"k":"a","k":"b"}}"#,
-            b"",
-            "'__metadata__' has key 'k' twice",
-        );
-        check(
-            r#"{"__metadata__":{},"__metadata__":{}}"#,
-            b"",
-            "'__metadata__' twice",
-        );
+        check(r#"{"t":{"dtype":"F32","shape":[1.5],"data_offsets":[0,4]}}"#, &four, "is not a list");
+        check(r#"{"t":{"dtype":"F32","shape":[1],"data_offsets":[0]}}"#, &four, "not two byte positions");
+        check(r#"{"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4,8]}}"#, &four, "not two byte positions");
+        check(r#"{"__metadata__":[],"t":1}"#, b"", "'__metadata__' is not an object");
+        check(r#"{"__metadata__":{"k":1}}"#, b"", "'__metadata__' value for 'k' is not a string");
+        check(r#"{"__metadata__":{"k":"a","k":"b"}}"#, b"", "'__metadata__' has key 'k' twice");
+        check(r#"{"__metadata__":{},"__metadata__":{}}"#, b"", "'__metadata__' twice");
     }
 
     #[test]
     fn offsets_must_fit_the_shape_and_the_data_section() {
         let check = |header: &str, data_len: usize, expected: &str| {
-            let msg = format_error(deserialize(
-                &file_with_header(header, &vec![0; data_len]),
-                "f",
-            ));
-            assert!(
-                msg.contains(expected),
-                "{header}: got {msg:?}, expected {expected:?}"
-            );
+            let msg = format_error(deserialize(&file_with_header(header, &vec![0; data_len]), "f"));
+            assert!(msg.contains(expected), "{header}: got {msg:?}, expected {expected:?}");
         };
         check(
             r#"{"t":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
             8,
             "data_offsets [0, 4] do not hold shape [2] (8 bytes of F32)",
         );
-        check(
-            r#"{"t":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#,
-            8,
-            "do not hold shape",
-        );
+        check(r#"{"t":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#, 8, "do not hold shape");
         check(
             r#"{"t":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
             8,
@@ -652,83 +547,40 @@ mod tests {
     #[test]
     fn tensors_must_tile_the_data_section() {
         let check = |header: &str, data_len: usize, expected: &str| {
-            let msg = format_error(deserialize(
-                &file_with_header(header, &vec![0; data_len]),
-                "f",
-            ));
-            assert!(
-                msg.contains(expected),
-                "{header}: got {msg:?}, expected {expected:?}"
-            );
+            let msg = format_error(deserialize(&file_with_header(header, &vec![0; data_len]), "f"));
+            assert!(msg.contains(expected), "{header}: got {msg:?}, expected {expected:?}");
         };
         let a = |b: usize, e: usize| {
-            format!(
-                r#""a":{{"dtype":"F32","shape":[{}],"data_offsets":[{b},{e}]}}"#,
-                (e - b) / 4
-            )
+            format!(r#""a":{{"dtype":"F32","shape":[{}],"data_offsets":[{b},{e}]}}"#, (e - b) / 4)
         };
         let b = |b: usize, e: usize| {
-            format!(
-                r#""b":{{"dtype":"F32","shape":[{}],"data_offsets":[{b},{e}]}}"#,
-                (e - b) / 4
-            )
+            format!(r#""b":{{"dtype":"F32","shape":[{}],"data_offsets":[{b},{e}]}}"#, (e - b) / 4)
         };
-        check(
-            &format!("{{{},{}}}", a(0, 8), b(4, 12)),
-            12,
-            "tensors 'a' and 'b' overlap",
-        );
-        check(
-            &format!("{{{},{}}}", a(0, 8), b(0, 8)),
-            8,
-            "tensors 'a' and 'b' overlap",
-        );
-        check(
-            &format!("{{{},{}}}", a(0, 8), a(8, 12)),
-            12,
-            "header has tensor 'a' twice",
-        );
-        check(
-            &format!("{{{},{}}}", a(0, 8), a(0, 8)),
-            8,
-            "header has tensor 'a' twice",
-        );
+        check(&format!("{{{},{}}}", a(0, 8), b(4, 12)), 12, "tensors 'a' and 'b' overlap");
+        check(&format!("{{{},{}}}", a(0, 8), b(0, 8)), 8, "tensors 'a' and 'b' overlap");
+        check(&format!("{{{},{}}}", a(0, 8), a(8, 12)), 12, "header has tensor 'a' twice");
+        check(&format!("{{{},{}}}", a(0, 8), a(0, 8)), 8, "header has tensor 'a' twice");
         check(
             &format!("{{{},{}}}", a(0, 4), b(8, 12)),
             12,
             "data bytes 4..8 (before tensor 'b') belong to no tensor",
         );
-        check(
-            &format!("{{{}}}", a(4, 8)),
-            8,
-            "data bytes 0..4 (before tensor 'a')",
-        );
-        check(
-            &format!("{{{}}}", a(0, 4)),
-            8,
-            "data bytes 4..8 (at the end) belong to no tensor",
-        );
+        check(&format!("{{{}}}", a(4, 8)), 8, "data bytes 0..4 (before tensor 'a')");
+        check(&format!("{{{}}}", a(0, 4)), 8, "data bytes 4..8 (at the end) belong to no tensor");
         check("{}", 1, "data bytes 0..1 (at the end)");
         // An empty tensor takes no bytes: it may sit where one tensor ends and the next begins,
         // but not inside another (the reference implementation draws the same line).
-        let empty =
-            |at: usize| format!(r#""e":{{"dtype":"F32","shape":[0],"data_offsets":[{at},{at}]}}"#);
-        let ok = file_with_header(
-            &format!("{{{},{},{}}}", a(0, 8), empty(8), b(8, 12)),
-            &[0; 12],
-        );
+        let empty = |at: usize| format!(r#""e":{{"dtype":"F32","shape":[0],"data_offsets":[{at},{at}]}}"#);
+        let ok = file_with_header(&format!("{{{},{},{}}}", a(0, 8), empty(8), b(8, 12)), &[0; 12]);
         assert_eq!(deserialize(&ok, "f").unwrap().tensors["e"].shape, [0]);
-        check(
-            &format!("{{{},{},{}}}", a(0, 8), empty(4), b(8, 12)),
-            12,
-            "tensors 'a' and 'e' overlap",
-        );
+        check(&format!("{{{},{},{}}}", a(0, 8), empty(4), b(8, 12)), 12, "tensors 'a' and 'e' overlap");
     }
 
     #[test]
     fn reader_accepts_unpadded_headers_and_extra_fields() {
         // Other writers may not pad, may put "__metadata__" last, and may add fields.
-        let header = r#"{"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"extra":true},"__metadata__":{"a":"b"}}"#;
+        let header =
+            r#"{"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"extra":true},"__metadata__":{"a":"b"}}"#;
         let read = deserialize(&file_with_header(header, &2.5f32.to_le_bytes()), "f").unwrap();
         assert_eq!(read.tensors["t"].data, [2.5]);
         assert_eq!(read.metadata["a"], "b");
@@ -740,19 +592,10 @@ mod tests {
         let mut read = deserialize(&bytes, "ckpt.safetensors").unwrap();
         assert_eq!(read.get("w").unwrap().shape, [2, 3]);
         let msg = format_error(read.get("v"));
-        assert_eq!(
-            msg,
-            "ckpt.safetensors: no tensor named 'v' (the file has 1 tensors)"
-        );
+        assert_eq!(msg, "ckpt.safetensors: no tensor named 'v' (the file has 1 tensors)");
         let msg = format_error(read.take("w", &[3, 2]));
-        assert_eq!(
-            msg,
-            "ckpt.safetensors: tensor 'w' has shape [2, 3], expected [3, 2]"
-        );
-        assert!(
-            read.tensors.contains_key("w"),
-            "a failed take leaves the tensor"
-        );
+        assert_eq!(msg, "ckpt.safetensors: tensor 'w' has shape [2, 3], expected [3, 2]");
+        assert!(read.tensors.contains_key("w"), "a failed take leaves the tensor");
         assert_eq!(read.take("w", &[2, 3]).unwrap(), [0.0; 6]);
         assert!(read.tensors.is_empty());
         assert!(format_error(read.take("w", &[2, 3])).contains("no tensor named 'w'"));
@@ -784,10 +627,7 @@ mod tests {
 
         std::fs::write(&path, b"short").unwrap();
         let msg = format_error(load(&path));
-        assert!(
-            msg.starts_with(&format!("{}: 5 bytes", path.display())),
-            "{msg}"
-        );
+        assert!(msg.starts_with(&format!("{}: 5 bytes", path.display())), "{msg}");
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(matches!(load(&path), Err(Error::Io { .. })));
     }

@@ -47,10 +47,7 @@ pub fn sgemm(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        ldc >= n,
-        "sgemm: row stride {ldc} of C is less than its {n} columns"
-    );
+    assert!(ldc >= n, "sgemm: row stride {ldc} of C is less than its {n} columns");
     assert!(
         c.len() > (m - 1) * ldc + n - 1,
         "sgemm: C has {} values, too few for {m}x{n} with row stride {ldc}",
@@ -80,37 +77,17 @@ pub fn sgemm(
     }
 
     let flops = 2 * m * k * n;
-    let blocks = if worth_splitting(flops) && m >= 16 {
-        threads().min(m / 8).max(1)
-    } else {
-        1
-    };
+    let blocks = if worth_splitting(flops) && m >= 16 { threads().min(m / 8).max(1) } else { 1 };
     if blocks == 1 {
         sgemm_serial(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, ldc);
         return;
     }
     let rows_per_block = m.div_ceil(blocks);
-    c.par_chunks_mut(rows_per_block * ldc)
-        .enumerate()
-        .for_each(|(blk, c_blk)| {
-            let row0 = blk * rows_per_block;
-            let rows = rows_per_block.min(m - row0);
-            sgemm_serial(
-                rows,
-                k,
-                n,
-                alpha,
-                &a[row0 * rsa..],
-                rsa,
-                csa,
-                b,
-                rsb,
-                csb,
-                beta,
-                c_blk,
-                ldc,
-            );
-        });
+    c.par_chunks_mut(rows_per_block * ldc).enumerate().for_each(|(blk, c_blk)| {
+        let row0 = blk * rows_per_block;
+        let rows = rows_per_block.min(m - row0);
+        sgemm_serial(rows, k, n, alpha, &a[row0 * rsa..], rsa, csa, b, rsb, csb, beta, c_blk, ldc);
+    });
 }
 
 /// One single-threaded call of `matrixmultiply::sgemm` (bounds already checked by the caller).
@@ -218,9 +195,7 @@ mod tests {
         let mut c = vec![0.0f32; m * n];
         for i in 0..m {
             for j in 0..n {
-                let s: f64 = (0..k)
-                    .map(|p| a[i * k + p] as f64 * b[p * n + j] as f64)
-                    .sum();
+                let s: f64 = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum();
                 c[i * n + j] = s as f32;
             }
         }
@@ -230,33 +205,22 @@ mod tests {
     fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| {
-                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32
-                    / 500.0
-                    - 1.0
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32 / 500.0 - 1.0
             })
             .collect()
     }
 
     fn close(a: &[f32], b: &[f32]) {
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                "element {i}: {x} vs {y}"
-            );
+            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "element {i}: {x} vs {y}");
         }
     }
 
     #[test]
     fn matches_the_triple_loop_at_odd_sizes_and_both_paths() {
-        for &(m, k, n) in &[
-            (1, 1, 1),
-            (1, 7, 13),
-            (3, 5, 2),
-            (5, 17, 33),
-            (16, 9, 70),
-            (17, 33, 65),
-            (130, 70, 90),
-        ] {
+        for &(m, k, n) in
+            &[(1, 1, 1), (1, 7, 13), (3, 5, 2), (5, 17, 33), (16, 9, 70), (17, 33, 65), (130, 70, 90)]
+        {
             let a = values(m * k, 1);
             let b = values(k * n, 2);
             let mut c = vec![f32::NAN; m * n];
@@ -282,11 +246,7 @@ mod tests {
         for i in 0..m {
             for j in 0..ldc {
                 let got = c[i * ldc + j];
-                let expect = if j < n {
-                    1.0 + 2.0 * want[i * n + j]
-                } else {
-                    1.0
-                };
+                let expect = if j < n { 1.0 + 2.0 * want[i * n + j] } else { 1.0 };
                 assert!((got - expect).abs() < 1e-4, "({i},{j}): {got} vs {expect}");
             }
         }
@@ -298,10 +258,7 @@ mod tests {
         let a = values(m * k, 5);
         let b = values(k * n, 6);
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             pool.install(|| {
                 let mut c = vec![0.0f32; m * n];
                 sgemm(m, k, n, 1.0, &a, k, 1, &b, n, 1, 0.0, &mut c, n);

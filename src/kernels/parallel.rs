@@ -39,19 +39,15 @@ where
     }
     let rows = out.len() / row_len;
     if !worth_splitting(rows * work_per_row.max(row_len)) {
-        out.chunks_mut(row_len)
-            .enumerate()
-            .for_each(|(i, r)| f(i, r));
+        out.chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r));
         return;
     }
     let rows_per_task = rows.div_ceil(threads() * 4).max(1);
-    out.par_chunks_mut(rows_per_task * row_len)
-        .enumerate()
-        .for_each(|(task, block)| {
-            for (j, r) in block.chunks_mut(row_len).enumerate() {
-                f(task * rows_per_task + j, r);
-            }
-        });
+    out.par_chunks_mut(rows_per_task * row_len).enumerate().for_each(|(task, block)| {
+        for (j, r) in block.chunks_mut(row_len).enumerate() {
+            f(task * rows_per_task + j, r);
+        }
+    });
 }
 
 /// Like [`for_each_row`] over two outputs with the same number of rows (an op that writes
@@ -70,30 +66,19 @@ pub fn for_each_row2<F>(
         return;
     }
     let rows = out_a.len() / len_a;
-    assert_eq!(
-        rows,
-        out_b.len() / len_b,
-        "for_each_row2: {rows} rows vs {} rows",
-        out_b.len() / len_b
-    );
+    assert_eq!(rows, out_b.len() / len_b, "for_each_row2: {rows} rows vs {} rows", out_b.len() / len_b);
     if !worth_splitting(rows * work_per_row.max(len_a)) {
-        out_a
-            .chunks_mut(len_a)
-            .zip(out_b.chunks_mut(len_b))
-            .enumerate()
-            .for_each(|(i, (a, b))| f(i, a, b));
+        out_a.chunks_mut(len_a).zip(out_b.chunks_mut(len_b)).enumerate().for_each(|(i, (a, b))| f(i, a, b));
         return;
     }
     let per = rows.div_ceil(threads() * 4).max(1);
-    out_a
-        .par_chunks_mut(per * len_a)
-        .zip(out_b.par_chunks_mut(per * len_b))
-        .enumerate()
-        .for_each(|(task, (ba, bb))| {
+    out_a.par_chunks_mut(per * len_a).zip(out_b.par_chunks_mut(per * len_b)).enumerate().for_each(
+        |(task, (ba, bb))| {
             for (j, (a, b)) in ba.chunks_mut(len_a).zip(bb.chunks_mut(len_b)).enumerate() {
                 f(task * per + j, a, b);
             }
-        });
+        },
+    );
 }
 
 #[cfg(test)]
@@ -104,9 +89,7 @@ mod tests {
     fn every_row_is_visited_once_with_its_index() {
         for rows in [1usize, 3, 100, 1000] {
             let mut out = vec![0.0f32; rows * 7];
-            for_each_row(&mut out, 7, 1 << 20, |i, r| {
-                r.iter_mut().for_each(|x| *x += i as f32)
-            });
+            for_each_row(&mut out, 7, 1 << 20, |i, r| r.iter_mut().for_each(|x| *x += i as f32));
             for (i, r) in out.chunks(7).enumerate() {
                 assert!(r.iter().all(|&x| x == i as f32), "row {i}");
             }

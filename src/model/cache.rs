@@ -75,11 +75,7 @@ impl KvCache {
         let make = |range: std::ops::Range<usize>| CachePart {
             first_layer: range.start,
             layers: range
-                .map(|_| LayerCache {
-                    k: vec![0.0; per_layer],
-                    v: vec![0.0; per_layer],
-                    len: vec![0; batch],
-                })
+                .map(|_| LayerCache { k: vec![0.0; per_layer], v: vec![0.0; per_layer], len: vec![0; batch] })
                 .collect(),
         };
         KvCache {
@@ -123,11 +119,6 @@ impl KvCache {
 
     /// The bytes the buffers take.
     pub fn bytes(&self) -> usize {
-        (self.lower.layers.len() + self.upper.layers.len())
-            * 2
-            * self.batch
-            * self.max_seq_len
-            * self.dim
-            * 4
+        (self.lower.layers.len() + self.upper.layers.len()) * 2 * self.batch * self.max_seq_len * self.dim * 4
     }
 }

@@ -34,18 +34,12 @@ impl LegoTransformer {
     pub fn save(&self, path: &Path, extra: &BTreeMap<String, String>) -> Result<()> {
         let named = self.named_params();
         let datas: Vec<_> = named.iter().map(|(_, t)| t.data()).collect();
-        let entries: Vec<(&str, &[usize], &[f32])> = named
-            .iter()
-            .zip(&datas)
-            .map(|((n, t), d)| (n.as_str(), t.shape(), d.as_slice()))
-            .collect();
+        let entries: Vec<(&str, &[usize], &[f32])> =
+            named.iter().zip(&datas).map(|((n, t), d)| (n.as_str(), t.shape(), d.as_slice())).collect();
         let mut meta = extra.clone();
         meta.insert("config".into(), self.config.to_json().to_string_compact());
-        let frozen: Vec<&str> = named
-            .iter()
-            .filter(|(_, t)| !t.requires_grad_flag())
-            .map(|(n, _)| n.as_str())
-            .collect();
+        let frozen: Vec<&str> =
+            named.iter().filter(|(_, t)| !t.requires_grad_flag()).map(|(n, _)| n.as_str()).collect();
         meta.insert("frozen".into(), frozen.join(","));
         safetensors::save(path, &entries, &meta)
     }
@@ -64,12 +58,7 @@ impl LegoTransformer {
         let frozen: Vec<String> = st
             .metadata
             .get("frozen")
-            .map(|f| {
-                f.split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(String::from)
-                    .collect()
-            })
+            .map(|f| f.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
             .unwrap_or_default();
         let (v, d, f) = (config.vocab_size, config.dim, config.ffn_hidden);
         let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
@@ -81,73 +70,41 @@ impl LegoTransformer {
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let p = |n: &str| format!("layers.{i}.{n}");
-            let norm = |t: Tensor| RmsNorm {
-                weight: t,
-                eps: config.norm_eps,
-            };
+            let norm = |t: Tensor| RmsNorm { weight: t, eps: config.norm_eps };
             layers.push(Block {
                 attention_norm: norm(take(&p("attention_norm.weight"), &[d])?),
                 attention: Attention {
-                    wq: Linear {
-                        weight: take(&p("attention.wq.weight"), &[d, d])?,
-                    },
-                    wk: Linear {
-                        weight: take(&p("attention.wk.weight"), &[d, d])?,
-                    },
-                    wv: Linear {
-                        weight: take(&p("attention.wv.weight"), &[d, d])?,
-                    },
-                    wo: Linear {
-                        weight: take(&p("attention.wo.weight"), &[d, d])?,
-                    },
+                    wq: Linear { weight: take(&p("attention.wq.weight"), &[d, d])? },
+                    wk: Linear { weight: take(&p("attention.wk.weight"), &[d, d])? },
+                    wv: Linear { weight: take(&p("attention.wv.weight"), &[d, d])? },
+                    wo: Linear { weight: take(&p("attention.wo.weight"), &[d, d])? },
                     heads: config.num_heads,
                     rope_theta: config.rope_theta,
                 },
                 ffn_norm: norm(take(&p("ffn_norm.weight"), &[d])?),
                 feed_forward: SwiGluMlp {
-                    w1: Linear {
-                        weight: take(&p("feed_forward.w1.weight"), &[f, d])?,
-                    },
-                    w2: Linear {
-                        weight: take(&p("feed_forward.w2.weight"), &[d, f])?,
-                    },
-                    w3: Linear {
-                        weight: take(&p("feed_forward.w3.weight"), &[f, d])?,
-                    },
+                    w1: Linear { weight: take(&p("feed_forward.w1.weight"), &[f, d])? },
+                    w2: Linear { weight: take(&p("feed_forward.w2.weight"), &[d, f])? },
+                    w3: Linear { weight: take(&p("feed_forward.w3.weight"), &[f, d])? },
                 },
             });
         }
         let head = ExitHead {
-            norm: RmsNorm {
-                weight: take("norm.weight", &[d])?,
-                eps: config.norm_eps,
-            },
-            output: Linear {
-                weight: take("output.weight", &[v, d])?,
-            },
+            norm: RmsNorm { weight: take("norm.weight", &[d])?, eps: config.norm_eps },
+            output: Linear { weight: take("output.weight", &[v, d])? },
         };
         let exit_head = if has_exit_head {
             Some(ExitHead {
-                norm: RmsNorm {
-                    weight: take("exit_norm.weight", &[d])?,
-                    eps: config.norm_eps,
-                },
-                output: Linear {
-                    weight: take("exit_output.weight", &[v, d])?,
-                },
+                norm: RmsNorm { weight: take("exit_norm.weight", &[d])?, eps: config.norm_eps },
+                output: Linear { weight: take("exit_output.weight", &[v, d])? },
             })
         } else {
             None
         };
         if let Some(name) = st.tensors.keys().next() {
-            return Err(Error::Format(format!(
-                "{origin}: unexpected tensor '{name}' for this config"
-            )));
+            return Err(Error::Format(format!("{origin}: unexpected tensor '{name}' for this config")));
         }
         let meta = std::mem::take(&mut st.metadata);
-        Ok((
-            LegoTransformer::from_parts(config, tok_embeddings, layers, head, exit_head),
-            meta,
-        ))
+        Ok((LegoTransformer::from_parts(config, tok_embeddings, layers, head, exit_head), meta))
     }
 }

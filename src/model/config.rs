@@ -92,10 +92,7 @@ impl LegoConfig {
             return bad("num_layers must be at least 1".into());
         }
         if !self.dim.is_multiple_of(self.num_heads) {
-            return bad(format!(
-                "dim {} is not divisible by num_heads {}",
-                self.dim, self.num_heads
-            ));
+            return bad(format!("dim {} is not divisible by num_heads {}", self.dim, self.num_heads));
         }
         if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
@@ -106,22 +103,13 @@ impl LegoConfig {
             ));
         }
         if self.exit_layer > self.num_layers {
-            return bad(format!(
-                "exit_layer {} is beyond num_layers {}",
-                self.exit_layer, self.num_layers
-            ));
+            return bad(format!("exit_layer {} is beyond num_layers {}", self.exit_layer, self.num_layers));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return bad(format!(
-                "rope_theta must be a positive number, got {}",
-                self.rope_theta
-            ));
+            return bad(format!("rope_theta must be a positive number, got {}", self.rope_theta));
         }
         if !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
-            return bad(format!(
-                "norm_eps must be a non-negative number, got {}",
-                self.norm_eps
-            ));
+            return bad(format!("norm_eps must be a non-negative number, got {}", self.norm_eps));
         }
         check_threshold(self.routing_threshold)?;
         Ok(())
@@ -139,30 +127,25 @@ impl LegoConfig {
             ("rope_theta".into(), Json::from(self.rope_theta as f64)),
             ("norm_eps".into(), Json::from(self.norm_eps as f64)),
             ("exit_layer".into(), Json::from(self.exit_layer)),
-            (
-                "routing_threshold".into(),
-                Json::from(self.routing_threshold as f64),
-            ),
+            ("routing_threshold".into(), Json::from(self.routing_threshold as f64)),
         ])
     }
 
     /// Reads a config written by [`to_json`](LegoConfig::to_json), and validates it.
     pub fn from_json(json: &Json, origin: &str) -> Result<LegoConfig> {
         let field = |name: &str| -> Result<&Json> {
-            json.get(name)
-                .ok_or_else(|| Error::Format(format!("{origin}: config has no field '{name}'")))
+            json.get(name).ok_or_else(|| Error::Format(format!("{origin}: config has no field '{name}'")))
         };
         let int = |name: &str| -> Result<usize> {
             field(name)?.as_u64().map(|v| v as usize).ok_or_else(|| {
-                Error::Format(format!(
-                    "{origin}: config field '{name}' is not a non-negative integer"
-                ))
+                Error::Format(format!("{origin}: config field '{name}' is not a non-negative integer"))
             })
         };
         let float = |name: &str| -> Result<f32> {
-            field(name)?.as_f64().map(|v| v as f32).ok_or_else(|| {
-                Error::Format(format!("{origin}: config field '{name}' is not a number"))
-            })
+            field(name)?
+                .as_f64()
+                .map(|v| v as f32)
+                .ok_or_else(|| Error::Format(format!("{origin}: config field '{name}' is not a number")))
         };
         let config = LegoConfig {
             vocab_size: int("vocab_size")?,
@@ -201,8 +184,7 @@ mod tests {
         for c in [LegoConfig::t(), LegoConfig::s(), LegoConfig::m()] {
             c.validate().unwrap();
             let text = c.to_json().to_string_compact();
-            let back =
-                LegoConfig::from_json(&crate::io::json::parse(&text).unwrap(), "test").unwrap();
+            let back = LegoConfig::from_json(&crate::io::json::parse(&text).unwrap(), "test").unwrap();
             assert_eq!(back, c);
         }
     }
@@ -211,68 +193,18 @@ mod tests {
     fn bad_configs_are_errors_that_say_why() {
         let base = LegoConfig::t();
         let cases: Vec<(LegoConfig, &str)> = vec![
-            (
-                LegoConfig {
-                    num_heads: 3,
-                    ..base.clone()
-                },
-                "not divisible",
-            ),
-            (
-                LegoConfig {
-                    dim: 12,
-                    num_heads: 4,
-                    ..base.clone()
-                },
-                "must be even",
-            ),
-            (
-                LegoConfig {
-                    exit_layer: 5,
-                    ..base.clone()
-                },
-                "beyond num_layers",
-            ),
-            (
-                LegoConfig {
-                    routing_threshold: f32::NAN,
-                    ..base.clone()
-                },
-                "routing threshold",
-            ),
-            (
-                LegoConfig {
-                    routing_threshold: -0.1,
-                    ..base.clone()
-                },
-                "routing threshold",
-            ),
-            (
-                LegoConfig {
-                    vocab_size: 0,
-                    ..base.clone()
-                },
-                "must be positive",
-            ),
-            (
-                LegoConfig {
-                    num_layers: 0,
-                    ..base.clone()
-                },
-                "num_layers",
-            ),
+            (LegoConfig { num_heads: 3, ..base.clone() }, "not divisible"),
+            (LegoConfig { dim: 12, num_heads: 4, ..base.clone() }, "must be even"),
+            (LegoConfig { exit_layer: 5, ..base.clone() }, "beyond num_layers"),
+            (LegoConfig { routing_threshold: f32::NAN, ..base.clone() }, "routing threshold"),
+            (LegoConfig { routing_threshold: -0.1, ..base.clone() }, "routing threshold"),
+            (LegoConfig { vocab_size: 0, ..base.clone() }, "must be positive"),
+            (LegoConfig { num_layers: 0, ..base.clone() }, "num_layers"),
         ];
         for (c, want) in cases {
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains(want), "{err:?} should mention {want:?}");
         }
-        assert!(
-            LegoConfig {
-                routing_threshold: 1.5,
-                ..base
-            }
-            .validate()
-            .is_ok()
-        );
+        assert!(LegoConfig { routing_threshold: 1.5, ..base }.validate().is_ok());
     }
 }

@@ -120,10 +120,8 @@ impl Workspace {
         ] {
             buf.resize(rows * width, 0.0);
         }
-        self.scores
-            .resize(rows * self.heads * self.max_seq_len, 0.0);
-        self.transposed
-            .resize(SMALL_M.min(rows) * d.max(f).max(v), 0.0);
+        self.scores.resize(rows * self.heads * self.max_seq_len, 0.0);
+        self.transposed.resize(SMALL_M.min(rows) * d.max(f).max(v), 0.0);
         self.positions.resize(rows, 0);
         self.capacity = rows;
     }
@@ -160,11 +158,9 @@ pub(crate) fn linear(
 fn rmsnorm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], dim: usize) {
     let rows = x.len() / dim;
     if worth_splitting(rows * dim * 4) {
-        out.par_chunks_mut(dim)
-            .zip(x.par_chunks(dim))
-            .for_each(|(o, r)| {
-                simd::rmsnorm(r, weight, eps, o);
-            });
+        out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(o, r)| {
+            simd::rmsnorm(r, weight, eps, o);
+        });
     } else {
         for (o, r) in out.chunks_mut(dim).zip(x.chunks(dim)) {
             simd::rmsnorm(r, weight, eps, o);
@@ -187,20 +183,10 @@ impl LegoTransformer {
     /// Positions: a step that starts at layer 0 brings new tokens, at the row's next position
     /// `cache.positions[row]`, which it then advances by `t`; a step that starts higher carries
     /// tokens that already went through layer 0 (so their positions are `positions − t`).
-    pub fn run_cached(
-        &self,
-        range: Range<usize>,
-        step: &Step,
-        cache: &mut KvCache,
-        ws: &mut Workspace,
-    ) {
+    pub fn run_cached(&self, range: Range<usize>, step: &Step, cache: &mut KvCache, ws: &mut Workspace) {
         let t = step.t;
         let m = step.cache_rows.len() * t;
-        assert!(
-            m <= ws.capacity,
-            "run_cached: {m} token rows but the workspace holds {}",
-            ws.capacity
-        );
+        assert!(m <= ws.capacity, "run_cached: {m} token rows but the workspace holds {}", ws.capacity);
         for (i, &row) in step.cache_rows.iter().enumerate() {
             let p = cache.positions[row];
             ws.positions[i] = if range.start == 0 {
@@ -235,40 +221,10 @@ impl LegoTransformer {
         let half = hd / 2;
 
         // Attention: normalise, project, rotate, append to the cache.
-        rmsnorm_rows(
-            &ws.x[..m * d],
-            &layer.attention_norm.weight.data(),
-            c.norm_eps,
-            &mut ws.xn[..m * d],
-            d,
-        );
-        linear(
-            &ws.xn,
-            m,
-            d,
-            &attn.wq.weight.data(),
-            d,
-            &mut ws.q,
-            &mut ws.transposed,
-        );
-        linear(
-            &ws.xn,
-            m,
-            d,
-            &attn.wk.weight.data(),
-            d,
-            &mut ws.k,
-            &mut ws.transposed,
-        );
-        linear(
-            &ws.xn,
-            m,
-            d,
-            &attn.wv.weight.data(),
-            d,
-            &mut ws.v,
-            &mut ws.transposed,
-        );
+        rmsnorm_rows(&ws.x[..m * d], &layer.attention_norm.weight.data(), c.norm_eps, &mut ws.xn[..m * d], d);
+        linear(&ws.xn, m, d, &attn.wq.weight.data(), d, &mut ws.q, &mut ws.transposed);
+        linear(&ws.xn, m, d, &attn.wk.weight.data(), d, &mut ws.k, &mut ws.transposed);
+        linear(&ws.xn, m, d, &attn.wv.weight.data(), d, &mut ws.v, &mut ws.transposed);
         for (r, &row) in step.cache_rows.iter().enumerate() {
             let len = cache.len[row];
             assert!(
@@ -278,10 +234,8 @@ impl LegoTransformer {
             );
             for i in 0..t {
                 let pos = ws.positions[r] + i;
-                let (cos, sin) = (
-                    &ws.rope_cos[pos * half..(pos + 1) * half],
-                    &ws.rope_sin[pos * half..(pos + 1) * half],
-                );
+                let (cos, sin) =
+                    (&ws.rope_cos[pos * half..(pos + 1) * half], &ws.rope_sin[pos * half..(pos + 1) * half]);
                 let tok = (r * t + i) * d;
                 for h in 0..heads {
                     rotate(&mut ws.q[tok + h * hd..tok + (h + 1) * hd], cos, sin);
@@ -327,63 +281,16 @@ impl LegoTransformer {
         for &row in step.cache_rows {
             cache.len[row] += t;
         }
-        linear(
-            &ws.att,
-            m,
-            d,
-            &attn.wo.weight.data(),
-            d,
-            &mut ws.delta,
-            &mut ws.transposed,
-        );
-        ws.x[..m * d]
-            .iter_mut()
-            .zip(&ws.delta[..m * d])
-            .for_each(|(x, y)| *x += y);
+        linear(&ws.att, m, d, &attn.wo.weight.data(), d, &mut ws.delta, &mut ws.transposed);
+        ws.x[..m * d].iter_mut().zip(&ws.delta[..m * d]).for_each(|(x, y)| *x += y);
 
         // MLP: x += W2·(silu(W1·xn) ⊙ W3·xn).
-        rmsnorm_rows(
-            &ws.x[..m * d],
-            &layer.ffn_norm.weight.data(),
-            c.norm_eps,
-            &mut ws.xn[..m * d],
-            d,
-        );
-        linear(
-            &ws.xn,
-            m,
-            d,
-            &ffn.w1.weight.data(),
-            f,
-            &mut ws.gate,
-            &mut ws.transposed,
-        );
-        linear(
-            &ws.xn,
-            m,
-            d,
-            &ffn.w3.weight.data(),
-            f,
-            &mut ws.up,
-            &mut ws.transposed,
-        );
-        ws.gate[..m * f]
-            .iter_mut()
-            .zip(&ws.up[..m * f])
-            .for_each(|(g, u)| *g = *g * sigmoid(*g) * u);
-        linear(
-            &ws.gate,
-            m,
-            f,
-            &ffn.w2.weight.data(),
-            d,
-            &mut ws.delta,
-            &mut ws.transposed,
-        );
-        ws.x[..m * d]
-            .iter_mut()
-            .zip(&ws.delta[..m * d])
-            .for_each(|(x, y)| *x += y);
+        rmsnorm_rows(&ws.x[..m * d], &layer.ffn_norm.weight.data(), c.norm_eps, &mut ws.xn[..m * d], d);
+        linear(&ws.xn, m, d, &ffn.w1.weight.data(), f, &mut ws.gate, &mut ws.transposed);
+        linear(&ws.xn, m, d, &ffn.w3.weight.data(), f, &mut ws.up, &mut ws.transposed);
+        ws.gate[..m * f].iter_mut().zip(&ws.up[..m * f]).for_each(|(g, u)| *g = *g * sigmoid(*g) * u);
+        linear(&ws.gate, m, f, &ffn.w2.weight.data(), d, &mut ws.delta, &mut ws.transposed);
+        ws.x[..m * d].iter_mut().zip(&ws.delta[..m * d]).for_each(|(x, y)| *x += y);
     }
 
     /// Logits of `head` for the hidden states in `ws.x` at the given token rows, into
@@ -399,12 +306,7 @@ impl LegoTransformer {
         // Gather the rows first (they may be spread out), normalising as we go.
         let w = head.norm.weight.data();
         for tok in token_rows {
-            simd::rmsnorm(
-                &ws.x[tok * d..(tok + 1) * d],
-                &w,
-                head.norm.eps,
-                &mut ws.xn[n * d..(n + 1) * d],
-            );
+            simd::rmsnorm(&ws.x[tok * d..(tok + 1) * d], &w, head.norm.eps, &mut ws.xn[n * d..(n + 1) * d]);
             n += 1;
         }
         linear(
@@ -446,20 +348,14 @@ impl LegoTransformer {
         let mut ws = Workspace::new(self, batch * t);
         self.embed_into(ids, &mut ws);
         let rows: Vec<usize> = (0..batch).collect();
-        let step = Step {
-            cache_rows: &rows,
-            t,
-        };
+        let step = Step { cache_rows: &rows, t };
         self.run_cached(0..self.layers.len(), &step, cache, &mut ws);
         self.logits_into(&self.head, 0..batch * t, &mut ws);
         if let Some(saved) = saved {
             *cache = saved;
         }
         let v = self.config.vocab_size;
-        Ok(Tensor::from_vec(
-            ws.logits[..batch * t * v].to_vec(),
-            &[batch, t, v],
-        ))
+        Ok(Tensor::from_vec(ws.logits[..batch * t * v].to_vec(), &[batch, t, v]))
     }
 
     /// **Spec `forward_with_cache_partial(h, cache, start, end)`**: hidden states `[B, T, D]`
@@ -489,10 +385,7 @@ impl LegoTransformer {
         let (batch, t, d) = (h.dim(0), h.dim(1), h.dim(2));
         check_cache(self, cache, batch)?;
         for row in 0..batch {
-            let len = (start..end)
-                .map(|l| cache.layer(l).len[row])
-                .max()
-                .unwrap_or(0);
+            let len = (start..end).map(|l| cache.layer(l).len[row]).max().unwrap_or(0);
             if len + t > self.config.max_seq_len {
                 return Err(Error::Input(format!(
                     "row {row}: {t} more tokens exceed max_seq_len {}",
@@ -508,19 +401,8 @@ impl LegoTransformer {
         let mut ws = Workspace::new(self, batch * t);
         ws.x[..batch * t * d].copy_from_slice(&h.data());
         let rows: Vec<usize> = (0..batch).collect();
-        self.run_cached(
-            start..end,
-            &Step {
-                cache_rows: &rows,
-                t,
-            },
-            cache,
-            &mut ws,
-        );
-        Ok(Tensor::from_vec(
-            ws.x[..batch * t * d].to_vec(),
-            &[batch, t, d],
-        ))
+        self.run_cached(start..end, &Step { cache_rows: &rows, t }, cache, &mut ws);
+        Ok(Tensor::from_vec(ws.x[..batch * t * d].to_vec(), &[batch, t, d]))
     }
 }
 

@@ -66,9 +66,7 @@ impl std::str::FromStr for UpperCacheFill {
         match s {
             "skip" => Ok(UpperCacheFill::Skip),
             "propagate" => Ok(UpperCacheFill::Propagate),
-            _ => Err(Error::Input(format!(
-                "upper-cache fill must be 'skip' or 'propagate', got '{s}'"
-            ))),
+            _ => Err(Error::Input(format!("upper-cache fill must be 'skip' or 'propagate', got '{s}'"))),
         }
     }
 }
@@ -169,20 +167,8 @@ impl LegoTransformer {
         let t0 = Instant::now();
         let flat: Vec<usize> = prompts.iter().flatten().copied().collect();
         self.embed_into(&flat, &mut ws);
-        self.run_cached(
-            0..exit,
-            &Step {
-                cache_rows: &all_rows,
-                t: prompt_len,
-            },
-            &mut cache,
-            &mut ws,
-        );
-        self.logits_into(
-            self.exit(),
-            (0..batch).map(|r| r * prompt_len + prompt_len - 1),
-            &mut ws,
-        );
+        self.run_cached(0..exit, &Step { cache_rows: &all_rows, t: prompt_len }, &mut cache, &mut ws);
+        self.logits_into(self.exit(), (0..batch).map(|r| r * prompt_len + prompt_len - 1), &mut ws);
         deep_rows.clear();
         for r in 0..batch {
             conf[r] = confidence_with_scratch(&ws.logits[r * v..(r + 1) * v], &mut ws.probs);
@@ -192,31 +178,12 @@ impl LegoTransformer {
                 deep_rows.push(r);
             }
         }
-        self.run_cached(
-            exit..n_layers,
-            &Step {
-                cache_rows: &all_rows,
-                t: prompt_len,
-            },
-            &mut cache,
-            &mut ws,
-        );
-        self.logits_into(
-            &self.head,
-            deep_rows.iter().map(|&r| r * prompt_len + prompt_len - 1),
-            &mut ws,
-        );
+        self.run_cached(exit..n_layers, &Step { cache_rows: &all_rows, t: prompt_len }, &mut cache, &mut ws);
+        self.logits_into(&self.head, deep_rows.iter().map(|&r| r * prompt_len + prompt_len - 1), &mut ws);
         for (i, &r) in deep_rows.iter().enumerate() {
             next[r] = sampler.sample(&ws.logits[i * v..(i + 1) * v]);
         }
-        self.count_routes(
-            &deep_rows,
-            &conf,
-            prompt_len - 1,
-            &mut stats,
-            &mut flops,
-            &mut full_flops,
-        );
+        self.count_routes(&deep_rows, &conf, prompt_len - 1, &mut stats, &mut flops, &mut full_flops);
         stats.time.prefill = t0.elapsed().as_secs_f64();
 
         for step in 0..max_new_tokens {
@@ -247,17 +214,9 @@ impl LegoTransformer {
             );
             stats.time.sampling += sampled;
             let pos = prompt_len + step;
-            self.count_routes(
-                &deep_rows,
-                &conf,
-                pos,
-                &mut stats,
-                &mut flops,
-                &mut full_flops,
-            );
+            self.count_routes(&deep_rows, &conf, pos, &mut stats, &mut flops, &mut full_flops);
             if fill == UpperCacheFill::Propagate {
-                flops +=
-                    shallow_rows.len() as f64 * (n_layers - exit) as f64 * 4.0 * (d * d) as f64;
+                flops += shallow_rows.len() as f64 * (n_layers - exit) as f64 * 4.0 * (d * d) as f64;
             }
         }
         let total = stats.shallow_count + stats.deep_count;
@@ -285,25 +244,13 @@ impl LegoTransformer {
         time: &mut TimeSplit,
         mut emit: impl FnMut(usize, &[f32]),
     ) -> f64 {
-        let (v, d, exit, n_layers) = (
-            self.config.vocab_size,
-            self.config.dim,
-            self.config.exit_layer,
-            self.layers.len(),
-        );
+        let (v, d, exit, n_layers) =
+            (self.config.vocab_size, self.config.dim, self.config.exit_layer, self.layers.len());
         let batch = tokens.len();
         // Lower layers for every row.
         let t0 = Instant::now();
         self.embed_into(tokens, ws);
-        self.run_cached(
-            0..exit,
-            &Step {
-                cache_rows: routing.all_rows,
-                t: 1,
-            },
-            cache,
-            ws,
-        );
+        self.run_cached(0..exit, &Step { cache_rows: routing.all_rows, t: 1 }, cache, ws);
         let t1 = Instant::now();
         // The exit check: the confidence of each row.
         self.logits_into(self.exit(), 0..batch, ws);
@@ -311,11 +258,7 @@ impl LegoTransformer {
         routing.shallow_rows.clear();
         for (r, c) in routing.conf.iter_mut().enumerate() {
             *c = confidence_with_scratch(&ws.logits[r * v..(r + 1) * v], &mut ws.probs);
-            if *c >= threshold {
-                routing.shallow_rows.push(r)
-            } else {
-                routing.deep_rows.push(r)
-            }
+            if *c >= threshold { routing.shallow_rows.push(r) } else { routing.deep_rows.push(r) }
         }
         let t2 = Instant::now();
         for &r in routing.shallow_rows.iter() {
@@ -333,15 +276,7 @@ impl LegoTransformer {
                     ws.x.copy_within(r * d..(r + 1) * d, i * d);
                 }
             }
-            self.run_cached(
-                exit..n_layers,
-                &Step {
-                    cache_rows: routing.deep_rows,
-                    t: 1,
-                },
-                cache,
-                ws,
-            );
+            self.run_cached(exit..n_layers, &Step { cache_rows: routing.deep_rows, t: 1 }, cache, ws);
             self.logits_into(&self.head, 0..routing.deep_rows.len(), ws);
         }
         let t5 = Instant::now();
@@ -395,17 +330,9 @@ impl LegoTransformer {
         for l in c.exit_layer..self.layers.len() {
             let layer = &self.layers[l];
             let norm = layer.attention_norm.weight.data();
-            let (wk, wv) = (
-                layer.attention.wk.weight.data(),
-                layer.attention.wv.weight.data(),
-            );
+            let (wk, wv) = (layer.attention.wk.weight.data(), layer.attention.wv.weight.data());
             for (i, &r) in rows.iter().enumerate() {
-                simd::rmsnorm(
-                    &ws.x[r * d..(r + 1) * d],
-                    &norm,
-                    c.norm_eps,
-                    &mut ws.xn[i * d..(i + 1) * d],
-                );
+                simd::rmsnorm(&ws.x[r * d..(r + 1) * d], &norm, c.norm_eps, &mut ws.xn[i * d..(i + 1) * d]);
             }
             let m = rows.len();
             linear(&ws.xn, m, d, &wk, d, &mut ws.k, &mut ws.transposed);
@@ -414,10 +341,8 @@ impl LegoTransformer {
             // counted the token, so it is `positions − 1`).
             for (i, &r) in rows.iter().enumerate() {
                 let pos = cache.positions[r] - 1;
-                let (cos, sin) = (
-                    &ws.rope_cos[pos * half..(pos + 1) * half],
-                    &ws.rope_sin[pos * half..(pos + 1) * half],
-                );
+                let (cos, sin) =
+                    (&ws.rope_cos[pos * half..(pos + 1) * half], &ws.rope_sin[pos * half..(pos + 1) * half]);
                 for h in 0..heads {
                     rotate(&mut ws.k[i * d + h * hd..i * d + (h + 1) * hd], cos, sin);
                 }
@@ -465,35 +390,24 @@ impl LegoTransformer {
         fill: UpperCacheFill,
     ) -> Result<TeacherForcedStats> {
         check_threshold(threshold)?;
-        let first = sequences
-            .first()
-            .ok_or_else(|| Error::Input("no sequences to evaluate".into()))?;
+        let first = sequences.first().ok_or_else(|| Error::Input("no sequences to evaluate".into()))?;
         let len = first.len();
         if len < 2 {
-            return Err(Error::Input(
-                "sequences need at least 2 tokens (an input and a target)".into(),
-            ));
+            return Err(Error::Input("sequences need at least 2 tokens (an input and a target)".into()));
         }
         if let Some((i, s)) = sequences.iter().enumerate().find(|(_, s)| s.len() != len) {
-            return Err(Error::Input(format!(
-                "sequence {i} has {} tokens, sequence 0 has {len}",
-                s.len()
-            )));
+            return Err(Error::Input(format!("sequence {i} has {} tokens, sequence 0 has {len}", s.len())));
         }
         let flat: Vec<usize> = sequences.iter().flatten().copied().collect();
         self.check_tokens(&flat, sequences.len(), 0)?;
         if len - 1 > self.config.max_seq_len {
-            return Err(Error::Input(format!(
-                "sequences of {len} tokens need max_seq_len >= {}",
-                len - 1
-            )));
+            return Err(Error::Input(format!("sequences of {len} tokens need max_seq_len >= {}", len - 1)));
         }
         let batch = sequences.len();
         let mut cache = KvCache::new(&self.config, batch);
         let mut ws = Workspace::new(self, batch);
         let all_rows: Vec<usize> = (0..batch).collect();
-        let (mut deep_rows, mut shallow_rows, mut conf) =
-            (Vec::new(), Vec::new(), vec![0.0f32; batch]);
+        let (mut deep_rows, mut shallow_rows, mut conf) = (Vec::new(), Vec::new(), vec![0.0f32; batch]);
         let mut tokens = vec![0usize; batch];
         let mut stats = TeacherForcedStats::default();
         let (mut loss, mut correct) = (0.0f64, 0usize);

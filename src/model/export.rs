@@ -34,9 +34,8 @@ impl LegoTransformer {
     pub fn export_llama2c(&self, path: &Path) -> Result<()> {
         let c = &self.config;
         let to_i32 = |v: usize, what: &str| {
-            i32::try_from(v).map_err(|_| {
-                Error::Input(format!("{what} {v} does not fit llama2.c's int32 header"))
-            })
+            i32::try_from(v)
+                .map_err(|_| Error::Input(format!("{what} {v} does not fit llama2.c's int32 header")))
         };
         let mut bytes: Vec<u8> = Vec::new();
         for (v, what) in [

@@ -31,27 +31,16 @@ pub struct Sampling {
 impl Sampling {
     /// Always the most likely token.
     pub fn greedy() -> Sampling {
-        Sampling {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        }
+        Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
     }
 
     /// Checks the settings (they often come from flags).
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(Error::Input(format!(
-                "temperature must be a number >= 0, got {}",
-                self.temperature
-            )));
+            return Err(Error::Input(format!("temperature must be a number >= 0, got {}", self.temperature)));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::Input(format!(
-                "top_p must be in (0, 1], got {}",
-                self.top_p
-            )));
+            return Err(Error::Input(format!("top_p must be in (0, 1], got {}", self.top_p)));
         }
         Ok(())
     }
@@ -84,10 +73,7 @@ impl Sampler {
         }
         let probs = &mut self.probs[..logits.len()];
         let inv_t = 1.0 / s.temperature;
-        probs
-            .iter_mut()
-            .zip(logits)
-            .for_each(|(p, z)| *p = z * inv_t);
+        probs.iter_mut().zip(logits).for_each(|(p, z)| *p = z * inv_t);
         crate::kernels::simd::softmax_in_place(probs);
         let order = &mut self.order[..logits.len()];
         order.iter_mut().enumerate().for_each(|(i, o)| *o = i);
@@ -127,19 +113,13 @@ impl LegoTransformer {
     /// length, ids in the vocabulary, and room for `max_new_tokens` more. Returns the prompt
     /// length.
     pub fn check_prompts(&self, prompts: &[Vec<usize>], max_new_tokens: usize) -> Result<usize> {
-        let first = prompts
-            .first()
-            .ok_or_else(|| Error::Input("no prompt given".into()))?;
+        let first = prompts.first().ok_or_else(|| Error::Input("no prompt given".into()))?;
         if first.is_empty() {
             return Err(Error::Input(
                 "empty prompt: generation needs at least one token to start from".into(),
             ));
         }
-        if let Some((i, p)) = prompts
-            .iter()
-            .enumerate()
-            .find(|(_, p)| p.len() != first.len())
-        {
+        if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.len() != first.len()) {
             return Err(Error::Input(format!(
                 "prompt {i} has {} tokens but prompt 0 has {}: a batch needs prompts of equal length",
                 p.len(),
@@ -192,20 +172,8 @@ impl LegoTransformer {
         // Prefill: the whole prompt in one step; logits of each row's last token.
         let flat: Vec<usize> = prompts.iter().flatten().copied().collect();
         self.embed_into(&flat, &mut ws);
-        self.run_cached(
-            all.clone(),
-            &Step {
-                cache_rows: &rows,
-                t: prompt_len,
-            },
-            &mut cache,
-            &mut ws,
-        );
-        self.logits_into(
-            &self.head,
-            (0..batch).map(|r| r * prompt_len + prompt_len - 1),
-            &mut ws,
-        );
+        self.run_cached(all.clone(), &Step { cache_rows: &rows, t: prompt_len }, &mut cache, &mut ws);
+        self.logits_into(&self.head, (0..batch).map(|r| r * prompt_len + prompt_len - 1), &mut ws);
         let mut next = vec![0usize; batch];
         for (r, n) in next.iter_mut().enumerate() {
             *n = sampler.sample(&ws.logits[r * v..(r + 1) * v]);
@@ -220,15 +188,7 @@ impl LegoTransformer {
                 break;
             }
             self.embed_into(&next, &mut ws);
-            self.run_cached(
-                all.clone(),
-                &Step {
-                    cache_rows: &rows,
-                    t: 1,
-                },
-                &mut cache,
-                &mut ws,
-            );
+            self.run_cached(all.clone(), &Step { cache_rows: &rows, t: 1 }, &mut cache, &mut ws);
             self.logits_into(&self.head, 0..batch, &mut ws);
             for (r, n) in next.iter_mut().enumerate() {
                 *n = sampler.sample(&ws.logits[r * v..(r + 1) * v]);

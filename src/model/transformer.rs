@@ -96,9 +96,7 @@ impl Clone for LegoTransformer {
             layers: self.layers.clone(),
             head: self.head.clone(),
             exit_head: self.exit_head.clone(),
-            layer_calls: (0..self.layers.len())
-                .map(|_| AtomicUsize::new(0))
-                .collect(),
+            layer_calls: (0..self.layers.len()).map(|_| AtomicUsize::new(0)).collect(),
         }
     }
 }
@@ -109,32 +107,15 @@ impl LegoTransformer {
         config.validate()?;
         let c = &config;
         let std = 1.0 / (c.dim as f32).sqrt();
-        let tok_embeddings =
-            Tensor::trunc_normal(&[c.vocab_size, c.dim], 0.0, 0.02, rng).requires_grad();
+        let tok_embeddings = Tensor::trunc_normal(&[c.vocab_size, c.dim], 0.0, 0.02, rng).requires_grad();
         let layers = (0..c.num_layers)
-            .map(|_| {
-                Block::new(
-                    c.dim,
-                    c.num_heads,
-                    c.ffn_hidden,
-                    c.rope_theta,
-                    c.norm_eps,
-                    std,
-                    rng,
-                )
-            })
+            .map(|_| Block::new(c.dim, c.num_heads, c.ffn_hidden, c.rope_theta, c.norm_eps, std, rng))
             .collect();
         let head = ExitHead {
             norm: RmsNorm::new(c.dim, c.norm_eps),
             output: Linear::new(c.dim, c.vocab_size, std, rng),
         };
-        Ok(LegoTransformer::from_parts(
-            config,
-            tok_embeddings,
-            layers,
-            head,
-            None,
-        ))
+        Ok(LegoTransformer::from_parts(config, tok_embeddings, layers, head, None))
     }
 
     /// Assembles a model from its parts (used by `new`, `extend` and checkpoint loading).
@@ -175,10 +156,7 @@ impl LegoTransformer {
     /// Every parameter with its checkpoint name (Llama conventions; the separate exit head,
     /// if any, as `exit_norm.weight` and `exit_output.weight`).
     pub fn named_params(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![(
-            "tok_embeddings.weight".to_string(),
-            self.tok_embeddings.clone(),
-        )];
+        let mut out = vec![("tok_embeddings.weight".to_string(), self.tok_embeddings.clone())];
         for (i, layer) in self.layers.iter().enumerate() {
             out.extend(layer.named_params(&format!("layers.{i}")));
         }
@@ -198,10 +176,7 @@ impl LegoTransformer {
 
     /// The parameters that currently require a gradient.
     pub fn trainable_params(&self) -> Vec<Tensor> {
-        self.params()
-            .into_iter()
-            .filter(|t| t.requires_grad_flag())
-            .collect()
+        self.params().into_iter().filter(|t| t.requires_grad_flag()).collect()
     }
 
     /// The number of parameters (elements).
@@ -216,9 +191,7 @@ impl LegoTransformer {
 
     /// Sets every layer's call counter back to 0.
     pub fn reset_layer_calls(&self) {
-        self.layer_calls
-            .iter()
-            .for_each(|c| c.store(0, Ordering::Relaxed));
+        self.layer_calls.iter().for_each(|c| c.store(0, Ordering::Relaxed));
     }
 
     pub(crate) fn count_layer_call(&self, i: usize) {
@@ -231,9 +204,7 @@ impl LegoTransformer {
     /// ids inside the vocabulary, and `offset + seq <= max_seq_len`. Returns `seq`.
     pub fn check_tokens(&self, ids: &[usize], batch: usize, offset: usize) -> Result<usize> {
         if batch == 0 || ids.is_empty() {
-            return Err(Error::Input(
-                "empty input: need at least one row of at least one token".into(),
-            ));
+            return Err(Error::Input("empty input: need at least one row of at least one token".into()));
         }
         if !ids.len().is_multiple_of(batch) {
             return Err(Error::Input(format!(
@@ -242,11 +213,7 @@ impl LegoTransformer {
             )));
         }
         let seq = ids.len() / batch;
-        if let Some((i, &id)) = ids
-            .iter()
-            .enumerate()
-            .find(|(_, id)| **id >= self.config.vocab_size)
-        {
+        if let Some((i, &id)) = ids.iter().enumerate().find(|(_, id)| **id >= self.config.vocab_size) {
             return Err(Error::Input(format!(
                 "token id {id} (row {}, position {}) is outside the vocabulary of {}",
                 i / seq,
@@ -332,13 +299,7 @@ impl LegoTransformer {
         freeze_lower: bool,
         rng: &mut StdRng,
     ) -> Result<LegoTransformer> {
-        self.extend_with(
-            num_layers,
-            routing_threshold,
-            freeze_lower,
-            ExtendInit::Random,
-            rng,
-        )
+        self.extend_with(num_layers, routing_threshold, freeze_lower, ExtendInit::Random, rng)
     }
 
     /// [`extend`](LegoTransformer::extend) with a choice of how to initialise the new layers.
@@ -401,13 +362,7 @@ impl LegoTransformer {
                 }
             }
         }
-        Ok(LegoTransformer::from_parts(
-            config,
-            tok_embeddings,
-            layers,
-            head,
-            Some(exit_head),
-        ))
+        Ok(LegoTransformer::from_parts(config, tok_embeddings, layers, head, Some(exit_head)))
     }
 }
 
@@ -416,10 +371,7 @@ impl LegoTransformer {
 /// same kernel ([`confidence_with_scratch`]), so a token routes the same way in both.
 pub fn confidence_of_logits(logits: &[f32], vocab: usize) -> Vec<f32> {
     let mut scratch = vec![0.0f32; vocab];
-    logits
-        .chunks(vocab)
-        .map(|z| confidence_with_scratch(z, &mut scratch))
-        .collect()
+    logits.chunks(vocab).map(|z| confidence_with_scratch(z, &mut scratch)).collect()
 }
 
 /// The confidence of one row of logits, through the SIMD softmax on a `scratch` copy (no

@@ -48,11 +48,7 @@ impl Block {
 
     /// The layer applied to `x` (`[B, T, D]`, first token at absolute position `offset`).
     pub fn forward(&self, x: &Tensor, offset: usize) -> Tensor {
-        let h = x.add(
-            &self
-                .attention
-                .forward(&self.attention_norm.forward(x), offset),
-        );
+        let h = x.add(&self.attention.forward(&self.attention_norm.forward(x), offset));
         h.add(&self.feed_forward.forward(&self.ffn_norm.forward(&h)))
     }
 

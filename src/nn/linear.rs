@@ -16,9 +16,7 @@ impl Linear {
     /// A layer from `inputs` to `outputs` features, weights drawn from a normal distribution
     /// with standard deviation `std`, truncated at ±2 std (the prototype's initialisation).
     pub fn new(inputs: usize, outputs: usize, std: f32, rng: &mut StdRng) -> Linear {
-        Linear {
-            weight: Tensor::trunc_normal(&[outputs, inputs], 0.0, std, rng).requires_grad(),
-        }
+        Linear { weight: Tensor::trunc_normal(&[outputs, inputs], 0.0, std, rng).requires_grad() }
     }
 
     /// `x·Wᵀ` for `x` of shape `[..., in]`, giving `[..., out]`.

@@ -31,7 +31,6 @@ impl SwiGluMlp {
 
     /// `w2·(silu(w1·x) ⊙ w3·x)` for `x` of shape `[..., D]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.w2
-            .forward(&Tensor::swiglu(&self.w1.forward(x), &self.w3.forward(x)))
+        self.w2.forward(&Tensor::swiglu(&self.w1.forward(x), &self.w3.forward(x)))
     }
 }

@@ -14,10 +14,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// A norm over `dim` features with scale 1.
     pub fn new(dim: usize, eps: f32) -> RmsNorm {
-        RmsNorm {
-            weight: Tensor::ones(&[dim]).requires_grad(),
-            eps,
-        }
+        RmsNorm { weight: Tensor::ones(&[dim]).requires_grad(), eps }
     }
 
     /// Normalises `x` (`[..., dim]`).

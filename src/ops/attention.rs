@@ -38,27 +38,14 @@ fn per_head<R: Send>(
     f: impl Fn(usize, usize) -> R + Sync + Send,
 ) -> Vec<R> {
     if worth_splitting(work) {
-        (0..batch * heads)
-            .into_par_iter()
-            .map(|i| f(i / heads, i % heads))
-            .collect()
+        (0..batch * heads).into_par_iter().map(|i| f(i / heads, i % heads)).collect()
     } else {
-        (0..batch * heads)
-            .map(|i| f(i / heads, i % heads))
-            .collect()
+        (0..batch * heads).map(|i| f(i / heads, i % heads)).collect()
     }
 }
 
 /// Writes a head's `[len, head_dim]` block back into a `[batch, len, heads, head_dim]` buffer.
-fn scatter_head(
-    dst: &mut [f32],
-    src: &[f32],
-    b: usize,
-    h: usize,
-    len: usize,
-    heads: usize,
-    hd: usize,
-) {
+fn scatter_head(dst: &mut [f32], src: &[f32], b: usize, h: usize, len: usize, heads: usize, hd: usize) {
     for t in 0..len {
         let o = ((b * len + t) * heads + h) * hd;
         dst[o..o + hd].copy_from_slice(&src[t * hd..(t + 1) * hd]);
@@ -93,52 +80,21 @@ impl Tensor {
             let k0 = (b * kv_len * heads + h) * hd;
             let mut p = pool::take(q_len * kv_len); // sgemm with β = 0 writes every element
             // S = s·Q·Kᵀ: Q read with row stride `row`, Kᵀ by swapping K's strides.
-            sgemm(
-                q_len,
-                hd,
-                kv_len,
-                scale,
-                &qd[q0..],
-                row,
-                1,
-                &kd[k0..],
-                1,
-                row,
-                0.0,
-                &mut p,
-                kv_len,
-            );
+            sgemm(q_len, hd, kv_len, scale, &qd[q0..], row, 1, &kd[k0..], 1, row, 0.0, &mut p, kv_len);
             for (i, pr) in p.chunks_mut(kv_len).enumerate() {
                 let visible = prefix + i + 1;
                 simd::softmax_in_place(&mut pr[..visible]);
                 pr[visible..].fill(0.0);
             }
             let mut o = vec![0.0f32; q_len * hd];
-            sgemm(
-                q_len,
-                kv_len,
-                hd,
-                1.0,
-                &p,
-                kv_len,
-                1,
-                &vd[k0..],
-                row,
-                1,
-                0.0,
-                &mut o,
-                hd,
-            );
+            sgemm(q_len, kv_len, hd, 1.0, &p, kv_len, 1, &vd[k0..], row, 1, 0.0, &mut o, hd);
             (p, o)
         });
         let mut out = pool::take(batch * q_len * row); // every head scatters its block
         for (i, (_, o)) in results.iter().enumerate() {
             scatter_head(&mut out, o, i / heads, i % heads, q_len, heads, hd);
         }
-        let probs: Vec<pool::Recycled> = results
-            .into_iter()
-            .map(|(p, _)| pool::Recycled(p))
-            .collect();
+        let probs: Vec<pool::Recycled> = results.into_iter().map(|(p, _)| pool::Recycled(p)).collect();
 
         Tensor::from_op(out, &qs, "attention", &[q, k, v], move |g: &[f32]| {
             let grads = per_head(batch, heads, 2 * batch * heads * work, |b, h| {
@@ -147,78 +103,20 @@ impl Tensor {
                 let k0 = (b * kv_len * heads + h) * hd;
                 // dV = Pᵀ·G   [kv_len, hd]
                 let mut dv = vec![0.0f32; kv_len * hd];
-                sgemm(
-                    kv_len,
-                    q_len,
-                    hd,
-                    1.0,
-                    p,
-                    1,
-                    kv_len,
-                    &g[q0..],
-                    row,
-                    1,
-                    0.0,
-                    &mut dv,
-                    hd,
-                );
+                sgemm(kv_len, q_len, hd, 1.0, p, 1, kv_len, &g[q0..], row, 1, 0.0, &mut dv, hd);
                 // dP = G·Vᵀ   [q_len, kv_len]
                 let mut ds = pool::take(q_len * kv_len);
-                sgemm(
-                    q_len,
-                    hd,
-                    kv_len,
-                    1.0,
-                    &g[q0..],
-                    row,
-                    1,
-                    &vd[k0..],
-                    1,
-                    row,
-                    0.0,
-                    &mut ds,
-                    kv_len,
-                );
+                sgemm(q_len, hd, kv_len, 1.0, &g[q0..], row, 1, &vd[k0..], 1, row, 0.0, &mut ds, kv_len);
                 // dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place.
                 for (dr, pr) in ds.chunks_mut(kv_len).zip(p.chunks(kv_len)) {
                     let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                    dr.iter_mut()
-                        .zip(pr)
-                        .for_each(|(d, &pp)| *d = pp * (*d - dot));
+                    dr.iter_mut().zip(pr).for_each(|(d, &pp)| *d = pp * (*d - dot));
                 }
                 // dQ = s·dS·K   [q_len, hd];  dK = s·dSᵀ·Q   [kv_len, hd]
                 let mut dq = vec![0.0f32; q_len * hd];
-                sgemm(
-                    q_len,
-                    kv_len,
-                    hd,
-                    scale,
-                    &ds,
-                    kv_len,
-                    1,
-                    &kd[k0..],
-                    row,
-                    1,
-                    0.0,
-                    &mut dq,
-                    hd,
-                );
+                sgemm(q_len, kv_len, hd, scale, &ds, kv_len, 1, &kd[k0..], row, 1, 0.0, &mut dq, hd);
                 let mut dk = vec![0.0f32; kv_len * hd];
-                sgemm(
-                    kv_len,
-                    q_len,
-                    hd,
-                    scale,
-                    &ds,
-                    1,
-                    kv_len,
-                    &qd[q0..],
-                    row,
-                    1,
-                    0.0,
-                    &mut dk,
-                    hd,
-                );
+                sgemm(kv_len, q_len, hd, scale, &ds, 1, kv_len, &qd[q0..], row, 1, 0.0, &mut dk, hd);
                 pool::recycle(ds);
                 (dq, dk, dv)
             });
@@ -258,12 +156,7 @@ mod tests {
 
     #[test]
     fn fused_equals_the_slow_twin_with_and_without_prefix() {
-        for &(b, tq, tk, h, hd) in &[
-            (2, 4, 6, 3, 8),
-            (1, 5, 5, 2, 4),
-            (2, 1, 7, 2, 6),
-            (1, 33, 40, 2, 16),
-        ] {
+        for &(b, tq, tk, h, hd) in &[(2, 4, 6, 3, 8), (1, 5, 5, 2, 4), (2, 1, 7, 2, 6), (1, 33, 40, 2, 16)] {
             let mut rng = Tensor::rng(7);
             let q = Tensor::randn(&[b, tq, h, hd], 0.0, 1.0, &mut rng);
             let k = Tensor::randn(&[b, tk, h, hd], 0.0, 1.0, &mut rng);

@@ -97,10 +97,7 @@ impl Layout {
 fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Tensor {
     let out_shape = broadcast_shape(op.name(), a.shape(), b.shape());
     let n = numel(&out_shape);
-    let (la, lb) = (
-        Arc::new(Layout::of(a.shape(), &out_shape)),
-        Arc::new(Layout::of(b.shape(), &out_shape)),
-    );
+    let (la, lb) = (Arc::new(Layout::of(a.shape(), &out_shape)), Arc::new(Layout::of(b.shape(), &out_shape)));
     let (av, bv) = (a.data(), b.data());
     let mut out = pool::take(n);
     let fill = |(i, o): (usize, &mut f32)| *o = op.apply(av[la.index(i)], bv[lb.index(i)]);
@@ -112,11 +109,7 @@ fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Tensor {
 
     let (na, nb) = (a.numel(), b.numel());
     let needs_values = matches!(op, BinaryOp::Mul | BinaryOp::Div);
-    let (a_saved, b_saved) = if needs_values {
-        (Some(av.clone()), Some(bv.clone()))
-    } else {
-        (None, None)
-    };
+    let (a_saved, b_saved) = if needs_values { (Some(av.clone()), Some(bv.clone())) } else { (None, None) };
     Tensor::from_op(out, &out_shape, op.name(), &[a, b], move |g: &[f32]| {
         // Gradients with respect to the broadcast operands, element by element of the output.
         let (mut ga, mut gb) = (pool::take(g.len()), pool::take(g.len()));
@@ -178,14 +171,8 @@ mod tests {
         let x = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]);
         let row = Tensor::from_vec(vec![10.0, 20.0, 30.0], &[3]);
         let col = Tensor::from_vec(vec![100.0, 200.0], &[2, 1]);
-        assert_eq!(
-            x.add(&row).to_vec(),
-            vec![11.0, 22.0, 33.0, 14.0, 25.0, 36.0]
-        );
-        assert_eq!(
-            x.add(&col).to_vec(),
-            vec![101.0, 102.0, 103.0, 204.0, 205.0, 206.0]
-        );
+        assert_eq!(x.add(&row).to_vec(), vec![11.0, 22.0, 33.0, 14.0, 25.0, 36.0]);
+        assert_eq!(x.add(&col).to_vec(), vec![101.0, 102.0, 103.0, 204.0, 205.0, 206.0]);
     }
 
     #[test]
@@ -203,10 +190,8 @@ mod tests {
             check_gradients(&[sa, sb], |x| x[0].mul(&x[1]));
             // Keep the divisor away from zero.
             let a = values(sa.iter().product(), 1);
-            let b: Vec<f32> = values(sb.iter().product(), 2)
-                .iter()
-                .map(|v| v.signum() * (0.5 + v.abs()))
-                .collect();
+            let b: Vec<f32> =
+                values(sb.iter().product(), 2).iter().map(|v| v.signum() * (0.5 + v.abs())).collect();
             check_gradients_with(&[sa, sb], &[a, b], |x| x[0].div(&x[1]));
         }
     }

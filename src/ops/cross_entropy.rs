@@ -27,10 +27,7 @@ impl Tensor {
     /// `targets`, each row weighted by `weights` if given. Panics if a target is out of the
     /// vocabulary, the lengths disagree, or the weights sum to zero.
     pub fn cross_entropy(&self, targets: &[usize], weights: Option<&[f32]>) -> Tensor {
-        let vocab = *self
-            .shape()
-            .last()
-            .expect("cross_entropy: logits need a vocabulary axis");
+        let vocab = *self.shape().last().expect("cross_entropy: logits need a vocabulary axis");
         let rows = self.numel() / vocab.max(1);
         assert_eq!(
             targets.len(),
@@ -40,25 +37,14 @@ impl Tensor {
             self.shape()
         );
         if let Some(w) = weights {
-            assert_eq!(
-                w.len(),
-                rows,
-                "cross_entropy: {} weights for {rows} rows",
-                w.len()
-            );
+            assert_eq!(w.len(), rows, "cross_entropy: {} weights for {rows} rows", w.len());
         }
         for (i, &t) in targets.iter().enumerate() {
-            assert!(
-                t < vocab,
-                "cross_entropy: target {t} at row {i} is outside the vocabulary of {vocab}"
-            );
+            assert!(t < vocab, "cross_entropy: target {t} at row {i} is outside the vocabulary of {vocab}");
         }
         let weight = |i: usize| weights.map_or(1.0, |w| w[i]);
         let total_weight: f64 = (0..rows).map(|i| weight(i) as f64).sum();
-        assert!(
-            total_weight > 0.0,
-            "cross_entropy: the weights of all {rows} rows sum to zero"
-        );
+        assert!(total_weight > 0.0, "cross_entropy: the weights of all {rows} rows sum to zero");
 
         let z = self.data();
         let nll = |i: usize| -> f64 {
@@ -70,41 +56,28 @@ impl Tensor {
             w as f64 * (logsumexp(row) - row[targets[i]]) as f64
         };
         let sum: f64 = if worth_splitting(rows * vocab * 4) {
-            (0..rows)
-                .into_par_iter()
-                .map(nll)
-                .collect::<Vec<_>>()
-                .iter()
-                .sum()
+            (0..rows).into_par_iter().map(nll).collect::<Vec<_>>().iter().sum()
         } else {
             (0..rows).map(nll).sum()
         };
         let loss = (sum / total_weight) as f32;
 
         let targets = targets.to_vec();
-        let scaled: Vec<f32> = (0..rows)
-            .map(|i| (weight(i) as f64 / total_weight) as f32)
-            .collect();
-        Tensor::from_op(
-            vec![loss],
-            &[],
-            "cross_entropy",
-            &[self],
-            move |g: &[f32]| {
-                let mut dz = pool::copy_of(&z);
-                for_each_row(&mut dz, vocab, 4 * vocab, |i, row| {
-                    let c = g[0] * scaled[i];
-                    if c == 0.0 {
-                        row.fill(0.0);
-                        return;
-                    }
-                    simd::softmax_in_place(row);
-                    row[targets[i]] -= 1.0;
-                    row.iter_mut().for_each(|v| *v *= c);
-                });
-                vec![Some(dz)]
-            },
-        )
+        let scaled: Vec<f32> = (0..rows).map(|i| (weight(i) as f64 / total_weight) as f32).collect();
+        Tensor::from_op(vec![loss], &[], "cross_entropy", &[self], move |g: &[f32]| {
+            let mut dz = pool::copy_of(&z);
+            for_each_row(&mut dz, vocab, 4 * vocab, |i, row| {
+                let c = g[0] * scaled[i];
+                if c == 0.0 {
+                    row.fill(0.0);
+                    return;
+                }
+                simd::softmax_in_place(row);
+                row[targets[i]] -= 1.0;
+                row.iter_mut().for_each(|v| *v *= c);
+            });
+            vec![Some(dz)]
+        })
     }
 }
 
@@ -131,14 +104,9 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        check_gradients(&[&[6, 11]], |x| {
-            x[0].cross_entropy(&[0, 3, 10, 3, 7, 1], None)
-        });
+        check_gradients(&[&[6, 11]], |x| x[0].cross_entropy(&[0, 3, 10, 3, 7, 1], None));
         check_gradients(&[&[7, 11]], |x| {
-            x[0].cross_entropy(
-                &[1, 2, 3, 4, 5, 6, 0],
-                Some(&[1.0, 0.0, 0.5, 2.0, 0.0, 1.5, 0.7]),
-            )
+            x[0].cross_entropy(&[1, 2, 3, 4, 5, 6, 0], Some(&[1.0, 0.0, 0.5, 2.0, 0.0, 1.5, 0.7]))
         });
         check_gradients(&[&[1, 1]], |x| x[0].cross_entropy(&[0], None));
     }

@@ -11,12 +11,7 @@ impl Tensor {
     /// `[...ids_shape, dim]`. Panics if an id is out of range: ids from outside the program
     /// are checked by the model, which returns an error instead.
     pub fn embedding(&self, ids: &[usize], ids_shape: &[usize]) -> Tensor {
-        assert_eq!(
-            self.rank(),
-            2,
-            "embedding: the table must be [vocab, dim], got {:?}",
-            self.shape()
-        );
+        assert_eq!(self.rank(), 2, "embedding: the table must be [vocab, dim], got {:?}", self.shape());
         assert_eq!(
             ids.len(),
             ids_shape.iter().product::<usize>(),
@@ -27,10 +22,7 @@ impl Tensor {
         let table = self.data();
         let mut out = pool::take(ids.len() * dim);
         for (i, (&id, row)) in ids.iter().zip(out.chunks_mut(dim)).enumerate() {
-            assert!(
-                id < vocab,
-                "embedding: id {id} at position {i} is outside the vocabulary of {vocab}"
-            );
+            assert!(id < vocab, "embedding: id {id} at position {i} is outside the vocabulary of {vocab}");
             row.copy_from_slice(&table[id * dim..(id + 1) * dim]);
         }
         let mut out_shape = ids_shape.to_vec();
@@ -40,9 +32,7 @@ impl Tensor {
             let mut d_table = pool::zeroed(vocab * dim);
             for (i, &id) in ids.iter().enumerate() {
                 let row = &mut d_table[id * dim..(id + 1) * dim];
-                row.iter_mut()
-                    .zip(&g[i * dim..(i + 1) * dim])
-                    .for_each(|(a, b)| *a += b);
+                row.iter_mut().zip(&g[i * dim..(i + 1) * dim]).for_each(|(a, b)| *a += b);
             }
             vec![Some(d_table)]
         })
@@ -56,9 +46,7 @@ mod tests {
 
     #[test]
     fn repeated_ids_accumulate_gradient() {
-        check_gradients(&[&[11, 6]], |x| {
-            x[0].embedding(&[3, 0, 3, 10, 3, 1], &[2, 3])
-        });
+        check_gradients(&[&[11, 6]], |x| x[0].embedding(&[3, 0, 3, 10, 3, 1], &[2, 3]));
     }
 
     #[test]

@@ -23,27 +23,16 @@ pub fn values(n: usize, seed: u64) -> Vec<f32> {
 /// Checks the gradients of `f` with respect to inputs of the given shapes, drawn from
 /// [-1, 1). See [`check_gradients_with`].
 pub fn check_gradients(shapes: &[&[usize]], f: impl Fn(&[Tensor]) -> Tensor) {
-    let inputs: Vec<Vec<f32>> = shapes
-        .iter()
-        .enumerate()
-        .map(|(i, s)| values(s.iter().product(), 17 + i as u64))
-        .collect();
+    let inputs: Vec<Vec<f32>> =
+        shapes.iter().enumerate().map(|(i, s)| values(s.iter().product(), 17 + i as u64)).collect();
     check_gradients_with(shapes, &inputs, f);
 }
 
 /// Checks the gradients of `f` at the given input values against central differences.
 /// Panics naming the input, the element, and both values on a mismatch.
-pub fn check_gradients_with(
-    shapes: &[&[usize]],
-    inputs: &[Vec<f32>],
-    f: impl Fn(&[Tensor]) -> Tensor,
-) {
+pub fn check_gradients_with(shapes: &[&[usize]], inputs: &[Vec<f32>], f: impl Fn(&[Tensor]) -> Tensor) {
     let make = |vals: &[Vec<f32>]| -> Vec<Tensor> {
-        shapes
-            .iter()
-            .zip(vals)
-            .map(|(s, v)| Tensor::from_vec(v.clone(), s).requires_grad())
-            .collect()
+        shapes.iter().zip(vals).map(|(s, v)| Tensor::from_vec(v.clone(), s).requires_grad()).collect()
     };
     let xs = make(inputs);
     let y = f(&xs);
@@ -52,11 +41,7 @@ pub fn check_gradients_with(
 
     let loss = |vals: &[Vec<f32>]| -> f64 {
         let y = crate::no_grad(|| f(&make(vals)));
-        y.data()
-            .iter()
-            .zip(&upstream)
-            .map(|(a, b)| *a as f64 * *b as f64)
-            .sum()
+        y.data().iter().zip(&upstream).map(|(a, b)| *a as f64 * *b as f64).sum()
     };
     let eps = 1e-2f32;
     for (i, x) in xs.iter().enumerate() {

@@ -65,9 +65,7 @@ impl Tensor {
         let mut seen = vec![false; shape.len()];
         assert!(
             axes.len() == shape.len()
-                && axes
-                    .iter()
-                    .all(|&a| a < shape.len() && !std::mem::replace(&mut seen[a], true)),
+                && axes.iter().all(|&a| a < shape.len() && !std::mem::replace(&mut seen[a], true)),
             "permute: {axes:?} is not a permutation of the axes of shape {shape:?}"
         );
         let out_shape: Vec<usize> = axes.iter().map(|&a| shape[a]).collect();
@@ -85,11 +83,7 @@ impl Tensor {
     /// Swaps two axes.
     pub fn transpose(&self, a: usize, b: usize) -> Tensor {
         let mut axes: Vec<usize> = (0..self.rank()).collect();
-        assert!(
-            a < axes.len() && b < axes.len(),
-            "transpose({a}, {b}): tensor has shape {:?}",
-            self.shape()
-        );
+        assert!(a < axes.len() && b < axes.len(), "transpose({a}, {b}): tensor has shape {:?}", self.shape());
         axes.swap(a, b);
         self.permute(&axes)
     }
@@ -126,10 +120,7 @@ impl Tensor {
     pub fn cat(tensors: &[&Tensor], axis: usize) -> Tensor {
         assert!(!tensors.is_empty(), "cat: no tensors given");
         let first = tensors[0].shape().to_vec();
-        assert!(
-            axis < first.len(),
-            "cat: axis {axis} is out of shape {first:?}"
-        );
+        assert!(axis < first.len(), "cat: axis {axis} is out of shape {first:?}");
         for t in tensors {
             let s = t.shape();
             assert!(
@@ -151,10 +142,8 @@ impl Tensor {
         let mut out_shape = first.clone();
         out_shape[axis] = total;
         Tensor::from_op(out, &out_shape, "cat", tensors, move |g: &[f32]| {
-            let mut grads: Vec<Vec<f32>> = lens
-                .iter()
-                .map(|&l| Vec::with_capacity(outer * l * inner))
-                .collect();
+            let mut grads: Vec<Vec<f32>> =
+                lens.iter().map(|&l| Vec::with_capacity(outer * l * inner)).collect();
             let mut offset = 0;
             for _ in 0..outer {
                 for (gi, &len) in grads.iter_mut().zip(&lens) {
@@ -175,10 +164,7 @@ mod tests {
     #[test]
     fn transpose_and_narrow_by_hand() {
         let x = Tensor::from_vec((0..6).map(|v| v as f32).collect(), &[2, 3]);
-        assert_eq!(
-            x.transpose(0, 1).to_vec(),
-            vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]
-        );
+        assert_eq!(x.transpose(0, 1).to_vec(), vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
         assert_eq!(x.narrow(1, 1, 2).to_vec(), vec![1.0, 2.0, 4.0, 5.0]);
         let y = Tensor::cat(&[&x, &x.narrow(1, 0, 1)], 1);
         assert_eq!(y.shape(), &[2, 4]);
@@ -196,13 +182,9 @@ mod tests {
     fn gradients_match_finite_differences() {
         check_gradients(&[&[2, 3, 4, 5]], |x| x[0].permute(&[0, 2, 1, 3]));
         check_gradients(&[&[3, 4, 5]], |x| x[0].transpose(1, 2));
-        check_gradients(&[&[2, 3, 4]], |x| {
-            x[0].reshape(&[6, 4]).mul(&x[0].reshape(&[6, 4]))
-        });
+        check_gradients(&[&[2, 3, 4]], |x| x[0].reshape(&[6, 4]).mul(&x[0].reshape(&[6, 4])));
         check_gradients(&[&[2, 7, 5]], |x| x[0].narrow(1, 2, 3));
-        check_gradients(&[&[2, 3, 5], &[2, 4, 5], &[2, 1, 5]], |x| {
-            Tensor::cat(&[&x[0], &x[1], &x[2]], 1)
-        });
+        check_gradients(&[&[2, 3, 5], &[2, 4, 5], &[2, 1, 5]], |x| Tensor::cat(&[&x[0], &x[1], &x[2]], 1));
     }
 
     #[test]

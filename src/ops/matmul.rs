@@ -25,17 +25,10 @@ impl View {
     /// A matrix stored row-major with `cols` columns, read as is (`transposed = false`) or as
     /// its transpose.
     fn of(cols: usize, transposed: bool) -> View {
-        if transposed {
-            View { rs: 1, cs: cols }
-        } else {
-            View { rs: cols, cs: 1 }
-        }
+        if transposed { View { rs: 1, cs: cols } } else { View { rs: cols, cs: 1 } }
     }
     fn t(self) -> View {
-        View {
-            rs: self.cs,
-            cs: self.rs,
-        }
+        View { rs: self.cs, cs: self.rs }
     }
 }
 
@@ -75,14 +68,7 @@ fn dims(a: &[usize], b: &[usize], ta: bool, tb: bool) -> Dims {
     );
     let mut out_shape = a_batch.to_vec();
     out_shape.extend([m, n]);
-    Dims {
-        batch: a_batch.iter().product(),
-        b_shared,
-        m,
-        k,
-        n,
-        out_shape,
-    }
+    Dims { batch: a_batch.iter().product(), b_shared, m, k, n, out_shape }
 }
 
 impl Tensor {
@@ -151,105 +137,85 @@ impl Tensor {
         let (a_saved, b_saved) = (a.clone(), b.clone());
         let batch = d.batch;
         let b_shared = d.b_shared;
-        Tensor::from_op(
-            out,
-            &d.out_shape,
-            "matmul",
-            &[self, other],
-            move |g: &[f32]| {
-                let g_view = View { rs: n, cs: 1 };
-                let rows = if fold { batch * m } else { m };
-                // ∂L/∂A: G·Bᵀ (or B·Gᵀ if A was read transposed).
-                let mut da = pool::take(a_saved.len());
-                // ∂L/∂B: Aᵀ·G (or Gᵀ·A if B was read transposed), summed over batches if shared.
-                let mut db = pool::take(b_saved.len());
-                let groups = if fold { 1 } else { batch };
-                for bi in 0..groups {
-                    let (ao, go) = (bi * m * k, bi * m * n);
-                    let bo = if b_shared { 0 } else { bi * k * n };
-                    let a_blk = &a_saved[ao..];
-                    let b_blk = &b_saved[bo..];
-                    let g_blk = &g[go..];
-                    if !ta {
-                        // dA (rows×k) = G (rows×n) · Bᵀ (n×k)
-                        let bt = b_view.t();
-                        sgemm(
-                            rows,
-                            n,
-                            k,
-                            1.0,
-                            g_blk,
-                            g_view.rs,
-                            g_view.cs,
-                            b_blk,
-                            bt.rs,
-                            bt.cs,
-                            0.0,
-                            &mut da[ao..],
-                            k,
-                        );
-                    } else {
-                        // dA stored (k×m) = B (k×n) · Gᵀ (n×m)
-                        let gt = g_view.t();
-                        sgemm(
-                            k,
-                            n,
-                            m,
-                            1.0,
-                            b_blk,
-                            b_view.rs,
-                            b_view.cs,
-                            g_blk,
-                            gt.rs,
-                            gt.cs,
-                            0.0,
-                            &mut da[ao..],
-                            m,
-                        );
-                    }
-                    let beta = if b_shared && bi > 0 { 1.0 } else { 0.0 };
-                    let at = View::of(if ta { m } else { k }, ta).t();
-                    if !tb {
-                        // dB (k×n) = Aᵀ (k×rows) · G (rows×n)
-                        sgemm(
-                            k,
-                            rows,
-                            n,
-                            1.0,
-                            a_blk,
-                            at.rs,
-                            at.cs,
-                            g_blk,
-                            g_view.rs,
-                            g_view.cs,
-                            beta,
-                            &mut db[bo..],
-                            n,
-                        );
-                    } else {
-                        // dB stored (n×k) = Gᵀ (n×rows) · A (rows×k)
-                        let gt = g_view.t();
-                        let av = at.t();
-                        sgemm(
-                            n,
-                            rows,
-                            k,
-                            1.0,
-                            g_blk,
-                            gt.rs,
-                            gt.cs,
-                            a_blk,
-                            av.rs,
-                            av.cs,
-                            beta,
-                            &mut db[bo..],
-                            k,
-                        );
-                    }
+        Tensor::from_op(out, &d.out_shape, "matmul", &[self, other], move |g: &[f32]| {
+            let g_view = View { rs: n, cs: 1 };
+            let rows = if fold { batch * m } else { m };
+            // ∂L/∂A: G·Bᵀ (or B·Gᵀ if A was read transposed).
+            let mut da = pool::take(a_saved.len());
+            // ∂L/∂B: Aᵀ·G (or Gᵀ·A if B was read transposed), summed over batches if shared.
+            let mut db = pool::take(b_saved.len());
+            let groups = if fold { 1 } else { batch };
+            for bi in 0..groups {
+                let (ao, go) = (bi * m * k, bi * m * n);
+                let bo = if b_shared { 0 } else { bi * k * n };
+                let a_blk = &a_saved[ao..];
+                let b_blk = &b_saved[bo..];
+                let g_blk = &g[go..];
+                if !ta {
+                    // dA (rows×k) = G (rows×n) · Bᵀ (n×k)
+                    let bt = b_view.t();
+                    sgemm(
+                        rows,
+                        n,
+                        k,
+                        1.0,
+                        g_blk,
+                        g_view.rs,
+                        g_view.cs,
+                        b_blk,
+                        bt.rs,
+                        bt.cs,
+                        0.0,
+                        &mut da[ao..],
+                        k,
+                    );
+                } else {
+                    // dA stored (k×m) = B (k×n) · Gᵀ (n×m)
+                    let gt = g_view.t();
+                    sgemm(
+                        k,
+                        n,
+                        m,
+                        1.0,
+                        b_blk,
+                        b_view.rs,
+                        b_view.cs,
+                        g_blk,
+                        gt.rs,
+                        gt.cs,
+                        0.0,
+                        &mut da[ao..],
+                        m,
+                    );
                 }
-                vec![Some(da), Some(db)]
-            },
-        )
+                let beta = if b_shared && bi > 0 { 1.0 } else { 0.0 };
+                let at = View::of(if ta { m } else { k }, ta).t();
+                if !tb {
+                    // dB (k×n) = Aᵀ (k×rows) · G (rows×n)
+                    sgemm(
+                        k,
+                        rows,
+                        n,
+                        1.0,
+                        a_blk,
+                        at.rs,
+                        at.cs,
+                        g_blk,
+                        g_view.rs,
+                        g_view.cs,
+                        beta,
+                        &mut db[bo..],
+                        n,
+                    );
+                } else {
+                    // dB stored (n×k) = Gᵀ (n×rows) · A (rows×k)
+                    let gt = g_view.t();
+                    let av = at.t();
+                    sgemm(n, rows, k, 1.0, g_blk, gt.rs, gt.cs, a_blk, av.rs, av.cs, beta, &mut db[bo..], k);
+                }
+            }
+            vec![Some(da), Some(db)]
+        })
     }
 }
 
@@ -264,10 +230,7 @@ mod tests {
         let b = Tensor::from_vec(vec![5.0, 6.0, 7.0, 8.0], &[2, 2]);
         assert_eq!(a.matmul(&b).to_vec(), vec![19.0, 22.0, 43.0, 50.0]);
         assert_eq!(a.matmul_t(&b).to_vec(), vec![17.0, 23.0, 39.0, 53.0]);
-        assert_eq!(
-            a.matmul_ex(&b, true, false).to_vec(),
-            vec![26.0, 30.0, 38.0, 44.0]
-        );
+        assert_eq!(a.matmul_ex(&b, true, false).to_vec(), vec![26.0, 30.0, 38.0, 44.0]);
     }
 
     #[test]
@@ -278,13 +241,10 @@ mod tests {
                 let b_shape = if tb { [n, k] } else { [k, n] };
                 check_gradients(&[&a_shape, &b_shape], |x| x[0].matmul_ex(&x[1], ta, tb));
                 // Batched, and with b shared across the batch.
-                check_gradients(
-                    &[&[2, a_shape[0], a_shape[1]], &[2, b_shape[0], b_shape[1]]],
-                    |x| x[0].matmul_ex(&x[1], ta, tb),
-                );
-                check_gradients(&[&[3, a_shape[0], a_shape[1]], &b_shape], |x| {
+                check_gradients(&[&[2, a_shape[0], a_shape[1]], &[2, b_shape[0], b_shape[1]]], |x| {
                     x[0].matmul_ex(&x[1], ta, tb)
                 });
+                check_gradients(&[&[3, a_shape[0], a_shape[1]], &b_shape], |x| x[0].matmul_ex(&x[1], ta, tb));
             }
         }
     }

@@ -13,31 +13,17 @@ impl Tensor {
         // f64 accumulation: a long f32 sum loses digits, and this is where losses are summed.
         let s: f64 = self.data().iter().map(|&v| v as f64).sum();
         let n = self.numel();
-        Tensor::from_op(
-            vec![s as f32],
-            &[],
-            "sum_all",
-            &[self],
-            move |g: &[f32]| vec![Some(vec![g[0]; n])],
-        )
+        Tensor::from_op(vec![s as f32], &[], "sum_all", &[self], move |g: &[f32]| vec![Some(vec![g[0]; n])])
     }
 
     /// The mean of all elements, as a tensor of shape `[]`.
     pub fn mean_all(&self) -> Tensor {
         let n = self.numel();
-        assert!(
-            n > 0,
-            "mean_all: the tensor is empty (shape {:?})",
-            self.shape()
-        );
+        assert!(n > 0, "mean_all: the tensor is empty (shape {:?})", self.shape());
         let s: f64 = self.data().iter().map(|&v| v as f64).sum();
-        Tensor::from_op(
-            vec![(s / n as f64) as f32],
-            &[],
-            "mean_all",
-            &[self],
-            move |g: &[f32]| vec![Some(vec![g[0] / n as f32; n])],
-        )
+        Tensor::from_op(vec![(s / n as f64) as f32], &[], "mean_all", &[self], move |g: &[f32]| {
+            vec![Some(vec![g[0] / n as f32; n])]
+        })
     }
 
     /// The sum along `axis`, which is removed from the shape (`keepdim` keeps it as size 1).
@@ -52,18 +38,12 @@ impl Tensor {
 
     fn reduce_axis(&self, axis: usize, keepdim: bool, mean: bool) -> Tensor {
         let shape = self.shape().to_vec();
-        assert!(
-            axis < shape.len(),
-            "sum/mean along axis {axis}: tensor has shape {shape:?}"
-        );
+        assert!(axis < shape.len(), "sum/mean along axis {axis}: tensor has shape {shape:?}");
         let outer: usize = shape[..axis].iter().product();
         let len = shape[axis];
         let inner: usize = shape[axis + 1..].iter().product();
         let scale = if mean {
-            assert!(
-                len > 0,
-                "mean along axis {axis}: it is empty (shape {shape:?})"
-            );
+            assert!(len > 0, "mean along axis {axis}: it is empty (shape {shape:?})");
             1.0 / len as f32
         } else {
             1.0

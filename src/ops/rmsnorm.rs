@@ -25,10 +25,7 @@ const ROWS_PER_BLOCK: usize = 64;
 impl Tensor {
     /// RMSNorm over the last axis with scale `weight` (`[dim]`) and `eps`.
     pub fn rms_norm(&self, weight: &Tensor, eps: f32) -> Tensor {
-        let dim = *self
-            .shape()
-            .last()
-            .expect("rms_norm: a scalar has no last axis");
+        let dim = *self.shape().last().expect("rms_norm: a scalar has no last axis");
         assert_eq!(
             weight.shape(),
             &[dim],
@@ -44,51 +41,39 @@ impl Tensor {
             r[0] = simd::rmsnorm(&x[i * dim..(i + 1) * dim], &w, eps, y);
         });
         let inv_rms = Arc::new(inv_rms);
-        Tensor::from_op(
-            out,
-            self.shape(),
-            "rms_norm",
-            &[self, weight],
-            move |g: &[f32]| {
-                let mut dx = pool::take(x.len());
-                // Rows in blocks of a fixed size (not tied to the thread count, so the sum
-                // below is the same whatever the threads): each block computes its rows' dx and
-                // its share of dw; the shares are then added in block order.
-                let block_rows = ROWS_PER_BLOCK;
-                let backward_block = |(b, dxb): (usize, &mut [f32])| -> Vec<f32> {
-                    let mut dw_part = vec![0.0f32; dim];
-                    for (j, dxr) in dxb.chunks_mut(dim).enumerate() {
-                        let i = b * block_rows + j;
-                        let (xr, gr) = (&x[i * dim..(i + 1) * dim], &g[i * dim..(i + 1) * dim]);
-                        let r = inv_rms[i];
-                        // Σⱼ gⱼ·wⱼ·xⱼ, shared by every k of the row (term 2).
-                        let gwx: f32 = (0..dim).map(|k| gr[k] * w[k] * xr[k]).sum();
-                        let c = r * r * r * gwx / dim as f32;
-                        for k in 0..dim {
-                            dxr[k] = r * gr[k] * w[k] - c * xr[k];
-                            dw_part[k] += gr[k] * xr[k] * r;
-                        }
+        Tensor::from_op(out, self.shape(), "rms_norm", &[self, weight], move |g: &[f32]| {
+            let mut dx = pool::take(x.len());
+            // Rows in blocks of a fixed size (not tied to the thread count, so the sum
+            // below is the same whatever the threads): each block computes its rows' dx and
+            // its share of dw; the shares are then added in block order.
+            let block_rows = ROWS_PER_BLOCK;
+            let backward_block = |(b, dxb): (usize, &mut [f32])| -> Vec<f32> {
+                let mut dw_part = vec![0.0f32; dim];
+                for (j, dxr) in dxb.chunks_mut(dim).enumerate() {
+                    let i = b * block_rows + j;
+                    let (xr, gr) = (&x[i * dim..(i + 1) * dim], &g[i * dim..(i + 1) * dim]);
+                    let r = inv_rms[i];
+                    // Σⱼ gⱼ·wⱼ·xⱼ, shared by every k of the row (term 2).
+                    let gwx: f32 = (0..dim).map(|k| gr[k] * w[k] * xr[k]).sum();
+                    let c = r * r * r * gwx / dim as f32;
+                    for k in 0..dim {
+                        dxr[k] = r * gr[k] * w[k] - c * xr[k];
+                        dw_part[k] += gr[k] * xr[k] * r;
                     }
-                    dw_part
-                };
-                let parts: Vec<Vec<f32>> = if worth_splitting(rows * dim * 8) {
-                    dx.par_chunks_mut(block_rows * dim)
-                        .enumerate()
-                        .map(backward_block)
-                        .collect()
-                } else {
-                    dx.chunks_mut(block_rows * dim)
-                        .enumerate()
-                        .map(backward_block)
-                        .collect()
-                };
-                let mut dw = vec![0.0f64; dim];
-                for part in &parts {
-                    dw.iter_mut().zip(part).for_each(|(a, &b)| *a += b as f64);
                 }
-                vec![Some(dx), Some(dw.into_iter().map(|v| v as f32).collect())]
-            },
-        )
+                dw_part
+            };
+            let parts: Vec<Vec<f32>> = if worth_splitting(rows * dim * 8) {
+                dx.par_chunks_mut(block_rows * dim).enumerate().map(backward_block).collect()
+            } else {
+                dx.chunks_mut(block_rows * dim).enumerate().map(backward_block).collect()
+            };
+            let mut dw = vec![0.0f64; dim];
+            for part in &parts {
+                dw.iter_mut().zip(part).for_each(|(a, &b)| *a += b as f64);
+            }
+            vec![Some(dx), Some(dw.into_iter().map(|v| v as f32).collect())]
+        })
     }
 }
 
@@ -111,9 +96,7 @@ mod tests {
         let (rows, dim) = (200, 67);
         let x = values(rows * dim, 3);
         let w: Vec<f32> = values(dim, 4).iter().map(|v| 1.0 + 0.3 * v).collect();
-        check_gradients_with(&[&[rows, dim], &[dim]], &[x, w], |t| {
-            t[0].rms_norm(&t[1], 1e-5)
-        });
+        check_gradients_with(&[&[rows, dim], &[dim]], &[x, w], |t| t[0].rms_norm(&t[1], 1e-5));
     }
 
     #[test]
@@ -121,9 +104,7 @@ mod tests {
         for dim in [1usize, 7, 13, 67] {
             let x = values(3 * dim, 1);
             let w: Vec<f32> = values(dim, 2).iter().map(|v| 1.0 + 0.3 * v).collect();
-            check_gradients_with(&[&[3, dim], &[dim]], &[x, w], |t| {
-                t[0].rms_norm(&t[1], 1e-5)
-            });
+            check_gradients_with(&[&[3, dim], &[dim]], &[x, w], |t| t[0].rms_norm(&t[1], 1e-5));
         }
     }
 }

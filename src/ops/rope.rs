@@ -55,31 +55,17 @@ impl Tensor {
     /// `positions.len() == seq`.
     pub fn rope_at(&self, positions: &[usize], theta: f32) -> Tensor {
         let s = self.shape().to_vec();
-        assert!(
-            s.len() == 4,
-            "rope: expected [batch, seq, heads, head_dim], got {s:?}"
-        );
+        assert!(s.len() == 4, "rope: expected [batch, seq, heads, head_dim], got {s:?}");
         let (batch, seq, heads, hd) = (s[0], s[1], s[2], s[3]);
-        assert!(
-            hd % 2 == 0,
-            "rope: head_dim {hd} must be even (shape {s:?})"
-        );
-        assert_eq!(
-            positions.len(),
-            seq,
-            "rope: {} positions for a sequence of {seq}",
-            positions.len()
-        );
+        assert!(hd % 2 == 0, "rope: head_dim {hd} must be even (shape {s:?})");
+        assert_eq!(positions.len(), seq, "rope: {} positions for a sequence of {seq}", positions.len());
         let (cos, sin) = rope_tables(positions, hd, theta);
         let half = hd / 2;
         let apply = move |x: &[f32], cos: &[f32], sin: &[f32]| -> Vec<f32> {
             let mut out = pool::copy_of(x);
             for b in 0..batch {
                 for t in 0..seq {
-                    let (c, sn) = (
-                        &cos[t * half..(t + 1) * half],
-                        &sin[t * half..(t + 1) * half],
-                    );
+                    let (c, sn) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
                     for h in 0..heads {
                         let o = ((b * seq + t) * heads + h) * hd;
                         rotate(&mut out[o..o + hd], c, sn);
@@ -91,9 +77,7 @@ impl Tensor {
         let out = apply(&self.data(), &cos, &sin);
         // The backward rotates by −θ: cos stays, sin flips sign.
         let neg_sin: Vec<f32> = sin.iter().map(|v| -v).collect();
-        Tensor::from_op(out, &s, "rope", &[self], move |g: &[f32]| {
-            vec![Some(apply(g, &cos, &neg_sin))]
-        })
+        Tensor::from_op(out, &s, "rope", &[self], move |g: &[f32]| vec![Some(apply(g, &cos, &neg_sin))])
     }
 }
 
@@ -115,13 +99,7 @@ mod tests {
     fn scores_depend_on_relative_position_only() {
         let q = Tensor::from_vec(vec![0.3, -1.0, 0.5, 2.0], &[1, 1, 1, 4]);
         let k = Tensor::from_vec(vec![1.0, 0.2, -0.7, 0.4], &[1, 1, 1, 4]);
-        let dot = |a: &Tensor, b: &Tensor| {
-            a.to_vec()
-                .iter()
-                .zip(b.to_vec())
-                .map(|(x, y)| x * y)
-                .sum::<f32>()
-        };
+        let dot = |a: &Tensor, b: &Tensor| a.to_vec().iter().zip(b.to_vec()).map(|(x, y)| x * y).sum::<f32>();
         let s1 = dot(&q.rope(5, 10000.0), &k.rope(2, 10000.0));
         let s2 = dot(&q.rope(105, 10000.0), &k.rope(102, 10000.0));
         assert!((s1 - s2).abs() < 1e-4, "{s1} vs {s2}");

@@ -36,10 +36,7 @@ impl Tensor {
     /// The maximum of each row of the last axis.
     pub fn max_last(&self) -> Vec<f32> {
         let d = *self.shape().last().expect("max_last: scalar");
-        self.data()
-            .chunks(d)
-            .map(|r| r.iter().copied().fold(f32::NEG_INFINITY, f32::max))
-            .collect()
+        self.data().chunks(d).map(|r| r.iter().copied().fold(f32::NEG_INFINITY, f32::max)).collect()
     }
 
     /// The index of the maximum of each row of the last axis.
@@ -64,10 +61,7 @@ mod tests {
         let x = Tensor::from_vec(vec![1.0, 5.0, 3.0, 5.0, -1.0, 0.0], &[2, 3]);
         assert_eq!(x.argmax_last(), vec![1, 0]);
         assert_eq!(x.max_last(), vec![5.0, 5.0]);
-        assert_eq!(
-            top_k(&[0.1, 0.9, 0.5, 0.9, 0.2], 3),
-            vec![(1, 0.9), (3, 0.9), (2, 0.5)]
-        );
+        assert_eq!(top_k(&[0.1, 0.9, 0.5, 0.9, 0.2], 3), vec![(1, 0.9), (3, 0.9), (2, 0.5)]);
         assert_eq!(top_k(&[2.0], 5), vec![(0, 2.0)]);
     }
 }

@@ -15,10 +15,7 @@ use crate::kernels::simd;
 use crate::tensor::{Tensor, pool};
 
 fn last_dim(t: &Tensor, op: &str) -> usize {
-    let d = *t
-        .shape()
-        .last()
-        .unwrap_or_else(|| panic!("{op}: a scalar has no last axis"));
+    let d = *t.shape().last().unwrap_or_else(|| panic!("{op}: a scalar has no last axis"));
     assert!(d > 0, "{op}: the last axis of {:?} is empty", t.shape());
     d
 }
@@ -53,22 +50,16 @@ impl Tensor {
             row.iter_mut().for_each(|v| *v -= lse);
         });
         let z = Arc::new(out.clone());
-        Tensor::from_op(
-            out,
-            self.shape(),
-            "log_softmax",
-            &[self],
-            move |g: &[f32]| {
-                let mut dx = pool::take(g.len());
-                for ((dxr, gr), zr) in dx.chunks_mut(d).zip(g.chunks(d)).zip(z.chunks(d)) {
-                    let gsum: f32 = gr.iter().sum();
-                    for k in 0..d {
-                        dxr[k] = gr[k] - zr[k].exp() * gsum;
-                    }
+        Tensor::from_op(out, self.shape(), "log_softmax", &[self], move |g: &[f32]| {
+            let mut dx = pool::take(g.len());
+            for ((dxr, gr), zr) in dx.chunks_mut(d).zip(g.chunks(d)).zip(z.chunks(d)) {
+                let gsum: f32 = gr.iter().sum();
+                for k in 0..d {
+                    dxr[k] = gr[k] - zr[k].exp() * gsum;
                 }
-                vec![Some(dx)]
-            },
-        )
+            }
+            vec![Some(dx)]
+        })
     }
 }
 

@@ -13,21 +13,12 @@ use crate::tensor::{Tensor, pool};
 impl Tensor {
     /// `silu(a) · b`, element-wise, for `a` and `b` of the same shape.
     pub fn swiglu(a: &Tensor, b: &Tensor) -> Tensor {
-        assert_eq!(
-            a.shape(),
-            b.shape(),
-            "swiglu: gate {:?} and value {:?} differ",
-            a.shape(),
-            b.shape()
-        );
+        assert_eq!(a.shape(), b.shape(), "swiglu: gate {:?} and value {:?} differ", a.shape(), b.shape());
         let (av, bv) = (a.data(), b.data());
         let mut out = pool::take(av.len());
         let f = |((o, x), y): ((&mut f32, &f32), &f32)| *o = x * sigmoid(*x) * y;
         if worth_splitting(av.len() * 8) {
-            out.par_iter_mut()
-                .zip(av.par_iter())
-                .zip(bv.par_iter())
-                .for_each(f);
+            out.par_iter_mut().zip(av.par_iter()).zip(bv.par_iter()).for_each(f);
         } else {
             out.iter_mut().zip(av.iter()).zip(bv.iter()).for_each(f);
         }

@@ -32,9 +32,7 @@ pub fn sigmoid(x: f32) -> f32 {
 fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
     let mut out = pool::take(x.len());
     if worth_splitting(x.len() * 8) {
-        out.par_iter_mut()
-            .zip(x.par_iter())
-            .for_each(|(o, &v)| *o = f(v));
+        out.par_iter_mut().zip(x.par_iter()).for_each(|(o, &v)| *o = f(v));
     } else {
         out.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v));
     }
@@ -57,21 +55,12 @@ fn unary(
 ) -> Tensor {
     let input = x.data();
     let out = map(&input, f);
-    let saved = if save_output {
-        Saved::Output(Arc::new(out.clone()))
-    } else {
-        Saved::Input(input)
-    };
+    let saved = if save_output { Saved::Output(Arc::new(out.clone())) } else { Saved::Input(input) };
     Tensor::from_op(out, x.shape(), op, &[x], move |g: &[f32]| {
         let v = match &saved {
             Saved::Input(v) | Saved::Output(v) => v,
         };
-        vec![Some(
-            g.iter()
-                .zip(v.iter())
-                .map(|(gi, &vi)| gi * df(vi))
-                .collect(),
-        )]
+        vec![Some(g.iter().zip(v.iter()).map(|(gi, &vi)| gi * df(vi)).collect())]
     })
 }
 
@@ -79,21 +68,15 @@ impl Tensor {
     /// `self + c` for a scalar `c`.
     pub fn add_scalar(&self, c: f32) -> Tensor {
         let out = map(&self.data(), |v| v + c);
-        Tensor::from_op(out, self.shape(), "add_scalar", &[self], |g: &[f32]| {
-            vec![Some(pool::copy_of(g))]
-        })
+        Tensor::from_op(out, self.shape(), "add_scalar", &[self], |g: &[f32]| vec![Some(pool::copy_of(g))])
     }
 
     /// `c · self` for a scalar `c`.
     pub fn mul_scalar(&self, c: f32) -> Tensor {
         let out = map(&self.data(), |v| v * c);
-        Tensor::from_op(
-            out,
-            self.shape(),
-            "mul_scalar",
-            &[self],
-            move |g: &[f32]| vec![Some(g.iter().map(|x| x * c).collect())],
-        )
+        Tensor::from_op(out, self.shape(), "mul_scalar", &[self], move |g: &[f32]| {
+            vec![Some(g.iter().map(|x| x * c).collect())]
+        })
     }
 
     /// `−self`.
@@ -123,13 +106,7 @@ impl Tensor {
 
     /// `max(x, 0)` element-wise.
     pub fn relu(&self) -> Tensor {
-        unary(
-            self,
-            "relu",
-            |x| x.max(0.0),
-            false,
-            |x| if x > 0.0 { 1.0 } else { 0.0 },
-        )
+        unary(self, "relu", |x| x.max(0.0), false, |x| if x > 0.0 { 1.0 } else { 0.0 })
     }
 
     /// `tanh x` element-wise.
@@ -170,10 +147,7 @@ mod tests {
         check_gradients_with(&[s], std::slice::from_ref(&positive), |x| x[0].log());
         check_gradients_with(&[s], &[positive], |x| x[0].sqrt());
         // Away from the kink at 0.
-        let away: Vec<f32> = values(36, 4)
-            .iter()
-            .map(|v| v.signum() * (0.1 + v.abs()))
-            .collect();
+        let away: Vec<f32> = values(36, 4).iter().map(|v| v.signum() * (0.1 + v.abs())).collect();
         check_gradients_with(&[s], &[away], |x| x[0].relu());
     }
 }

@@ -37,13 +37,7 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        }
+        AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
     }
 }
 
@@ -64,13 +58,7 @@ impl AdamW {
     /// An optimizer for `params` (leaves; those with `requires_grad` off are skipped).
     pub fn new(params: Vec<Tensor>, config: AdamWConfig) -> AdamW {
         let n = params.len();
-        AdamW {
-            params,
-            config,
-            m: vec![Vec::new(); n],
-            v: vec![Vec::new(); n],
-            step: 0,
-        }
+        AdamW { params, config, m: vec![Vec::new(); n], v: vec![Vec::new(); n], step: 0 }
     }
 
     /// The parameters it updates.
@@ -123,12 +111,7 @@ impl AdamW {
 
     /// Restores a state saved by [`state`](AdamW::state). Returns an error message if the
     /// buffers do not fit the parameters.
-    pub fn set_state(
-        &mut self,
-        step: u64,
-        m: Vec<Vec<f32>>,
-        v: Vec<Vec<f32>>,
-    ) -> crate::Result<()> {
+    pub fn set_state(&mut self, step: u64, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) -> crate::Result<()> {
         if m.len() != self.params.len() || v.len() != self.params.len() {
             return Err(crate::Error::Format(format!(
                 "optimizer state has {} / {} moment buffers for {} parameters",
@@ -179,21 +162,12 @@ mod tests {
     fn one_step_by_hand() {
         // At step 1, m̂ = g and v̂ = g², so the step is lr·g/(|g| + ε) ≈ lr·sign(g).
         let w = Tensor::from_vec(vec![1.0, -2.0], &[2]).requires_grad();
-        let mut opt = AdamW::new(
-            vec![w.clone()],
-            AdamWConfig {
-                lr: 0.1,
-                weight_decay: 0.0,
-                ..Default::default()
-            },
-        );
+        let mut opt =
+            AdamW::new(vec![w.clone()], AdamWConfig { lr: 0.1, weight_decay: 0.0, ..Default::default() });
         w.mul_scalar(3.0).sum_all().backward();
         opt.step();
         let got = w.to_vec();
-        assert!(
-            (got[0] - 0.9).abs() < 1e-6 && (got[1] + 2.1).abs() < 1e-6,
-            "{got:?}"
-        );
+        assert!((got[0] - 0.9).abs() < 1e-6 && (got[1] + 2.1).abs() < 1e-6, "{got:?}");
     }
 
     #[test]

@@ -11,13 +11,7 @@ use crate::tensor::Tensor;
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f32) -> f32 {
     let sum_sq: f64 = params
         .iter()
-        .map(|p| {
-            p.with_grad(|g| {
-                g.map_or(0.0, |g| {
-                    g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()
-                })
-            })
-        })
+        .map(|p| p.with_grad(|g| g.map_or(0.0, |g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())))
         .sum();
     let norm = sum_sq.sqrt() as f32;
     let scale = max_norm / (norm + 1e-6);

@@ -43,12 +43,7 @@ mod tests {
 
     #[test]
     fn warms_up_peaks_and_decays() {
-        let s = CosineSchedule {
-            max_lr: 1.0,
-            min_lr: 0.1,
-            warmup: 10,
-            total: 110,
-        };
+        let s = CosineSchedule { max_lr: 1.0, min_lr: 0.1, warmup: 10, total: 110 };
         assert!((s.lr(0) - 0.1).abs() < 1e-6);
         assert!((s.lr(9) - 1.0).abs() < 1e-6);
         assert!((s.lr(10) - 1.0).abs() < 1e-6);

@@ -126,8 +126,7 @@ impl Tensor {
                             grad_fn.op
                         )
                     });
-                    let inputs =
-                        std::mem::take(&mut *grad_fn.inputs.lock().expect("graph lock poisoned"));
+                    let inputs = std::mem::take(&mut *grad_fn.inputs.lock().expect("graph lock poisoned"));
                     let input_grads = closure(&grad);
                     drop(closure); // the buffers the op saved for its backward are free now
                     assert_eq!(
@@ -242,10 +241,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "backward: the loss must be a single value")]
     fn backward_of_a_non_scalar_panics_with_the_shape() {
-        Tensor::ones(&[2, 3])
-            .requires_grad()
-            .mul_scalar(2.0)
-            .backward();
+        Tensor::ones(&[2, 3]).requires_grad().mul_scalar(2.0).backward();
     }
 
     #[test]

@@ -101,12 +101,7 @@ impl Tensor {
 
     fn build(data: Arc<Vec<f32>>, shape: Vec<usize>, grad_fn: Option<GradFn>) -> Tensor {
         let n: usize = shape.iter().product();
-        assert_eq!(
-            n,
-            data.len(),
-            "Tensor: shape {shape:?} holds {n} values but {} were given",
-            data.len()
-        );
+        assert_eq!(n, data.len(), "Tensor: shape {shape:?} holds {n} values but {} were given", data.len());
         Tensor {
             inner: Arc::new(Inner {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -250,11 +245,7 @@ impl Tensor {
 
     /// A shared handle to the values (no copy).
     pub fn data(&self) -> Arc<Vec<f32>> {
-        self.inner
-            .data
-            .read()
-            .expect("tensor lock poisoned")
-            .clone()
+        self.inner.data.read().expect("tensor lock poisoned").clone()
     }
 
     /// The values, copied into a new `Vec`.
@@ -264,12 +255,7 @@ impl Tensor {
 
     /// The value of a one-element tensor. Panics otherwise.
     pub fn item(&self) -> f32 {
-        assert_eq!(
-            self.numel(),
-            1,
-            "item: tensor of shape {:?} is not a single value",
-            self.shape()
-        );
+        assert_eq!(self.numel(), 1, "item: tensor of shape {:?} is not a single value", self.shape());
         self.data()[0]
     }
 

@@ -65,10 +65,7 @@ pub fn recycle(v: Vec<f32>) {
         return;
     }
     let mut guard = POOL.lock().expect("buffer pool lock poisoned");
-    let pool = guard.get_or_insert_with(|| Pool {
-        free: HashMap::new(),
-        bytes: 0,
-    });
+    let pool = guard.get_or_insert_with(|| Pool { free: HashMap::new(), bytes: 0 });
     if pool.bytes + len * 4 > MAX_POOLED_BYTES {
         return;
     }
@@ -95,10 +92,7 @@ impl std::ops::Deref for Recycled {
 
 /// Bytes currently held by the pool.
 pub fn pooled_bytes() -> usize {
-    POOL.lock()
-        .expect("buffer pool lock poisoned")
-        .as_ref()
-        .map_or(0, |p| p.bytes)
+    POOL.lock().expect("buffer pool lock poisoned").as_ref().map_or(0, |p| p.bytes)
 }
 
 #[cfg(test)]

@@ -66,15 +66,8 @@ use crate::tensor::Tensor;
 pub const TRAINING_CHECKPOINT_FORMAT: &str = "lego-training-checkpoint/1";
 
 /// Metadata keys this module writes itself; `extra` may not use them.
-const RESERVED: [&str; 7] = [
-    "format",
-    "config",
-    "frozen",
-    "tokenizer",
-    "optim.step",
-    "optim.params",
-    "optim.config",
-];
+const RESERVED: [&str; 7] =
+    ["format", "config", "frozen", "tokenizer", "optim.step", "optim.params", "optim.config"];
 
 /// AdamW's state, with each moment buffer tied to a parameter by name.
 #[derive(Clone, Debug, PartialEq)]
@@ -101,26 +94,16 @@ impl OptimizerState {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                named
-                    .iter()
-                    .find(|(_, t)| t.same_as(p))
-                    .map(|(n, _)| n.clone())
-                    .ok_or_else(|| {
-                        Error::Input(format!(
-                            "the optimizer's parameter {i} (shape {:?}) is not a parameter of the model",
-                            p.shape()
-                        ))
-                    })
+                named.iter().find(|(_, t)| t.same_as(p)).map(|(n, _)| n.clone()).ok_or_else(|| {
+                    Error::Input(format!(
+                        "the optimizer's parameter {i} (shape {:?}) is not a parameter of the model",
+                        p.shape()
+                    ))
+                })
             })
             .collect::<Result<Vec<String>>>()?;
         let (step, m, v) = opt.state();
-        Ok(OptimizerState {
-            step,
-            config: opt.config,
-            params,
-            m: m.to_vec(),
-            v: v.to_vec(),
-        })
+        Ok(OptimizerState { step, config: opt.config, params, m: m.to_vec(), v: v.to_vec() })
     }
 
     /// An AdamW over `model`'s parameters of these names, in this order, with this state
@@ -131,15 +114,9 @@ impl OptimizerState {
             .params
             .iter()
             .map(|name| {
-                named
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, t)| t.clone())
-                    .ok_or_else(|| {
-                        Error::Input(format!(
-                            "optimizer state: the model has no parameter '{name}'"
-                        ))
-                    })
+                named.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone()).ok_or_else(|| {
+                    Error::Input(format!("optimizer state: the model has no parameter '{name}'"))
+                })
             })
             .collect::<Result<Vec<Tensor>>>()?;
         let mut opt = AdamW::new(params, self.config);
@@ -181,10 +158,7 @@ impl TrainingCheckpoint {
             .get(key)
             .ok_or_else(|| Error::Format(format!("{}: no '{key}' in the metadata", self.origin)))?;
         text.parse().map_err(|_| {
-            Error::Format(format!(
-                "{}: metadata '{key}' is '{text}', not a number",
-                self.origin
-            ))
+            Error::Format(format!("{}: metadata '{key}' is '{text}', not a number", self.origin))
         })
     }
 }
@@ -244,28 +218,16 @@ pub fn save_training_checkpoint(
     let mut meta = extra.clone();
     meta.insert("format".into(), TRAINING_CHECKPOINT_FORMAT.into());
     meta.insert("config".into(), model.config.to_json().to_string_compact());
-    let frozen: Vec<&str> = named
-        .iter()
-        .filter(|(_, t)| !t.requires_grad_flag())
-        .map(|(n, _)| n.as_str())
-        .collect();
+    let frozen: Vec<&str> =
+        named.iter().filter(|(_, t)| !t.requires_grad_flag()).map(|(n, _)| n.as_str()).collect();
     meta.insert("frozen".into(), frozen.join(","));
     meta.insert("tokenizer".into(), tokenizer.to_json().to_string_compact());
     meta.insert("optim.step".into(), state.step.to_string());
     meta.insert("optim.params".into(), state.params.join(","));
-    meta.insert(
-        "optim.config".into(),
-        adamw_config_to_json(&state.config).to_string_compact(),
-    );
-    meta.entry("phase".into()).or_insert_with(|| {
-        if model.exit_head.is_some() {
-            "phase2".into()
-        } else {
-            "phase1".into()
-        }
-    });
-    meta.entry("routing_threshold".into())
-        .or_insert_with(|| model.config.routing_threshold.to_string());
+    meta.insert("optim.config".into(), adamw_config_to_json(&state.config).to_string_compact());
+    meta.entry("phase".into())
+        .or_insert_with(|| if model.exit_head.is_some() { "phase2".into() } else { "phase1".into() });
+    meta.entry("routing_threshold".into()).or_insert_with(|| model.config.routing_threshold.to_string());
     safetensors::save(path, &entries, &meta)
 }
 
@@ -278,10 +240,8 @@ pub fn load_training_checkpoint(path: &Path) -> Result<TrainingCheckpoint> {
     let origin = path.display().to_string();
     let bad = |what: String| Error::Format(format!("{origin}: {what}"));
     let mut meta = std::mem::take(&mut st.metadata);
-    let mut take_meta = |key: &str| {
-        meta.remove(key)
-            .ok_or_else(|| bad(format!("no '{key}' in the metadata")))
-    };
+    let mut take_meta =
+        |key: &str| meta.remove(key).ok_or_else(|| bad(format!("no '{key}' in the metadata")));
     let format = take_meta("format").map_err(|_| {
         bad(format!(
             "not a training checkpoint (no 'format' {TRAINING_CHECKPOINT_FORMAT:?} in the \
@@ -289,9 +249,7 @@ pub fn load_training_checkpoint(path: &Path) -> Result<TrainingCheckpoint> {
         ))
     })?;
     if format != TRAINING_CHECKPOINT_FORMAT {
-        return Err(bad(format!(
-            "format '{format}', this code reads '{TRAINING_CHECKPOINT_FORMAT}'"
-        )));
+        return Err(bad(format!("format '{format}', this code reads '{TRAINING_CHECKPOINT_FORMAT}'")));
     }
     let config = LegoConfig::from_json(&json::parse(&take_meta("config")?)?, &origin)?;
     let frozen = take_meta("frozen")?;
@@ -306,16 +264,10 @@ pub fn load_training_checkpoint(path: &Path) -> Result<TrainingCheckpoint> {
         )));
     }
     let step_text = take_meta("optim.step")?;
-    let step: u64 = step_text.parse().map_err(|_| {
-        bad(format!(
-            "metadata 'optim.step' is '{step_text}', not a count"
-        ))
-    })?;
-    let opt_params: Vec<String> = take_meta("optim.params")?
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect();
+    let step: u64 =
+        step_text.parse().map_err(|_| bad(format!("metadata 'optim.step' is '{step_text}', not a count")))?;
+    let opt_params: Vec<String> =
+        take_meta("optim.params")?.split(',').filter(|s| !s.is_empty()).map(String::from).collect();
     let opt_config = adamw_config_from_json(&take_meta("optim.config")?)
         .map_err(|e| bad(format!("metadata 'optim.config': {e}")))?;
 
@@ -329,19 +281,16 @@ pub fn load_training_checkpoint(path: &Path) -> Result<TrainingCheckpoint> {
         t.set_requires_grad(!frozen.contains(&name.as_str()));
     }
     if let Some(name) = frozen.iter().find(|f| !named.iter().any(|(n, _)| n == *f)) {
-        return Err(bad(format!(
-            "metadata 'frozen' names '{name}', which the model does not have"
-        )));
+        return Err(bad(format!("metadata 'frozen' names '{name}', which the model does not have")));
     }
 
     // The optimizer's moments, by name: both or neither of a parameter's two.
     let (mut m, mut v) = (Vec::new(), Vec::new());
     for name in &opt_params {
-        let (_, t) = named.iter().find(|(n, _)| n == name).ok_or_else(|| {
-            bad(format!(
-                "'optim.params' names '{name}', which the model does not have"
-            ))
-        })?;
+        let (_, t) = named
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| bad(format!("'optim.params' names '{name}', which the model does not have")))?;
         let (mk, vk) = (format!("optim.m.{name}"), format!("optim.v.{name}"));
         match (st.tensors.contains_key(&mk), st.tensors.contains_key(&vk)) {
             (true, true) => {
@@ -358,24 +307,10 @@ pub fn load_training_checkpoint(path: &Path) -> Result<TrainingCheckpoint> {
     if let Some(name) = st.tensors.keys().next() {
         return Err(bad(format!("unexpected tensor '{name}'")));
     }
-    let optimizer = OptimizerState {
-        step,
-        config: opt_config,
-        params: opt_params,
-        m,
-        v,
-    };
+    let optimizer = OptimizerState { step, config: opt_config, params: opt_params, m, v };
     // Check the state against the parameters now, so a bad file fails here, not on resume.
-    optimizer
-        .to_optimizer(&model)
-        .map_err(|e| bad(e.to_string()))?;
-    Ok(TrainingCheckpoint {
-        model,
-        tokenizer,
-        optimizer,
-        metadata: meta,
-        origin,
-    })
+    optimizer.to_optimizer(&model).map_err(|e| bad(e.to_string()))?;
+    Ok(TrainingCheckpoint { model, tokenizer, optimizer, metadata: meta, origin })
 }
 
 /// A model of `config`'s shape (with a separate exit head if `has_exit_head`) whose values are
@@ -383,19 +318,9 @@ pub fn load_training_checkpoint(path: &Path) -> Result<TrainingCheckpoint> {
 fn skeleton(config: LegoConfig, has_exit_head: bool) -> Result<LegoTransformer> {
     let (v, d, eps) = (config.vocab_size, config.dim, config.norm_eps);
     let m = LegoTransformer::new(config, &mut Tensor::rng(0))?;
-    let exit_head = has_exit_head.then(|| ExitHead {
-        norm: RmsNorm::new(d, eps),
-        output: Linear {
-            weight: Tensor::zeros(&[v, d]),
-        },
-    });
-    Ok(LegoTransformer::from_parts(
-        m.config,
-        m.tok_embeddings,
-        m.layers,
-        m.head,
-        exit_head,
-    ))
+    let exit_head = has_exit_head
+        .then(|| ExitHead { norm: RmsNorm::new(d, eps), output: Linear { weight: Tensor::zeros(&[v, d]) } });
+    Ok(LegoTransformer::from_parts(m.config, m.tok_embeddings, m.layers, m.head, exit_head))
 }
 
 fn adamw_config_to_json(c: &AdamWConfig) -> Json {
@@ -411,10 +336,7 @@ fn adamw_config_to_json(c: &AdamWConfig) -> Json {
 fn adamw_config_from_json(text: &str) -> std::result::Result<AdamWConfig, String> {
     let json = json::parse(text).map_err(|e| e.to_string())?;
     let f = |key: &str| {
-        json.get(key)
-            .and_then(Json::as_f64)
-            .map(|x| x as f32)
-            .ok_or_else(|| format!("no number '{key}'"))
+        json.get(key).and_then(Json::as_f64).map(|x| x as f32).ok_or_else(|| format!("no number '{key}'"))
     };
     Ok(AdamWConfig {
         lr: f("lr")?,

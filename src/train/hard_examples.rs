@@ -42,9 +42,7 @@ impl std::str::FromStr for Phase2Mode {
         match s {
             "token" => Ok(Phase2Mode::Token),
             "sequence" => Ok(Phase2Mode::Sequence),
-            _ => Err(Error::Input(format!(
-                "phase-2 mode must be 'token' or 'sequence', got '{s}'"
-            ))),
+            _ => Err(Error::Input(format!("phase-2 mode must be 'token' or 'sequence', got '{s}'"))),
         }
     }
 }
@@ -90,10 +88,7 @@ impl HardExamples {
     /// The hidden state and target of hard token `i`.
     pub fn token(&self, i: usize) -> (&[f32], usize) {
         let p = self.hard_positions[i];
-        (
-            &self.hidden[p * self.dim..(p + 1) * self.dim],
-            self.targets[p],
-        )
+        (&self.hidden[p * self.dim..(p + 1) * self.dim], self.targets[p])
     }
 }
 
@@ -143,9 +138,7 @@ fn exit_confidences(
 
 fn check_ratio(target_ratio: f32) -> Result<()> {
     if !(target_ratio > 0.0 && target_ratio < 1.0) {
-        return Err(Error::Input(format!(
-            "the hard-example ratio must be in (0, 1), got {target_ratio}"
-        )));
+        return Err(Error::Input(format!("the hard-example ratio must be in (0, 1), got {target_ratio}")));
     }
     Ok(())
 }
@@ -166,17 +159,11 @@ pub fn compute_confidence_threshold(
     let mut all = Vec::new();
     exit_confidences(model, batches, |_, _, c| all.extend_from_slice(c))?;
     if all.is_empty() {
-        return Err(Error::Input(
-            "compute_confidence_threshold: no tokens in the batches".into(),
-        ));
+        return Err(Error::Input("compute_confidence_threshold: no tokens in the batches".into()));
     }
     all.sort_by(f32::total_cmp);
     let k = ((target_ratio as f64 * all.len() as f64).round() as usize).min(all.len());
-    Ok(if k == all.len() {
-        all[k - 1].next_up()
-    } else {
-        all[k]
-    })
+    Ok(if k == all.len() { all[k - 1].next_up() } else { all[k] })
 }
 
 /// **Spec `collect_hard_examples(model, batches, threshold)`**: the tokens of `batches` whose
@@ -213,8 +200,7 @@ pub fn collect_hard_examples(
                 continue;
             }
             let base = out.targets.len();
-            out.hidden
-                .extend_from_slice(&hd[rows.start * d..rows.end * d]);
+            out.hidden.extend_from_slice(&hd[rows.start * d..rows.end * d]);
             out.targets.extend_from_slice(&b.y[rows.clone()]);
             for (t, &c) in conf[rows].iter().enumerate() {
                 out.hard.push(c < threshold);
@@ -244,9 +230,7 @@ pub fn create_hard_example_loader(
         return Err(Error::Input("batch size must be at least 1".into()));
     }
     if hard.is_empty() {
-        return Err(Error::Input(
-            "there are no hard examples to batch (is the threshold too low?)".into(),
-        ));
+        return Err(Error::Input("there are no hard examples to batch (is the threshold too low?)".into()));
     }
     let mut rng = StdRng::seed_from_u64(seed);
     let d = hard.dim;
@@ -284,11 +268,7 @@ pub fn create_hard_example_loader(
                 for &s in chunk {
                     hidden.extend_from_slice(&hard.hidden[s * t * d..(s + 1) * t * d]);
                     targets.extend_from_slice(&hard.targets[s * t..(s + 1) * t]);
-                    weights.extend(
-                        hard.hard[s * t..(s + 1) * t]
-                            .iter()
-                            .map(|&h| if h { 1.0 } else { 0.0 }),
-                    );
+                    weights.extend(hard.hard[s * t..(s + 1) * t].iter().map(|&h| if h { 1.0 } else { 0.0 }));
                 }
                 out.push(HardBatch {
                     hidden: Arc::new(hidden),

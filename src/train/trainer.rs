@@ -187,11 +187,7 @@ struct Progress {
 
 impl Progress {
     fn new(on: bool) -> Progress {
-        Progress {
-            start: Instant::now(),
-            last: Instant::now(),
-            on,
-        }
+        Progress { start: Instant::now(), last: Instant::now(), on }
     }
     #[allow(clippy::too_many_arguments)]
     fn tick(
@@ -282,15 +278,7 @@ impl Trainer {
                 epoch_tokens += b.x.len() as u64;
                 history.tokens += b.x.len() as u64;
                 history.steps += 1;
-                progress.tick(
-                    &o.label,
-                    epoch,
-                    o.max_epochs,
-                    i,
-                    train.len(),
-                    l,
-                    history.tokens,
-                );
+                progress.tick(&o.label, epoch, o.max_epochs, i, train.len(), l, history.tokens);
             }
             let seconds = t0.elapsed().as_secs_f64();
             let eval = self.evaluate(model, val, None)?;
@@ -392,15 +380,7 @@ impl Trainer {
                 history.steps += 1;
                 history.tokens += k as u64;
                 history.positions += (b.batch * b.seq) as u64;
-                progress.tick(
-                    &o.label,
-                    epoch,
-                    o.max_epochs,
-                    i,
-                    hard_batches.len(),
-                    l,
-                    history.tokens,
-                );
+                progress.tick(&o.label, epoch, o.max_epochs, i, hard_batches.len(), l, history.tokens);
             }
             let seconds = t0.elapsed().as_secs_f64();
             let (_, hard_ppl) = evaluate_on_hard_examples(model, hard_examples, mode)?;
@@ -478,11 +458,7 @@ impl ValCache {
             }
             hidden.push((h, b.y.clone()));
         }
-        Ok(ValCache {
-            hidden,
-            shallow,
-            seq: batches[0].seq,
-        })
+        Ok(ValCache { hidden, shallow, seq: batches[0].seq })
     }
 
     /// Statistics with routing at `threshold` (infinity: full depth).
@@ -490,13 +466,12 @@ impl ValCache {
         let c = &model.config;
         let v = c.vocab_size;
         let has_upper = c.exit_layer < c.num_layers;
-        let (mut loss, mut full_loss, mut correct, mut shallow_n) =
-            (0.0f64, 0.0f64, 0usize, 0usize);
+        let (mut loss, mut full_loss, mut correct, mut shallow_n) = (0.0f64, 0.0f64, 0usize, 0usize);
         let (mut flops, mut full_flops) = (0.0f64, 0.0f64);
         let mut k = 0;
         for (h, targets) in &self.hidden {
-            let deep = has_upper
-                .then(|| crate::no_grad(|| model.forward_upper_layers(h, c.exit_layer)).data());
+            let deep =
+                has_upper.then(|| crate::no_grad(|| model.forward_upper_layers(h, c.exit_layer)).data());
             for (i, &y) in targets.iter().enumerate() {
                 let (conf, s_nll, s_ok) = self.shallow[k];
                 let ctx = i % self.seq + 1;
@@ -537,11 +512,7 @@ impl ValCache {
             tokens: k,
             shallow: shallow_n,
             shallow_ratio: shallow_n as f64 / n as f64,
-            layer_cost: if has_upper {
-                cost::layer_cost(c, shallow_n, k - shallow_n)
-            } else {
-                1.0
-            },
+            layer_cost: if has_upper { cost::layer_cost(c, shallow_n, k - shallow_n) } else { 1.0 },
             flop_cost: flops / full_flops,
             full_depth_loss: full_loss / n as f64,
         }

@@ -27,8 +27,5 @@ impl std::fmt::Display for Device {
 
 /// **Spec `get_device()`**: the CPU and its thread count.
 pub fn get_device() -> Device {
-    Device {
-        threads: rayon::current_num_threads(),
-        simd: format!("{:?}", crate::kernels::simd::level()),
-    }
+    Device { threads: rayon::current_num_threads(), simd: format!("{:?}", crate::kernels::simd::level()) }
 }

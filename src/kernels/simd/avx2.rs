@@ -14,8 +14,8 @@
 use std::arch::x86_64::*;
 
 use super::{
-    AdamWScalars, AdamWStep, EXP_HI, EXP_LO, EXP_P, LN2_HI, LN2_LO, LOG2_E, check_adamw,
-    check_matmul_xwt, check_same_len, scalar,
+    AdamWScalars, AdamWStep, EXP_HI, EXP_LO, EXP_P, LN2_HI, LN2_LO, LOG2_E, check_adamw, check_matmul_xwt,
+    check_same_len, scalar,
 };
 
 /// f32 lanes in one register.
@@ -62,12 +62,8 @@ pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     while i + 4 * W <= n {
         for (u, acc_u) in acc.iter_mut().enumerate() {
             // SAFETY: i + 4W <= n, so lanes i + uW .. i + (u+1)W are inside both slices.
-            let (va, vb) = unsafe {
-                (
-                    _mm256_loadu_ps(pa.add(i + u * W)),
-                    _mm256_loadu_ps(pb.add(i + u * W)),
-                )
-            };
+            let (va, vb) =
+                unsafe { (_mm256_loadu_ps(pa.add(i + u * W)), _mm256_loadu_ps(pb.add(i + u * W))) };
             *acc_u = _mm256_fmadd_ps(va, vb, *acc_u);
         }
         i += 4 * W;
@@ -78,10 +74,7 @@ pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         acc[0] = _mm256_fmadd_ps(va, vb, acc[0]);
         i += W;
     }
-    let sum = hsum(_mm256_add_ps(
-        _mm256_add_ps(acc[0], acc[1]),
-        _mm256_add_ps(acc[2], acc[3]),
-    ));
+    let sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
     let tail: f32 = a[i..].iter().zip(&b[i..]).map(|(x, y)| x * y).sum();
     sum + tail
 }
@@ -197,11 +190,7 @@ fn tile<const J: usize, const R: usize>(
     for jj in 0..J {
         for r in 0..R {
             // The vector part, then the last k - p products in scalar code.
-            let tail: f32 = w_rows[jj][p..]
-                .iter()
-                .zip(&x_rows[r][p..])
-                .map(|(a, b)| a * b)
-                .sum();
+            let tail: f32 = w_rows[jj][p..].iter().zip(&x_rows[r][p..]).map(|(a, b)| a * b).sum();
             // out_t is (n, m): row j, column i.
             out_t[(j0 + jj) * m + i0 + r] = hsum(acc[jj][r]) + tail;
         }
@@ -218,10 +207,7 @@ fn exp(x: __m256) -> __m256 {
     let overflow = _mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(EXP_HI));
     // Clamp so the arithmetic below stays finite. (max/min return their second operand when one
     // is NaN, so x goes second: NaN passes through and comes out NaN.)
-    let x = _mm256_min_ps(
-        _mm256_set1_ps(EXP_HI),
-        _mm256_max_ps(_mm256_set1_ps(EXP_LO), x),
-    );
+    let x = _mm256_min_ps(_mm256_set1_ps(EXP_HI), _mm256_max_ps(_mm256_set1_ps(EXP_LO), x));
     // n = round(x / ln2), at most 127 so that 2^n is a normal float.
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
         x,
@@ -294,12 +280,7 @@ pub unsafe fn softmax_in_place(x: &mut [f32]) {
     let px = x.as_mut_ptr();
     for i in (0..main).step_by(W) {
         // SAFETY: i + W <= n.
-        unsafe {
-            _mm256_storeu_ps(
-                px.add(i),
-                _mm256_mul_ps(_mm256_loadu_ps(px.add(i)), inv_sum),
-            )
-        };
+        unsafe { _mm256_storeu_ps(px.add(i), _mm256_mul_ps(_mm256_loadu_ps(px.add(i)), inv_sum)) };
     }
     for xi in &mut x[main..] {
         *xi *= inv_sum_s;
@@ -326,10 +307,7 @@ pub unsafe fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> f
         // SAFETY: i + W <= n, inside all three slices; out is borrowed mutably, so it aliases
         // neither input.
         unsafe {
-            let v = _mm256_mul_ps(
-                _mm256_mul_ps(_mm256_loadu_ps(px.add(i)), s),
-                _mm256_loadu_ps(pw.add(i)),
-            );
+            let v = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(px.add(i)), s), _mm256_loadu_ps(pw.add(i)));
             _mm256_storeu_ps(po.add(i), v);
         }
         i += W;
@@ -347,22 +325,11 @@ pub unsafe fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> f
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn adamw_update(
-    param: &mut [f32],
-    grad: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    h: &AdamWStep,
-) {
+pub unsafe fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamWStep) {
     check_adamw(param.len(), grad.len(), m.len(), v.len(), h.step);
     let s = AdamWScalars::new(h);
     let n = param.len();
-    let (pp, pg, pm, pv) = (
-        param.as_mut_ptr(),
-        grad.as_ptr(),
-        m.as_mut_ptr(),
-        v.as_mut_ptr(),
-    );
+    let (pp, pg, pm, pv) = (param.as_mut_ptr(), grad.as_ptr(), m.as_mut_ptr(), v.as_mut_ptr());
     let mut i = 0;
     while i + W <= n {
         // SAFETY: i + W <= n, inside all four slices; the three mutable ones are distinct
@@ -494,15 +461,7 @@ mod tests {
             return;
         }
         for m in [1, 2, 3, 5, 8, 9, 16, 17] {
-            for (k, n) in [
-                (1, 1),
-                (3, 2),
-                (7, 5),
-                (17, 7),
-                (33, 9),
-                (100, 4),
-                (1377, 6),
-            ] {
+            for (k, n) in [(1, 1), (3, 2), (7, 5), (17, 7), (33, 9), (100, 4), (1377, 6)] {
                 let x = test_data(m * k, 5);
                 let w = test_data(n * k, 6);
                 let mut out = vec![f32::NAN; n * m];
@@ -510,12 +469,7 @@ mod tests {
                 // SAFETY: supported() checked AVX2 and FMA.
                 unsafe { matmul_xwt(&x, m, k, &w, &mut out) };
                 scalar::matmul_xwt(&x, m, k, &w, &mut out_ref);
-                assert_all_close(
-                    &out,
-                    &out_ref,
-                    1e-5,
-                    &format!("matmul_xwt m={m} k={k} n={n}"),
-                );
+                assert_all_close(&out, &out_ref, 1e-5, &format!("matmul_xwt m={m} k={k} n={n}"));
             }
         }
     }
@@ -526,10 +480,8 @@ mod tests {
             return;
         }
         // A dense sweep of the range softmax uses (x <= 0), and some positive values.
-        let xs: Vec<f32> = (0..=87_000)
-            .map(|i| -(i as f32) * 1e-3)
-            .chain((0..=880).map(|i| i as f32 * 0.1))
-            .collect();
+        let xs: Vec<f32> =
+            (0..=87_000).map(|i| -(i as f32) * 1e-3).chain((0..=880).map(|i| i as f32 * 0.1)).collect();
         for chunk in xs.chunks(W) {
             let mut buf = [0.0f32; W];
             buf[..chunk.len()].copy_from_slice(chunk);
@@ -547,16 +499,7 @@ mod tests {
             }
         }
         // The edges: underflow to 0, overflow to inf, NaN stays NaN.
-        let edges = [
-            -88.0,
-            f32::NEG_INFINITY,
-            89.0,
-            f32::INFINITY,
-            f32::NAN,
-            0.0,
-            0.0,
-            0.0,
-        ];
+        let edges = [-88.0, f32::NEG_INFINITY, 89.0, f32::INFINITY, f32::NAN, 0.0, 0.0, 0.0];
         // SAFETY: as above.
         let y = unsafe {
             let mut out = [0.0f32; W];
@@ -583,10 +526,7 @@ mod tests {
             assert_all_close(&x, &x_ref, 1e-5, &format!("softmax len {len}"));
             if len > 0 {
                 let total: f64 = x.iter().map(|&v| v as f64).sum();
-                assert!(
-                    (total - 1.0).abs() < 1e-5,
-                    "softmax len {len} sums to {total}"
-                );
+                assert!((total - 1.0).abs() < 1e-5, "softmax len {len} sums to {total}");
             }
         }
     }
@@ -640,14 +580,7 @@ mod tests {
             let (mut m, mut v) = (vec![0.0; len], vec![0.0; len]);
             let (mut p_ref, mut m_ref, mut v_ref) = (p.clone(), m.clone(), v.clone());
             for step in 1..=3 {
-                let h = AdamWStep {
-                    lr: 0.01,
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay: 0.1,
-                    step,
-                };
+                let h = AdamWStep { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step };
                 let g = test_data(len, 100 + step);
                 // SAFETY: supported() checked AVX2 and FMA.
                 unsafe { adamw_update(&mut p, &g, &mut m, &mut v, &h) };
@@ -665,13 +598,7 @@ mod tests {
         if !supported() {
             return;
         }
-        for &(hd, stride, count) in &[
-            (1, 1, 1),
-            (7, 9, 5),
-            (16, 48, 33),
-            (32, 256, 77),
-            (33, 40, 1),
-        ] {
+        for &(hd, stride, count) in &[(1, 1, 1), (7, 9, 5), (16, 48, 33), (32, 256, 77), (33, 40, 1)] {
             let q = test_data(hd, 5);
             let keys = test_data((count - 1) * stride + hd, 6);
             let values = test_data((count - 1) * stride + hd, 7);
@@ -680,12 +607,7 @@ mod tests {
             // SAFETY: supported() checked the CPU; the slices are sized as `attend` requires.
             unsafe { attend(&q, &keys, &values, stride, count, 0.3, &mut s1, &mut o1) };
             scalar::attend(&q, &keys, &values, stride, count, 0.3, &mut s2, &mut o2);
-            assert_all_close(
-                &s1,
-                &s2,
-                1e-5,
-                &format!("attend scores hd {hd} count {count}"),
-            );
+            assert_all_close(&s1, &s2, 1e-5, &format!("attend scores hd {hd} count {count}"));
             assert_all_close(&o1, &o2, 1e-5, &format!("attend out hd {hd} count {count}"));
         }
     }

@@ -16,8 +16,8 @@
 use std::arch::x86_64::*;
 
 use super::{
-    AdamWScalars, AdamWStep, EXP_HI, EXP_LO, EXP_P, LN2_HI, LN2_LO, LOG2_E, check_adamw,
-    check_matmul_xwt, check_same_len,
+    AdamWScalars, AdamWStep, EXP_HI, EXP_LO, EXP_P, LN2_HI, LN2_LO, LOG2_E, check_adamw, check_matmul_xwt,
+    check_same_len,
 };
 
 /// f32 lanes in one register.
@@ -57,12 +57,8 @@ pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     while i + 4 * W <= n {
         for (u, acc_u) in acc.iter_mut().enumerate() {
             // SAFETY: i + 4W <= n, so lanes i + uW .. i + (u+1)W are inside both slices.
-            let (va, vb) = unsafe {
-                (
-                    _mm512_loadu_ps(pa.add(i + u * W)),
-                    _mm512_loadu_ps(pb.add(i + u * W)),
-                )
-            };
+            let (va, vb) =
+                unsafe { (_mm512_loadu_ps(pa.add(i + u * W)), _mm512_loadu_ps(pb.add(i + u * W))) };
             *acc_u = _mm512_fmadd_ps(va, vb, *acc_u);
         }
         i += 4 * W;
@@ -76,18 +72,11 @@ pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     if i < n {
         let mask = tail_mask(n - i);
         // SAFETY: only the n - i lanes in the mask are read, all inside both slices.
-        let (va, vb) = unsafe {
-            (
-                _mm512_maskz_loadu_ps(mask, pa.add(i)),
-                _mm512_maskz_loadu_ps(mask, pb.add(i)),
-            )
-        };
+        let (va, vb) =
+            unsafe { (_mm512_maskz_loadu_ps(mask, pa.add(i)), _mm512_maskz_loadu_ps(mask, pb.add(i))) };
         acc[1] = _mm512_fmadd_ps(va, vb, acc[1]);
     }
-    hsum(_mm512_add_ps(
-        _mm512_add_ps(acc[0], acc[1]),
-        _mm512_add_ps(acc[2], acc[3]),
-    ))
+    hsum(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])))
 }
 
 /// `y += alpha · x` (one fused multiply-add a lane). Panics if the lengths differ.
@@ -244,14 +233,12 @@ fn exp(x: __m512) -> __m512 {
     let overflow = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(EXP_HI));
     // Clamp so the arithmetic below stays finite. (max/min return their second operand when one
     // is NaN, so x goes second: NaN passes through and comes out NaN.)
-    let x = _mm512_min_ps(
-        _mm512_set1_ps(EXP_HI),
-        _mm512_max_ps(_mm512_set1_ps(EXP_LO), x),
-    );
+    let x = _mm512_min_ps(_mm512_set1_ps(EXP_HI), _mm512_max_ps(_mm512_set1_ps(EXP_LO), x));
     // n = round(x / ln2), at most 127 so that 2^n is a normal float.
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-        _mm512_mul_ps(x, _mm512_set1_ps(LOG2_E)),
-    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        x,
+        _mm512_set1_ps(LOG2_E),
+    ));
     let n = _mm512_min_ps(n, _mm512_set1_ps(127.0));
     // r = x - n·ln2, in two steps (Cody-Waite): n·LN2_HI is exact.
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
@@ -298,9 +285,7 @@ pub unsafe fn softmax_in_place(x: &mut [f32]) {
     }
     if tail > 0 {
         // SAFETY: only the `tail` lanes in the mask are read, inside the slice.
-        vmax = _mm512_max_ps(vmax, unsafe {
-            _mm512_mask_loadu_ps(neg_inf, mask, px.add(main))
-        });
+        vmax = _mm512_max_ps(vmax, unsafe { _mm512_mask_loadu_ps(neg_inf, mask, px.add(main)) });
     }
     let max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
 
@@ -317,10 +302,7 @@ pub unsafe fn softmax_in_place(x: &mut [f32]) {
     if tail > 0 {
         // SAFETY: only the `tail` lanes in the mask are read and written.
         unsafe {
-            let e = exp(_mm512_sub_ps(
-                _mm512_maskz_loadu_ps(mask, px.add(main)),
-                max,
-            ));
+            let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, px.add(main)), max));
             _mm512_mask_storeu_ps(px.add(main), mask, e);
             // Add only the real lanes (the others hold exp(0 - max)).
             vsum = _mm512_mask_add_ps(vsum, mask, vsum, e);
@@ -331,12 +313,7 @@ pub unsafe fn softmax_in_place(x: &mut [f32]) {
     let inv_sum = _mm512_set1_ps(1.0 / hsum(vsum));
     for i in (0..main).step_by(W) {
         // SAFETY: i + W <= n.
-        unsafe {
-            _mm512_storeu_ps(
-                px.add(i),
-                _mm512_mul_ps(_mm512_loadu_ps(px.add(i)), inv_sum),
-            )
-        };
+        unsafe { _mm512_storeu_ps(px.add(i), _mm512_mul_ps(_mm512_loadu_ps(px.add(i)), inv_sum)) };
     }
     if tail > 0 {
         // SAFETY: only the `tail` lanes in the mask are read and written.
@@ -367,10 +344,7 @@ pub unsafe fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> f
         // SAFETY: i + W <= n, inside all three slices; out is borrowed mutably, so it aliases
         // neither input.
         unsafe {
-            let v = _mm512_mul_ps(
-                _mm512_mul_ps(_mm512_loadu_ps(px.add(i)), s),
-                _mm512_loadu_ps(pw.add(i)),
-            );
+            let v = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(px.add(i)), s), _mm512_loadu_ps(pw.add(i)));
             _mm512_storeu_ps(po.add(i), v);
         }
         i += W;
@@ -394,22 +368,11 @@ pub unsafe fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> f
 /// # Safety
 /// The CPU must support AVX-512F.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn adamw_update(
-    param: &mut [f32],
-    grad: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    h: &AdamWStep,
-) {
+pub unsafe fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamWStep) {
     check_adamw(param.len(), grad.len(), m.len(), v.len(), h.step);
     let s = AdamWScalars::new(h);
     let n = param.len();
-    let (pp, pg, pm, pv) = (
-        param.as_mut_ptr(),
-        grad.as_ptr(),
-        m.as_mut_ptr(),
-        v.as_mut_ptr(),
-    );
+    let (pp, pg, pm, pv) = (param.as_mut_ptr(), grad.as_ptr(), m.as_mut_ptr(), v.as_mut_ptr());
     let mut i = 0;
     while i + W <= n {
         // SAFETY: i + W <= n, inside all four slices; the three mutable ones are distinct
@@ -461,18 +424,12 @@ fn adamw_lanes(
 ) -> (__m512, __m512, __m512) {
     let p = _mm512_mul_ps(p, _mm512_set1_ps(s.decay));
     // m = beta1·m + (1-beta1)·g ;  v = beta2·v + (1-beta2)·g·g
-    let m = _mm512_fmadd_ps(
-        _mm512_set1_ps(h.beta1),
-        m,
-        _mm512_mul_ps(_mm512_set1_ps(s.one_minus_beta1), g),
-    );
+    let m = _mm512_fmadd_ps(_mm512_set1_ps(h.beta1), m, _mm512_mul_ps(_mm512_set1_ps(s.one_minus_beta1), g));
     let g2 = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(s.one_minus_beta2), g), g);
     let v = _mm512_fmadd_ps(_mm512_set1_ps(h.beta2), v, g2);
     // denom = sqrt(v)/sqrt(bc2) + eps ;  p -= step_size · m / denom
-    let denom = _mm512_add_ps(
-        _mm512_div_ps(_mm512_sqrt_ps(v), _mm512_set1_ps(s.bc2_sqrt)),
-        _mm512_set1_ps(h.eps),
-    );
+    let denom =
+        _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), _mm512_set1_ps(s.bc2_sqrt)), _mm512_set1_ps(h.eps));
     let step = _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(s.step_size), m), denom);
     (_mm512_sub_ps(p, step), m, v)
 }
@@ -557,15 +514,7 @@ mod tests {
             return;
         }
         for m in [1, 2, 3, 5, 8, 9, 16, 17] {
-            for (k, n) in [
-                (1, 1),
-                (3, 2),
-                (15, 5),
-                (17, 7),
-                (33, 9),
-                (100, 4),
-                (1377, 6),
-            ] {
+            for (k, n) in [(1, 1), (3, 2), (15, 5), (17, 7), (33, 9), (100, 4), (1377, 6)] {
                 let x = test_data(m * k, 5);
                 let w = test_data(n * k, 6);
                 let mut out = vec![f32::NAN; n * m];
@@ -573,12 +522,7 @@ mod tests {
                 // SAFETY: supported() checked AVX-512F.
                 unsafe { matmul_xwt(&x, m, k, &w, &mut out) };
                 scalar::matmul_xwt(&x, m, k, &w, &mut out_ref);
-                assert_all_close(
-                    &out,
-                    &out_ref,
-                    1e-5,
-                    &format!("matmul_xwt m={m} k={k} n={n}"),
-                );
+                assert_all_close(&out, &out_ref, 1e-5, &format!("matmul_xwt m={m} k={k} n={n}"));
             }
         }
     }
@@ -589,10 +533,8 @@ mod tests {
             return;
         }
         // A dense sweep of the range softmax uses (x <= 0), and some positive values.
-        let xs: Vec<f32> = (0..=87_000)
-            .map(|i| -(i as f32) * 1e-3)
-            .chain((0..=880).map(|i| i as f32 * 0.1))
-            .collect();
+        let xs: Vec<f32> =
+            (0..=87_000).map(|i| -(i as f32) * 1e-3).chain((0..=880).map(|i| i as f32 * 0.1)).collect();
         for chunk in xs.chunks(W) {
             let mut buf = [0.0f32; W];
             buf[..chunk.len()].copy_from_slice(chunk);
@@ -610,16 +552,7 @@ mod tests {
             }
         }
         // The edges: underflow to 0, overflow to inf, NaN stays NaN.
-        let edges = [
-            -88.0,
-            f32::NEG_INFINITY,
-            89.0,
-            f32::INFINITY,
-            f32::NAN,
-            0.0,
-            0.0,
-            0.0,
-        ];
+        let edges = [-88.0, f32::NEG_INFINITY, 89.0, f32::INFINITY, f32::NAN, 0.0, 0.0, 0.0];
         let mut buf = [0.0f32; W];
         buf[..8].copy_from_slice(&edges);
         // SAFETY: as above.
@@ -648,10 +581,7 @@ mod tests {
             assert_all_close(&x, &x_ref, 1e-5, &format!("softmax len {len}"));
             if len > 0 {
                 let total: f64 = x.iter().map(|&v| v as f64).sum();
-                assert!(
-                    (total - 1.0).abs() < 1e-5,
-                    "softmax len {len} sums to {total}"
-                );
+                assert!((total - 1.0).abs() < 1e-5, "softmax len {len} sums to {total}");
             }
         }
     }
@@ -705,14 +635,7 @@ mod tests {
             let (mut m, mut v) = (vec![0.0; len], vec![0.0; len]);
             let (mut p_ref, mut m_ref, mut v_ref) = (p.clone(), m.clone(), v.clone());
             for step in 1..=3 {
-                let h = AdamWStep {
-                    lr: 0.01,
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay: 0.1,
-                    step,
-                };
+                let h = AdamWStep { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step };
                 let g = test_data(len, 100 + step);
                 // SAFETY: supported() checked AVX-512F.
                 unsafe { adamw_update(&mut p, &g, &mut m, &mut v, &h) };
@@ -730,13 +653,7 @@ mod tests {
         if !supported() {
             return;
         }
-        for &(hd, stride, count) in &[
-            (1, 1, 1),
-            (7, 9, 5),
-            (16, 48, 33),
-            (32, 256, 77),
-            (33, 40, 1),
-        ] {
+        for &(hd, stride, count) in &[(1, 1, 1), (7, 9, 5), (16, 48, 33), (32, 256, 77), (33, 40, 1)] {
             let q = test_data(hd, 5);
             let keys = test_data((count - 1) * stride + hd, 6);
             let values = test_data((count - 1) * stride + hd, 7);
@@ -745,12 +662,7 @@ mod tests {
             // SAFETY: supported() checked the CPU; the slices are sized as `attend` requires.
             unsafe { attend(&q, &keys, &values, stride, count, 0.3, &mut s1, &mut o1) };
             scalar::attend(&q, &keys, &values, stride, count, 0.3, &mut s2, &mut o2);
-            assert_all_close(
-                &s1,
-                &s2,
-                1e-5,
-                &format!("attend scores hd {hd} count {count}"),
-            );
+            assert_all_close(&s1, &s2, 1e-5, &format!("attend scores hd {hd} count {count}"));
             assert_all_close(&o1, &o2, 1e-5, &format!("attend out hd {hd} count {count}"));
         }
     }

@@ -121,33 +121,21 @@ fn choose_level(detected: Level, forced: Option<&str>) -> Level {
 /// Panics unless the two inputs of `op` have the same length.
 #[track_caller]
 fn check_same_len(op: &str, what_a: &str, a: usize, what_b: &str, b: usize) {
-    assert!(
-        a == b,
-        "{op}: {what_a} has length {a} but {what_b} has length {b}"
-    );
+    assert!(a == b, "{op}: {what_a} has length {a} but {what_b} has length {b}");
 }
 
 /// Checks the shapes of [`matmul_xwt`] and returns `n`, the number of rows of `w`.
 #[track_caller]
 fn check_matmul_xwt(x: usize, m: usize, k: usize, w: usize, out_t: usize) -> usize {
-    assert!(
-        x == m * k,
-        "matmul_xwt: x has length {x}, expected m*k = {m}*{k}"
-    );
+    assert!(x == m * k, "matmul_xwt: x has length {x}, expected m*k = {m}*{k}");
     if k == 0 {
         // Every dot product is empty (= 0); w must be empty and out_t is filled with zeros.
         assert!(w == 0, "matmul_xwt: k = 0 but w has length {w}");
         return out_t.checked_div(m).unwrap_or(0);
     }
-    assert!(
-        w.is_multiple_of(k),
-        "matmul_xwt: w has length {w}, not a multiple of k = {k}"
-    );
+    assert!(w.is_multiple_of(k), "matmul_xwt: w has length {w}, not a multiple of k = {k}");
     let n = w / k;
-    assert!(
-        out_t == n * m,
-        "matmul_xwt: out_t has length {out_t}, expected n*m = {n}*{m}"
-    );
+    assert!(out_t == n * m, "matmul_xwt: out_t has length {out_t}, expected n*m = {n}*{m}");
     n
 }
 
@@ -343,11 +331,7 @@ pub fn attend(
     out: &mut [f32],
 ) {
     let hd = q.len();
-    let need = if count == 0 {
-        0
-    } else {
-        (count - 1) * stride + hd
-    };
+    let need = if count == 0 { 0 } else { (count - 1) * stride + hd };
     assert!(
         keys.len() >= need
             && values.len() >= need
@@ -494,22 +478,16 @@ pub fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32
 /// The lengths every kernel is tested at: around each multiple of 8 and 16 (the vector widths)
 /// and of 32 and 64 (the unrolled loops), so that every tail path runs.
 #[cfg(test)]
-const TEST_LENGTHS: [usize; 16] = [
-    0, 1, 3, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 100, 1000, 1377,
-];
+const TEST_LENGTHS: [usize; 16] = [0, 1, 3, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 100, 1000, 1377];
 
 /// `len` pseudo-random numbers in [-1, 1), a fixed function of `seed` (a 64-bit LCG; the tests
 /// need varied data, not good randomness).
 #[cfg(test)]
 fn test_data(len: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..len)
         .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             // The top 24 bits, as a fraction in [0, 1), mapped to [-1, 1).
             ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
@@ -608,14 +586,7 @@ mod tests {
         assert_close(r, r_ref, 1e-5, "rmsnorm inv_rms");
         assert_all_close(&o, &o_ref, 1e-5, "rmsnorm");
 
-        let h = AdamWStep {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            step: 5,
-        };
+        let h = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 5 };
         let (mut p, mut mm, mut vv) = (a.clone(), b.clone(), vec![0.01; a.len()]);
         let (mut p_ref, mut mm_ref, mut vv_ref) = (p.clone(), mm.clone(), vv.clone());
         adamw_update(&mut p, &b, &mut mm, &mut vv, &h);
@@ -639,14 +610,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "adamw_update: step counts from 1")]
     fn adamw_panics_on_step_zero() {
-        let h = AdamWStep {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            step: 0,
-        };
+        let h = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step: 0 };
         adamw_update(&mut [0.0], &[0.0], &mut [0.0], &mut [0.0], &h);
     }
 }

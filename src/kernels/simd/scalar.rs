@@ -24,12 +24,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut partial = [0.0f32; LANES];
     let a_chunks = a.chunks_exact(LANES);
     let b_chunks = b.chunks_exact(LANES);
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
+    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
     for (ca, cb) in a_chunks.zip(b_chunks) {
         for l in 0..LANES {
             partial[l] += ca[l] * cb[l];
@@ -121,26 +116,14 @@ pub(super) fn inv_rms(sum_sq: f32, n: usize, eps: f32) -> f32 {
 pub fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamWStep) {
     check_adamw(param.len(), grad.len(), m.len(), v.len(), h.step);
     let s = AdamWScalars::new(h);
-    for (((p, &g), mi), vi) in param
-        .iter_mut()
-        .zip(grad)
-        .zip(m.iter_mut())
-        .zip(v.iter_mut())
-    {
+    for (((p, &g), mi), vi) in param.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
         adamw_element(p, g, mi, vi, h, &s);
     }
 }
 
 /// The AdamW update of one element (also the scalar tail of the AVX2 version).
 #[inline]
-pub(super) fn adamw_element(
-    p: &mut f32,
-    g: f32,
-    m: &mut f32,
-    v: &mut f32,
-    h: &AdamWStep,
-    s: &AdamWScalars,
-) {
+pub(super) fn adamw_element(p: &mut f32, g: f32, m: &mut f32, v: &mut f32, h: &AdamWStep, s: &AdamWScalars) {
     // Decoupled weight decay: shrink the parameter first, independently of the gradient.
     *p *= s.decay;
     // Exponential moving averages of g and g².
@@ -192,12 +175,7 @@ mod tests {
         for len in TEST_LENGTHS {
             let a = test_data(len, 1);
             let b = test_data(len, 2);
-            assert_close(
-                dot(&a, &b),
-                dot_f64(&a, &b) as f32,
-                1e-5,
-                &format!("dot len {len}"),
-            );
+            assert_close(dot(&a, &b), dot_f64(&a, &b) as f32, 1e-5, &format!("dot len {len}"));
         }
         assert_eq!(dot(&[], &[]), 0.0);
     }
@@ -209,11 +187,8 @@ mod tests {
             let y0 = test_data(len, 4);
             let mut y = y0.clone();
             axpy(-1.5, &x, &mut y);
-            let want: Vec<f32> = x
-                .iter()
-                .zip(&y0)
-                .map(|(&xi, &yi)| (yi as f64 - 1.5 * xi as f64) as f32)
-                .collect();
+            let want: Vec<f32> =
+                x.iter().zip(&y0).map(|(&xi, &yi)| (yi as f64 - 1.5 * xi as f64) as f32).collect();
             assert_all_close(&y, &want, 1e-6, &format!("axpy len {len}"));
         }
     }
@@ -261,10 +236,7 @@ mod tests {
             assert_all_close(&x, &want, 1e-6, &format!("softmax len {len}"));
             if len > 0 {
                 let total: f64 = x.iter().map(|&v| v as f64).sum();
-                assert!(
-                    (total - 1.0).abs() < 1e-5,
-                    "softmax len {len} sums to {total}"
-                );
+                assert!((total - 1.0).abs() < 1e-5, "softmax len {len} sums to {total}");
             }
         }
     }
@@ -277,12 +249,7 @@ mod tests {
         let mut x = [1000.0, 1000.0, 999.0];
         softmax_in_place(&mut x);
         let e = (-1.0f32).exp();
-        assert_all_close(
-            &x,
-            &[1.0 / (2.0 + e), 1.0 / (2.0 + e), e / (2.0 + e)],
-            1e-6,
-            "big",
-        );
+        assert_all_close(&x, &[1.0 / (2.0 + e), 1.0 / (2.0 + e), e / (2.0 + e)], 1e-6, "big");
         // A masked row: all -inf except one entry.
         let mut x = [f32::NEG_INFINITY; 9];
         x[4] = -3.0;
@@ -302,11 +269,8 @@ mod tests {
             let mean_sq = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / len.max(1) as f64;
             let want_inv = 1.0 / (mean_sq + 1e-5).sqrt();
             assert_close(inv, want_inv as f32, 1e-6, &format!("inv_rms len {len}"));
-            let want: Vec<f32> = x
-                .iter()
-                .zip(&w)
-                .map(|(&xi, &wi)| (xi as f64 * want_inv * wi as f64) as f32)
-                .collect();
+            let want: Vec<f32> =
+                x.iter().zip(&w).map(|(&xi, &wi)| (xi as f64 * want_inv * wi as f64) as f32).collect();
             assert_all_close(&out, &want, 1e-6, &format!("rmsnorm len {len}"));
         }
     }
@@ -334,14 +298,7 @@ mod tests {
         let to64 = |s: &[f32]| s.iter().map(|&x| x as f64).collect::<Vec<f64>>();
         let (mut p64, mut m64, mut v64) = (to64(&p), vec![0.0; len], vec![0.0; len]);
         for step in 1..=3 {
-            let h = AdamWStep {
-                lr: 0.01,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.1,
-                step,
-            };
+            let h = AdamWStep { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step };
             let g = test_data(len, 100 + step);
             adamw_update(&mut p, &g, &mut m, &mut v, &h);
             adamw_f64(&mut p64, &to64(&g), &mut m64, &mut v64, &h);
