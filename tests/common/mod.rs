@@ -32,10 +32,7 @@ pub struct Tol {
 impl Tol {
     /// The default: 1e-5 relative, plus 1e-6 of the tensor's RMS absolute (1e-6 for values
     /// of order 1).
-    pub const DEFAULT: Tol = Tol {
-        rtol: 1e-5,
-        atol: 1e-6,
-    };
+    pub const DEFAULT: Tol = Tol { rtol: 1e-5, atol: 1e-6 };
 }
 
 /// The outcome of a passing comparison, for the report: the largest `|got − want|` and the
@@ -57,15 +54,10 @@ pub struct Fixture {
 impl Fixture {
     /// Loads `tests/fixtures/<relative>` (e.g. `"ops/matmul_2d.safetensors"`).
     pub fn load(relative: &str) -> Fixture {
-        let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", relative]
-            .iter()
-            .collect();
+        let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", relative].iter().collect();
         let file = safetensors::load(&path)
             .unwrap_or_else(|e| panic!("cannot load fixture {}: {e}", path.display()));
-        Fixture {
-            name: relative.to_string(),
-            file,
-        }
+        Fixture { name: relative.to_string(), file }
     }
 
     /// The shape of the tensor `name` as stored.
@@ -95,11 +87,7 @@ impl Fixture {
         self.values(name)
             .iter()
             .map(|&v| {
-                assert!(
-                    v >= 0.0 && v.fract() == 0.0,
-                    "{}: '{name}' holds {v}, not an id",
-                    self.name
-                );
+                assert!(v >= 0.0 && v.fract() == 0.0, "{}: '{name}' holds {v}, not an id", self.name);
                 v as usize
             })
             .collect()
@@ -107,13 +95,8 @@ impl Fixture {
 
     /// The metadata entry `key`, parsed (it is stored as a string).
     pub fn meta<T: std::str::FromStr>(&self, key: &str) -> T {
-        let s = self
-            .file
-            .metadata
-            .get(key)
-            .unwrap_or_else(|| panic!("{}: no metadata '{key}'", self.name));
-        s.parse()
-            .unwrap_or_else(|_| panic!("{}: metadata '{key}' = {s:?} does not parse", self.name))
+        let s = self.file.metadata.get(key).unwrap_or_else(|| panic!("{}: no metadata '{key}'", self.name));
+        s.parse().unwrap_or_else(|_| panic!("{}: metadata '{key}' = {s:?} does not parse", self.name))
     }
 
     /// The metadata entry `key`, a comma-separated list of integers (e.g. `"0,2,1,3"`).
@@ -121,9 +104,9 @@ impl Fixture {
         let s: String = self.meta(key);
         s.split(',')
             .map(|x| {
-                x.trim().parse().unwrap_or_else(|_| {
-                    panic!("{}: metadata '{key}' = {s:?} is not a list", self.name)
-                })
+                x.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{}: metadata '{key}' = {s:?} is not a list", self.name))
             })
             .collect()
     }
@@ -146,13 +129,7 @@ impl Fixture {
             self.name,
             w.shape
         );
-        assert_close_tol(
-            &format!("{} '{want}'", self.name),
-            &w.shape,
-            got,
-            &w.data,
-            tol,
-        )
+        assert_close_tol(&format!("{} '{want}'", self.name), &w.shape, got, &w.data, tol)
     }
 
     /// Compares a tensor's values and shape to the fixture's tensor `want` (default tolerance).
@@ -162,16 +139,13 @@ impl Fixture {
 
     /// Compares the gradient accumulated in leaf `leaf` to the fixture's tensor `want`.
     pub fn check_grad(&self, want: &str, leaf: &Tensor, tol: Tol) -> Errors {
-        let g = leaf
-            .grad()
-            .unwrap_or_else(|| panic!("{}: no gradient reached the input of '{want}'", self.name));
+        let g =
+            leaf.grad().unwrap_or_else(|| panic!("{}: no gradient reached the input of '{want}'", self.name));
         self.check_tol(want, leaf.shape(), &g, tol)
     }
 
     fn get(&self, name: &str) -> &safetensors::TensorData {
-        self.file
-            .get(name)
-            .unwrap_or_else(|e| panic!("fixture {}: {e}", self.name))
+        self.file.get(name).unwrap_or_else(|e| panic!("fixture {}: {e}", self.name))
     }
 }
 
@@ -184,38 +158,17 @@ pub fn assert_close(name: &str, got: &[f32], want: &[f32]) -> Errors {
 /// (`rms(want)` taken as 1 if `want` is all zeros), naming the worst
 /// element (the one furthest past its tolerance) with its index in `shape`. Prints the
 /// errors of a passing comparison (`cargo test -- --nocapture` shows them).
-pub fn assert_close_tol(
-    name: &str,
-    shape: &[usize],
-    got: &[f32],
-    want: &[f32],
-    tol: Tol,
-) -> Errors {
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{name}: {} values, expected {}",
-        got.len(),
-        want.len()
-    );
-    let rms = (want.iter().map(|&w| (w as f64) * (w as f64)).sum::<f64>()
-        / want.len().max(1) as f64)
-        .sqrt();
+pub fn assert_close_tol(name: &str, shape: &[usize], got: &[f32], want: &[f32], tol: Tol) -> Errors {
+    assert_eq!(got.len(), want.len(), "{name}: {} values, expected {}", got.len(), want.len());
+    let rms = (want.iter().map(|&w| (w as f64) * (w as f64)).sum::<f64>() / want.len().max(1) as f64).sqrt();
     let atol = tol.atol as f64 * if rms > 0.0 { rms } else { 1.0 };
     // The worst element is the one with the largest ratio error / allowed error.
     let mut worst = (0usize, -1.0f64);
-    let mut errors = Errors {
-        max_abs: 0.0,
-        max_rel: 0.0,
-    };
+    let mut errors = Errors { max_abs: 0.0, max_rel: 0.0 };
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g as f64 - w as f64).abs();
         let allowed = atol + tol.rtol as f64 * (w as f64).abs();
-        let ratio = if err.is_nan() {
-            f64::INFINITY
-        } else {
-            err / allowed
-        };
+        let ratio = if err.is_nan() { f64::INFINITY } else { err / allowed };
         if ratio > worst.1 {
             worst = (i, ratio);
         }
