@@ -152,15 +152,47 @@ pub struct Trainer {
     pub options: TrainOptions,
 }
 
-/// Saves every parameter's values (to restore the best epoch).
-fn snapshot(model: &LegoTransformer) -> Vec<std::sync::Arc<Vec<f32>>> {
-    model.params().iter().map(Tensor::data).collect()
+/// Early stopping: remembers the best weights seen and says when to stop.
+///
+/// The snapshot holds the parameters' buffers themselves (shared `Arc`s, no copy); the next
+/// optimizer step then copies each parameter before writing it (copy-on-write), so keeping the
+/// best weights costs one copy of the model per improving epoch.
+struct EarlyStopping {
+    best: f64,
+    snapshot: Vec<std::sync::Arc<Vec<f32>>>,
+    since_best: usize,
+    patience: usize,
 }
 
-fn restore(model: &LegoTransformer, saved: &[std::sync::Arc<Vec<f32>>]) {
-    for (p, v) in model.params().iter().zip(saved) {
-        p.set_data(v.as_ref().clone());
+impl EarlyStopping {
+    fn new(model: &LegoTransformer, patience: usize) -> EarlyStopping {
+        EarlyStopping { best: f64::INFINITY, snapshot: snapshot(model), since_best: 0, patience }
     }
+
+    /// Records an epoch's validation perplexity; returns (whether it is the best so far,
+    /// whether to stop now).
+    fn update(&mut self, model: &LegoTransformer, ppl: f64) -> (bool, bool) {
+        if ppl < self.best {
+            self.best = ppl;
+            self.snapshot = snapshot(model);
+            self.since_best = 0;
+            (true, false)
+        } else {
+            self.since_best += 1;
+            (false, self.since_best >= self.patience)
+        }
+    }
+
+    /// Puts the best weights back into the model.
+    fn restore(self, model: &LegoTransformer) {
+        for (p, v) in model.params().iter().zip(self.snapshot) {
+            p.set_data(std::sync::Arc::unwrap_or_clone(v));
+        }
+    }
+}
+
+fn snapshot(model: &LegoTransformer) -> Vec<std::sync::Arc<Vec<f32>>> {
+    model.params().iter().map(Tensor::data).collect()
 }
 
 fn check_batches(model: &LegoTransformer, batches: &[Batch], what: &str) -> Result<()> {
@@ -251,8 +283,7 @@ impl Trainer {
         let schedule = self.schedule(opt, train.len());
         let base_step = opt.step_count();
         let mut history = History::default();
-        let mut best = (f64::INFINITY, snapshot(model));
-        let mut since_best = 0;
+        let mut stopping = EarlyStopping::new(model, o.patience);
         let mut progress = Progress::new(o.verbose);
         for epoch in 1..=o.max_epochs {
             let t0 = Instant::now();
@@ -299,18 +330,15 @@ impl Trainer {
                     100.0 * eval.accuracy
                 );
             }
-            if eval.ppl < best.0 {
-                best = (eval.ppl, snapshot(model));
+            let (improved, stop) = stopping.update(model, eval.ppl);
+            if improved {
                 history.best_epoch = epoch;
-                since_best = 0;
-            } else {
-                since_best += 1;
-                if since_best >= o.patience {
-                    break;
-                }
+            }
+            if stop {
+                break;
             }
         }
-        restore(model, &best.1);
+        stopping.restore(model);
         Ok(history)
     }
 
@@ -348,8 +376,7 @@ impl Trainer {
         let schedule = self.schedule(opt, hard_batches.len());
         let base_step = opt.step_count();
         let mut history = Phase2History::default();
-        let mut best = (f64::INFINITY, snapshot(model));
-        let mut since_best = 0;
+        let mut stopping = EarlyStopping::new(model, o.patience);
         let mut progress = Progress::new(o.verbose);
         for epoch in 1..=o.max_epochs {
             let t0 = Instant::now();
@@ -398,18 +425,15 @@ impl Trainer {
                     o.label, routed.ppl
                 );
             }
-            if routed.ppl < best.0 {
-                best = (routed.ppl, snapshot(model));
+            let (improved, stop) = stopping.update(model, routed.ppl);
+            if improved {
                 history.best_epoch = epoch;
-                since_best = 0;
-            } else {
-                since_best += 1;
-                if since_best >= o.patience {
-                    break;
-                }
+            }
+            if stop {
+                break;
             }
         }
-        restore(model, &best.1);
+        stopping.restore(model);
         Ok(history)
     }
 
