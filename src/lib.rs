@@ -12,7 +12,17 @@
 //!   ([`Tensor::backward`]);
 //! - [`ops`]: one family of differentiable operations a file, each forward beside its backward;
 //! - [`optim`]: AdamW, gradient clipping, the learning-rate schedule;
-//! - [`io`]: the safetensors checkpoint format.
+//! - [`nn`]: the modules of a Llama-style decoder (Linear, RmsNorm, Attention, SwiGLU MLP, Block);
+//! - [`model`]: [`LegoTransformer`](model::LegoTransformer) with the spec's API, the split KV
+//!   cache, the graph-free decoding engine, generation and TRUE early exit, checkpoints;
+//! - [`train`]: the two training phases, hard examples, evaluation;
+//! - [`data`]: text, document splits, tokenizers, batches, the synthetic corpus;
+//! - [`io`]: JSON, safetensors and atomic writes.
+//!
+//! A token's path to its gradient: [`model::LegoTransformer::forward`] → [`nn::Block::forward`]
+//! → the ops in [`ops`] → [`Tensor::backward`] in [`tensor::autograd`].
+
+#![warn(missing_docs)]
 
 pub mod data;
 pub mod error;
