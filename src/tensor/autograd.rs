@@ -1,6 +1,6 @@
 //! Reverse-mode automatic differentiation: the walk from a loss back to its parameters.
 //!
-//! Every op that runs while gradients are recorded leaves a [`GradFn`] in its output: the
+//! Every op that runs while gradients are recorded leaves a `GradFn` in its output: the
 //! op's inputs and a closure that maps the gradient of the output, `∂L/∂out`, to the gradient
 //! of each input, `∂L/∂in = (∂out/∂in)ᵀ · ∂L/∂out` (a vector-Jacobian product; each op's
 //! file derives its own). The graph is made of these links and lives exactly as long as the

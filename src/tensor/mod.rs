@@ -6,7 +6,7 @@
 //!   reshape, or an op that saves its input for the backward pass shares them instead of
 //!   copying;
 //! - its **shape**, e.g. `[batch, seq, dim]`;
-//! - for a tensor made by an op while gradients are recorded, a [`GradFn`](autograd::GradFn):
+//! - for a tensor made by an op while gradients are recorded, a `GradFn`:
 //!   the op's name, its inputs, and a closure that turns the gradient of the output into the
 //!   gradients of the inputs. Following these links backwards from a loss is the whole of
 //!   reverse-mode autodiff ([`Tensor::backward`] in [`autograd`]).
