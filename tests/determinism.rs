@@ -44,3 +44,19 @@ fn same_seed_and_threads_give_bit_identical_losses() {
         assert_ne!(first[0], first[3]);
     }
 }
+
+#[test]
+fn the_calibrated_threshold_is_bit_identical_run_after_run() {
+    use lego::data::create_synthetic_data;
+    use lego::train::compute_confidence_threshold;
+    let threshold = || {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        pool.install(|| {
+            let model =
+                LegoTransformer::new(LegoConfig::new(300, 64, 2, 4, 172, 64), &mut Tensor::rng(3)).unwrap();
+            let data = create_synthetic_data(4, 8, 64, 300, 5);
+            compute_confidence_threshold(&model, &data, 0.5).unwrap().to_bits()
+        })
+    };
+    assert_eq!(threshold(), threshold());
+}

@@ -167,3 +167,18 @@ fn teacher_forced_early_exit_at_full_depth_equals_the_forward_and_at_zero_the_ex
     assert_eq!(shallow.shallow_count, 33);
     assert!((shallow.loss - want).abs() < 1e-4, "{} vs {want}", shallow.loss);
 }
+
+#[test]
+fn teacher_forcing_takes_windows_of_max_seq_len_plus_one_and_checks_targets() {
+    let m = model(50, 1.0, 8);
+    let max = m.config.max_seq_len;
+    let seq: Vec<usize> = (0..max + 1).map(|i| i % 50).collect();
+    assert_eq!(m.evaluate_with_early_exit(&[seq.clone()], 0.5, UpperCacheFill::Skip).unwrap().tokens, max);
+    let mut too_long = seq.clone();
+    too_long.push(1);
+    assert!(m.evaluate_with_early_exit(&[too_long], 0.5, UpperCacheFill::Skip).is_err());
+    let mut bad_target = seq;
+    *bad_target.last_mut().unwrap() = 50;
+    let e = m.evaluate_with_early_exit(&[bad_target], 0.5, UpperCacheFill::Skip).unwrap_err().to_string();
+    assert!(e.contains("target token id 50"), "{e}");
+}

@@ -398,10 +398,17 @@ impl LegoTransformer {
         if let Some((i, s)) = sequences.iter().enumerate().find(|(_, s)| s.len() != len) {
             return Err(Error::Input(format!("sequence {i} has {} tokens, sequence 0 has {len}", s.len())));
         }
-        let flat: Vec<usize> = sequences.iter().flatten().copied().collect();
-        self.check_tokens(&flat, sequences.len(), 0)?;
-        if len - 1 > self.config.max_seq_len {
-            return Err(Error::Input(format!("sequences of {len} tokens need max_seq_len >= {}", len - 1)));
+        // The first len − 1 tokens go through the model (they must fit its max_seq_len); the
+        // last is only a target (it must be in the vocabulary).
+        let inputs: Vec<usize> = sequences.iter().flat_map(|s| s[..len - 1].iter().copied()).collect();
+        self.check_tokens(&inputs, sequences.len(), 0)?;
+        if let Some((i, s)) = sequences.iter().enumerate().find(|(_, s)| s[len - 1] >= self.config.vocab_size)
+        {
+            return Err(Error::Input(format!(
+                "target token id {} (sequence {i}, last position) is outside the vocabulary of {}",
+                s[len - 1],
+                self.config.vocab_size
+            )));
         }
         let batch = sequences.len();
         let mut cache = KvCache::new(&self.config, batch);
