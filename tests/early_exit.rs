@@ -173,7 +173,10 @@ fn teacher_forcing_takes_windows_of_max_seq_len_plus_one_and_checks_targets() {
     let m = model(50, 1.0, 8);
     let max = m.config.max_seq_len;
     let seq: Vec<usize> = (0..max + 1).map(|i| i % 50).collect();
-    assert_eq!(m.evaluate_with_early_exit(&[seq.clone()], 0.5, UpperCacheFill::Skip).unwrap().tokens, max);
+    assert_eq!(
+        m.evaluate_with_early_exit(std::slice::from_ref(&seq), 0.5, UpperCacheFill::Skip).unwrap().tokens,
+        max
+    );
     let mut too_long = seq.clone();
     too_long.push(1);
     assert!(m.evaluate_with_early_exit(&[too_long], 0.5, UpperCacheFill::Skip).is_err());
