@@ -335,8 +335,8 @@ impl LegoTransformer {
                 simd::rmsnorm(&ws.x[r * d..(r + 1) * d], &norm, c.norm_eps, &mut ws.xn[i * d..(i + 1) * d]);
             }
             let m = rows.len();
-            linear(&ws.xn, m, d, &wk, d, &mut ws.k, &mut ws.transposed);
-            linear(&ws.xn, m, d, &wv, d, &mut ws.v, &mut ws.transposed);
+            linear(&ws.xn, m, d, &wk, d, &mut ws.k, &mut ws.transposed, ws.split_above);
+            linear(&ws.xn, m, d, &wv, d, &mut ws.v, &mut ws.transposed, ws.split_above);
             // Rotate each key by its token's absolute position (the lower layers already
             // counted the token, so it is `positions − 1`).
             for (i, &r) in rows.iter().enumerate() {
