@@ -25,6 +25,7 @@ use std::path::Path;
 use super::config::LegoConfig;
 use super::transformer::{ExitHead, LegoTransformer};
 use crate::error::{Error, Result};
+use crate::io::safetensors::SafeTensors;
 use crate::io::{json, safetensors};
 use crate::nn::{Attention, Block, Linear, RmsNorm, SwiGluMlp};
 use crate::tensor::Tensor;
@@ -49,11 +50,23 @@ impl LegoTransformer {
     pub fn load(path: &Path) -> Result<(LegoTransformer, BTreeMap<String, String>)> {
         let mut st = safetensors::load(path)?;
         let origin = path.display().to_string();
+        let model = LegoTransformer::take_from(&mut st, &origin)?;
+        if let Some(name) = st.tensors.keys().next() {
+            return Err(Error::Format(format!("{origin}: unexpected tensor '{name}' for this config")));
+        }
+        Ok((model, std::mem::take(&mut st.metadata)))
+    }
+
+    /// Builds the model stored in `st` (its `config` and `frozen` metadata and its named
+    /// tensors), taking those tensors out of `st` and leaving anything else there (a training
+    /// checkpoint keeps its optimizer's moments beside the model). `origin` names the file in
+    /// errors.
+    pub fn take_from(st: &mut SafeTensors, origin: &str) -> Result<LegoTransformer> {
         let config_text = st
             .metadata
             .get("config")
             .ok_or_else(|| Error::Format(format!("{origin}: no 'config' in the metadata")))?;
-        let config = LegoConfig::from_json(&json::parse(config_text)?, &origin)?;
+        let config = LegoConfig::from_json(&json::parse(config_text)?, origin)?;
         let has_exit_head = st.tensors.contains_key("exit_norm.weight");
         let frozen: Vec<String> = st
             .metadata
@@ -101,10 +114,13 @@ impl LegoTransformer {
         } else {
             None
         };
-        if let Some(name) = st.tensors.keys().next() {
-            return Err(Error::Format(format!("{origin}: unexpected tensor '{name}' for this config")));
+        let model = LegoTransformer::from_parts(config, tok_embeddings, layers, head, exit_head);
+        let names: Vec<String> = model.named_params().into_iter().map(|(n, _)| n).collect();
+        if let Some(name) = frozen.iter().find(|f| !names.contains(f)) {
+            return Err(Error::Format(format!(
+                "{origin}: metadata 'frozen' names '{name}', which the model does not have"
+            )));
         }
-        let meta = std::mem::take(&mut st.metadata);
-        Ok((LegoTransformer::from_parts(config, tok_embeddings, layers, head, exit_head), meta))
+        Ok(model)
     }
 }

@@ -57,8 +57,7 @@ use crate::data::Tokenizer;
 use crate::error::{Error, Result};
 use crate::io::json::{self, Json};
 use crate::io::safetensors;
-use crate::model::{ExitHead, LegoConfig, LegoTransformer};
-use crate::nn::{Linear, RmsNorm};
+use crate::model::LegoTransformer;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::tensor::Tensor;
 
@@ -239,21 +238,26 @@ pub fn load_training_checkpoint(path: &Path) -> Result<TrainingCheckpoint> {
     let mut st = safetensors::load(path)?;
     let origin = path.display().to_string();
     let bad = |what: String| Error::Format(format!("{origin}: {what}"));
+    match st.metadata.get("format") {
+        Some(f) if f == TRAINING_CHECKPOINT_FORMAT => {}
+        Some(f) => return Err(bad(format!("format '{f}', this code reads '{TRAINING_CHECKPOINT_FORMAT}'"))),
+        None => {
+            return Err(bad(format!(
+                "not a training checkpoint (no 'format' {TRAINING_CHECKPOINT_FORMAT:?} in the \
+                 metadata; a model saved by LegoTransformer::save is read by LegoTransformer::load)"
+            )));
+        }
+    }
+    // The model: its config, frozen flags and named tensors, read as LegoTransformer::load reads
+    // them; what stays in `st` is the optimizer's.
+    let model = LegoTransformer::take_from(&mut st, &origin)?;
+    let config = model.config.clone();
     let mut meta = std::mem::take(&mut st.metadata);
     let mut take_meta =
         |key: &str| meta.remove(key).ok_or_else(|| bad(format!("no '{key}' in the metadata")));
-    let format = take_meta("format").map_err(|_| {
-        bad(format!(
-            "not a training checkpoint (no 'format' {TRAINING_CHECKPOINT_FORMAT:?} in the \
-             metadata; a model saved by LegoTransformer::save is read by LegoTransformer::load)"
-        ))
-    })?;
-    if format != TRAINING_CHECKPOINT_FORMAT {
-        return Err(bad(format!("format '{format}', this code reads '{TRAINING_CHECKPOINT_FORMAT}'")));
+    for key in ["format", "config", "frozen"] {
+        take_meta(key)?;
     }
-    let config = LegoConfig::from_json(&json::parse(&take_meta("config")?)?, &origin)?;
-    let frozen = take_meta("frozen")?;
-    let frozen: Vec<&str> = frozen.split(',').filter(|s| !s.is_empty()).collect();
     let tokenizer = Tokenizer::from_json_str(&take_meta("tokenizer")?)
         .map_err(|e| bad(format!("metadata 'tokenizer': {e}")))?;
     if tokenizer.vocab_size() != config.vocab_size {
@@ -271,18 +275,7 @@ pub fn load_training_checkpoint(path: &Path) -> Result<TrainingCheckpoint> {
     let opt_config = adamw_config_from_json(&take_meta("optim.config")?)
         .map_err(|e| bad(format!("metadata 'optim.config': {e}")))?;
 
-    // The model: a skeleton of the right shape, then every named parameter filled from the
-    // file. `named_params` is the one list of names, so this reads what `save` wrote.
-    let has_exit_head = st.tensors.contains_key("exit_norm.weight");
-    let model = skeleton(config, has_exit_head)?;
     let named = model.named_params();
-    for (name, t) in &named {
-        t.set_data(st.take(name, t.shape())?);
-        t.set_requires_grad(!frozen.contains(&name.as_str()));
-    }
-    if let Some(name) = frozen.iter().find(|f| !named.iter().any(|(n, _)| n == *f)) {
-        return Err(bad(format!("metadata 'frozen' names '{name}', which the model does not have")));
-    }
 
     // The optimizer's moments, by name: both or neither of a parameter's two.
     let (mut m, mut v) = (Vec::new(), Vec::new());
@@ -311,16 +304,6 @@ pub fn load_training_checkpoint(path: &Path) -> Result<TrainingCheckpoint> {
     // Check the state against the parameters now, so a bad file fails here, not on resume.
     optimizer.to_optimizer(&model).map_err(|e| bad(e.to_string()))?;
     Ok(TrainingCheckpoint { model, tokenizer, optimizer, metadata: meta, origin })
-}
-
-/// A model of `config`'s shape (with a separate exit head if `has_exit_head`) whose values are
-/// about to be overwritten.
-fn skeleton(config: LegoConfig, has_exit_head: bool) -> Result<LegoTransformer> {
-    let (v, d, eps) = (config.vocab_size, config.dim, config.norm_eps);
-    let m = LegoTransformer::new(config, &mut Tensor::rng(0))?;
-    let exit_head = has_exit_head
-        .then(|| ExitHead { norm: RmsNorm::new(d, eps), output: Linear { weight: Tensor::zeros(&[v, d]) } });
-    Ok(LegoTransformer::from_parts(m.config, m.tok_embeddings, m.layers, m.head, exit_head))
 }
 
 fn adamw_config_to_json(c: &AdamWConfig) -> Json {
