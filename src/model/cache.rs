@@ -117,6 +117,28 @@ impl KvCache {
         self.positions.iter_mut().for_each(|p| *p = 0);
     }
 
+    /// Every length the cache keeps: each row's position, and each layer's entries per row.
+    pub fn lengths(&self) -> (Vec<usize>, Vec<Vec<usize>>) {
+        let layers = self.lower.layers.iter().chain(&self.upper.layers).map(|l| l.len.clone()).collect();
+        (self.positions.clone(), layers)
+    }
+
+    /// Restores lengths taken by [`lengths`](KvCache::lengths): the entries added since are
+    /// forgotten (their values stay in the buffers, unread, until overwritten).
+    pub fn set_lengths(&mut self, (positions, layers): (Vec<usize>, Vec<Vec<usize>>)) {
+        assert_eq!(
+            positions.len(),
+            self.batch,
+            "KvCache::set_lengths: {} rows for a batch of {}",
+            positions.len(),
+            self.batch
+        );
+        self.positions = positions;
+        for (l, len) in self.lower.layers.iter_mut().chain(&mut self.upper.layers).zip(layers) {
+            l.len = len;
+        }
+    }
+
     /// The bytes the buffers take.
     pub fn bytes(&self) -> usize {
         (self.lower.layers.len() + self.upper.layers.len()) * 2 * self.batch * self.max_seq_len * self.dim * 4

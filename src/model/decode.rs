@@ -364,7 +364,9 @@ impl LegoTransformer {
         check_cache(self, cache, batch)?;
         let start = cache.positions.iter().copied().max().unwrap_or(0);
         let t = self.check_tokens(ids, batch, start)?;
-        let saved = (!use_cache).then(|| cache.clone());
+        // Without use_cache, remember only the lengths: the new entries written past them are
+        // then simply not part of the cache (no copy of the buffers).
+        let saved = (!use_cache).then(|| cache.lengths());
         let mut ws = Workspace::new(self, batch * t);
         self.embed_into(ids, &mut ws);
         let rows: Vec<usize> = (0..batch).collect();
@@ -372,7 +374,7 @@ impl LegoTransformer {
         self.run_cached(0..self.layers.len(), &step, cache, &mut ws);
         self.logits_into(&self.head, 0..batch * t, &mut ws);
         if let Some(saved) = saved {
-            *cache = saved;
+            cache.set_lengths(saved);
         }
         let v = self.config.vocab_size;
         Ok(Tensor::from_vec(ws.logits[..batch * t * v].to_vec(), &[batch, t, v]))
