@@ -594,15 +594,24 @@ fn new_model(
 /// AdamW at `--lr` and early stopping on the validation perplexity.
 fn train_phase1(tok: &Tokenizer, data: &Data, o: &Options) -> Result<(LegoTransformer, AdamW, Stage)> {
     eprintln!("\n== phase 1: {} layers on all training data ==", o.phase1_layers);
-    let model = new_model(tok, o.phase1_layers, o.phase1_layers, o.seed, o)?;
+    train_from_scratch("phase 1", tok, data, o.phase1_layers, o.seed, o)
+}
+
+/// A model of `layers` layers (exit at `--phase1-layers`) trained from scratch on all the
+/// training data: phase 1, and the baseline.
+fn train_from_scratch(
+    label: &str,
+    tok: &Tokenizer,
+    data: &Data,
+    layers: usize,
+    seed: u64,
+    o: &Options,
+) -> Result<(LegoTransformer, AdamW, Stage)> {
+    let model = new_model(tok, layers, o.phase1_layers, seed, o)?;
     let mut opt = AdamW::new(model.params(), AdamWConfig { lr: o.lr, ..Default::default() });
     let t0 = Instant::now();
-    let history = trainer("phase 1", o.epochs, o).train_with_early_stopping(
-        &model,
-        &data.train,
-        &data.val,
-        &mut opt,
-    )?;
+    let history =
+        trainer(label, o.epochs, o).train_with_early_stopping(&model, &data.train, &data.val, &mut opt)?;
     let stage = Stage {
         seconds: t0.elapsed().as_secs_f64(),
         flops: full_training_flops(
@@ -739,29 +748,7 @@ fn train_phase2(
 /// 1 is (optimizer, learning rate, epochs, early stopping).
 fn train_baseline(tok: &Tokenizer, data: &Data, o: &Options) -> Result<(LegoTransformer, Stage)> {
     eprintln!("\n== baseline: {} layers from scratch on all training data ==", o.phase2_layers);
-    let model = new_model(tok, o.phase2_layers, o.phase1_layers, o.seed + 2, o)?;
-    let mut opt = AdamW::new(model.params(), AdamWConfig { lr: o.lr, ..Default::default() });
-    let t0 = Instant::now();
-    let history = trainer("baseline", o.epochs, o).train_with_early_stopping(
-        &model,
-        &data.train,
-        &data.val,
-        &mut opt,
-    )?;
-    let stage = Stage {
-        seconds: t0.elapsed().as_secs_f64(),
-        flops: full_training_flops(
-            &model.config,
-            model.config.num_layers,
-            history.tokens as f64,
-            data.seq_len,
-        ),
-        epochs_run: history.epochs.len(),
-        best_epoch: history.best_epoch,
-        steps: history.steps,
-        curve: history.epochs.iter().map(|e| (e.train_loss, e.val_ppl)).collect(),
-        loaded: false,
-    };
+    let (model, _, stage) = train_from_scratch("baseline", tok, data, o.phase2_layers, o.seed + 2, o)?;
     Ok((model, stage))
 }
 

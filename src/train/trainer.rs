@@ -256,6 +256,24 @@ impl Trainer {
         Trainer { options }
     }
 
+    /// The second half of every training step: backward from `loss`, clip, AdamW step.
+    /// Returns the loss; a loss that is not finite stops training with an error.
+    fn backward_and_step(&self, loss: &Tensor, opt: &mut AdamW, epoch: usize, step: usize) -> Result<f32> {
+        loss.backward();
+        if let Some(c) = self.options.grad_clip {
+            clip_grad_norm(opt.params(), c);
+        }
+        opt.step();
+        let l = loss.item();
+        if !l.is_finite() {
+            return Err(Error::Input(format!(
+                "{}: the loss became {l} at epoch {epoch}, step {step}; lower the learning rate",
+                self.options.label
+            )));
+        }
+        Ok(l)
+    }
+
     fn schedule(&self, opt: &AdamW, steps_per_epoch: usize) -> CosineSchedule {
         let total = (self.options.max_epochs * steps_per_epoch) as u64;
         let lr = opt.config.lr;
@@ -293,18 +311,7 @@ impl Trainer {
                 opt.config.lr = schedule.lr(opt.step_count() - base_step);
                 opt.zero_grad();
                 let loss = model.forward(&b.x, b.batch)?.cross_entropy(&b.y, None);
-                loss.backward();
-                if let Some(c) = o.grad_clip {
-                    clip_grad_norm(opt.params(), c);
-                }
-                opt.step();
-                let l = loss.item();
-                if !l.is_finite() {
-                    return Err(Error::Input(format!(
-                        "{}: the loss became {l} at epoch {epoch}, step {i}; lower the learning rate",
-                        o.label
-                    )));
-                }
+                let l = self.backward_and_step(&loss, opt, epoch, i)?;
                 loss_sum += l as f64;
                 epoch_tokens += b.x.len() as u64;
                 history.tokens += b.x.len() as u64;
@@ -390,18 +397,7 @@ impl Trainer {
                 opt.zero_grad();
                 let logits = model.forward_upper_layers(&b.hidden_tensor(), num_lower_layers);
                 let loss = logits.cross_entropy(&b.targets, Some(&b.weights));
-                loss.backward();
-                if let Some(c) = o.grad_clip {
-                    clip_grad_norm(opt.params(), c);
-                }
-                opt.step();
-                let l = loss.item();
-                if !l.is_finite() {
-                    return Err(Error::Input(format!(
-                        "{}: the loss became {l} at epoch {epoch}, step {i}; lower the learning rate",
-                        o.label
-                    )));
-                }
+                let l = self.backward_and_step(&loss, opt, epoch, i)?;
                 loss_sum += l as f64 * k as f64;
                 weight_sum += k;
                 history.steps += 1;
