@@ -60,8 +60,9 @@
 //! upper-cache length followed through them). **Efficiency** = measured / ideal speed-up.
 //!
 //! **Where the time goes.** `EarlyExitStats::time` splits the early-exit run (lower, exit
-//! check, upper, upper fill, sampling, prefill); a replica of `generate`'s loop built from the
-//! engine's public pieces (`run_cached`, `logits_into`) splits full-depth decoding the same way.
+//! check, upper, upper fill, sampling, prefill) and full-depth decoding alike: both are the one
+//! generation loop (`generate_with`) with its phase timer on, in runs of their own (the timed
+//! runs have it off).
 //! Each phase is shown beside its ideal, and the diagnosis charges each early-exit phase its
 //! *excess*: measured − ideal × (generate's own measured / ideal), i.e. the time it takes
 //! beyond running as close to the roofline as `generate` does. Those excesses add up to what
@@ -93,11 +94,9 @@ use lego::data::{
 };
 use lego::kernels::gemm::matmul_xwt_split;
 use lego::kernels::simd;
-use lego::model::cache::KvCache;
-use lego::model::decode::{Step, Workspace};
-use lego::model::generate::Sampler;
 use lego::model::{
-    EarlyExitStats, LegoConfig, LegoTransformer, Sampling, UpperCacheFill, cost, early_exit::TimeSplit,
+    EarlyExitStats, ExitRule, GenerateOptions, LegoConfig, LegoTransformer, Sampling, UpperCacheFill, cost,
+    early_exit::TimeSplit,
 };
 use lego::optim::{AdamW, AdamWConfig};
 use lego::train::{
@@ -623,50 +622,25 @@ struct FullSplit {
     sampling: f64,
 }
 
-/// Replays `generate`'s loop (greedy) with a timer around each phase; medians over `reps`.
+/// `generate`'s own loop (greedy, full depth) with its phase timer on; medians over `reps`.
 fn full_depth_split(model: &LegoTransformer, prompts: &[Vec<usize>], reps: usize) -> FullSplit {
-    let c = &model.config;
-    let (batch, v, exit, n) = (prompts.len(), c.vocab_size, c.exit_layer, c.num_layers);
-    let rows: Vec<usize> = (0..batch).collect();
-    let mut cache = KvCache::new(c, batch);
-    let mut ws = Workspace::new(model, batch * PROMPT);
-    let mut sampler = Sampler::new(Sampling::greedy(), v);
-    let mut samples: Vec<[f64; 4]> = Vec::new();
+    let options = GenerateOptions { profile: true, ..GenerateOptions::greedy(NEW) };
+    let mut samples: Vec<TimeSplit> = Vec::new();
     for rep in 0..reps + 1 {
-        cache.clear();
-        let flat: Vec<usize> = prompts.iter().flatten().copied().collect();
-        model.embed_into(&flat, &mut ws);
-        let prefill = Step { cache_rows: &rows, t: PROMPT };
-        model.run_cached(0..n, &prefill, &mut cache, &mut ws);
-        model.logits_into(&model.head, (0..batch).map(|r| r * PROMPT + PROMPT - 1), &mut ws);
-        let mut next: Vec<usize> =
-            (0..batch).map(|r| sampler.sample(&ws.logits[r * v..(r + 1) * v])).collect();
-        let step = Step { cache_rows: &rows, t: 1 };
-        let mut t = [0.0f64; 4];
-        for _ in 0..STEPS {
-            let t0 = Instant::now();
-            model.embed_into(&next, &mut ws);
-            model.run_cached(0..exit, &step, &mut cache, &mut ws);
-            let t1 = Instant::now();
-            model.run_cached(exit..n, &step, &mut cache, &mut ws);
-            let t2 = Instant::now();
-            model.logits_into(&model.head, 0..batch, &mut ws);
-            let t3 = Instant::now();
-            for (r, x) in next.iter_mut().enumerate() {
-                *x = sampler.sample(&ws.logits[r * v..(r + 1) * v]);
-            }
-            let t4 = Instant::now();
-            t[0] += (t1 - t0).as_secs_f64();
-            t[1] += (t2 - t1).as_secs_f64();
-            t[2] += (t3 - t2).as_secs_f64();
-            t[3] += (t4 - t3).as_secs_f64();
-        }
+        let (out, stats) = model.generate_with(prompts, &options).expect("generate_with");
+        black_box(out);
         if rep > 0 {
-            samples.push(t.map(|x| x / STEPS as f64));
+            samples.push(stats.time);
         }
     }
-    let med = |i: usize| median(&samples.iter().map(|s| s[i]).collect::<Vec<_>>());
-    FullSplit { lower: med(0), upper: med(1), head: med(2), sampling: med(3) }
+    let med =
+        |f: fn(&TimeSplit) -> f64| median(&samples.iter().map(|s| f(s) / STEPS as f64).collect::<Vec<_>>());
+    FullSplit {
+        lower: med(|s| s.lower),
+        upper: med(|s| s.upper),
+        head: med(|s| s.head),
+        sampling: med(|s| s.sampling),
+    }
 }
 
 /// The anatomy of a decode step, per step at one batch size (seconds).
@@ -813,17 +787,20 @@ fn fill_name(f: UpperCacheFill) -> &'static str {
     }
 }
 
+/// One early-exit generation (greedy), its wall time and statistics; `profile` switches the
+/// phase timer on (off for the timed runs, so they pay nothing for it).
 fn early_exit(
     model: &LegoTransformer,
     prompts: &[Vec<usize>],
     new: usize,
     threshold: f32,
     fill: UpperCacheFill,
+    profile: bool,
 ) -> (f64, EarlyExitStats) {
+    let options =
+        GenerateOptions { profile, ..GenerateOptions::greedy(new) }.with_exit(ExitRule::new(threshold, fill));
     let t = Instant::now();
-    let (out, stats) = model
-        .generate_with_early_exit(prompts, new, threshold, &Sampling::greedy(), fill)
-        .expect("generate_with_early_exit");
+    let (out, stats) = model.generate_with(prompts, &options).expect("generate_with (early exit)");
     let dt = t.elapsed().as_secs_f64();
     black_box(out);
     (dt, stats)
@@ -848,7 +825,7 @@ fn calibrate(model: &LegoTransformer, prompts: &[Vec<usize>], target: f64, fill:
     if target >= 1.0 {
         return 0.0; // every confidence is at or above 0: everything exits
     }
-    let (_, stats) = early_exit(model, prompts, NEW, 2.0, fill);
+    let (_, stats) = early_exit(model, prompts, NEW, 2.0, fill, false);
     let mut all: Vec<f32> = stats.confidences.iter().flatten().copied().collect();
     all.sort_by(f32::total_cmp);
     let k = (((1.0 - target) * all.len() as f64).round() as usize).min(all.len() - 1);
@@ -857,7 +834,7 @@ fn calibrate(model: &LegoTransformer, prompts: &[Vec<usize>], target: f64, fill:
     let mut t = all[k];
     let mut best = (f64::INFINITY, t);
     for _ in 0..pick(10, 3) {
-        let ratio = early_exit(model, prompts, NEW, t, fill).1.shallow_ratio;
+        let ratio = early_exit(model, prompts, NEW, t, fill, false).1.shallow_ratio;
         let err = (ratio - target).abs();
         if err < best.0 {
             best = (err, t);
@@ -886,18 +863,19 @@ fn measure(
 ) -> Measured {
     // Warm-up.
     generate(model, prompts, NEW);
-    early_exit(model, prompts, NEW, threshold, fill);
+    early_exit(model, prompts, NEW, threshold, fill, false);
     let (mut g128, mut g1, mut e128, mut e1) = (vec![], vec![], vec![], vec![]);
     let mut splits: Vec<TimeSplit> = Vec::new();
     let mut stats = EarlyExitStats::default();
     for _ in 0..reps {
         g1.push(generate(model, prompts, 1));
         g128.push(generate(model, prompts, NEW));
-        e1.push(early_exit(model, prompts, 1, threshold, fill).0);
-        let (t, s) = early_exit(model, prompts, NEW, threshold, fill);
+        e1.push(early_exit(model, prompts, 1, threshold, fill, false).0);
+        let (t, s) = early_exit(model, prompts, NEW, threshold, fill, false);
         e128.push(t);
-        splits.push(s.time);
         stats = s;
+        // The phase split from a run of its own, with the timer on.
+        splits.push(early_exit(model, prompts, NEW, threshold, fill, true).1.time);
     }
     let per_step =
         |f: fn(&TimeSplit) -> f64| median(&splits.iter().map(|s| f(s) / STEPS as f64).collect::<Vec<_>>());
@@ -905,7 +883,8 @@ fn measure(
         prefill: median(&splits.iter().map(|s| s.prefill).collect::<Vec<_>>()),
         lower: per_step(|s| s.lower),
         exit_check: per_step(|s| s.exit_check),
-        upper: per_step(|s| s.upper),
+        upper: per_step(|s| s.upper + s.head),
+        head: 0.0,
         upper_fill: per_step(|s| s.upper_fill),
         sampling: per_step(|s| s.sampling),
     };

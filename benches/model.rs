@@ -11,10 +11,9 @@
 //!   alternately, median of each), and the rate is `batch·127 / (t₁₂₈ − t₁)`: tokens per
 //!   second of decode steps, the same thing PyTorch's peer reports (its loop runs 128 steps
 //!   for 128 tokens). The end-to-end rate `batch·128 / t₁₂₈` is shown beside it.
-//! - **prefill**: a 128-token prompt for each of 1 or 8 rows through the engine pieces
-//!   `generate` uses ([`Workspace`], [`LegoTransformer::run_cached`],
-//!   [`LegoTransformer::logits_into`] for each row's last token), on a cache and workspace
-//!   allocated once (cleared between reps), so no allocation is timed.
+//! - **prefill**: a 128-token prompt for each of 1 or 8 rows through the [`Decoder`] that
+//!   `generate` uses (`begin`, every layer, the logits of each row's last token), on a decoder
+//!   allocated once (its cache cleared between reps), so no allocation is timed.
 //! - **train**: one step of `forward` → `cross_entropy` → `backward` → `AdamW::step` →
 //!   `zero_grad` at T, S and M with the DEVELOPERS guide's batch × seq, random token ids and
 //!   targets (drawn outside the timing). The split: forward (with the cross-entropy),
@@ -39,9 +38,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use lego::Tensor;
-use lego::model::cache::KvCache;
-use lego::model::decode::{Step, Workspace};
-use lego::model::{LegoConfig, LegoTransformer, Sampling};
+use lego::model::{Decoder, LegoConfig, LegoTransformer, Sampling, Tokens};
 use lego::optim::adamw::{AdamW, AdamWConfig};
 use rand::Rng;
 
@@ -269,16 +266,16 @@ fn bench_prefill(r: &Reference, model: &LegoTransformer, batch: usize, threads: 
     let mut rng = Tensor::rng(12);
     let ids = random_ids(batch * t, r.config.vocab_size, &mut rng);
     let rows: Vec<usize> = (0..batch).collect();
-    let mut cache = KvCache::new(&model.config, batch);
-    let mut ws = Workspace::new(model, batch * t);
+    let counts = vec![t; batch];
+    let mut dec = Decoder::new(model, batch, batch * t);
     let layers = 0..model.layers.len();
     let mut run = || {
-        cache.clear();
+        dec.clear();
         let start = Instant::now();
-        model.embed_into(&ids, &mut ws);
-        model.run_cached(layers.clone(), &Step { cache_rows: &rows, t }, &mut cache, &mut ws);
-        model.logits_into(&model.head, (0..batch).map(|b| b * t + t - 1), &mut ws);
-        black_box(&ws.logits);
+        dec.begin(&rows, &counts, &ids).expect("prefill input");
+        dec.layers(layers.clone());
+        dec.logits(&model.head, Tokens::LastOfEach).expect("finite logits");
+        black_box(dec.logits_row(0));
         start.elapsed()
     };
     let n = reps(7);
@@ -376,8 +373,8 @@ fn print_table(rows: &[Row]) {
                 DECODE_NEW - 1
             ),
             "prefill" => println!(
-                "\nprefill: {PREFILL_PROMPT}-token prompt per row via embed_into + run_cached + \
-                 logits_into (last token of each row); preallocated cache and workspace"
+                "\nprefill: {PREFILL_PROMPT}-token prompt per row through the Decoder (begin, every layer, \
+                 logits of each row's last token); preallocated decoder"
             ),
             _ => println!(
                 "\ntrain: forward + cross_entropy | backward | AdamW step + zero_grad; total \

@@ -83,7 +83,7 @@ use lego::data::{
 };
 use lego::io::atomic::write_atomic;
 use lego::io::json::Json;
-use lego::model::{LegoConfig, LegoTransformer, Sampling, UpperCacheFill, cost};
+use lego::model::{ExitRule, LegoConfig, LegoTransformer, Sampling, UpperCacheFill, cost};
 use lego::optim::{AdamW, AdamWConfig};
 use lego::train::{
     EvalStats, HardExamples, Phase2Mode, TrainOptions, Trainer, TrainingCheckpoint, collect_hard_examples,
@@ -1061,7 +1061,7 @@ fn early_exit_table(phase2: &[Phase2Run], data: &Data, o: &Options) -> Result<Ve
             for &(ratio, threshold) in &thresholds {
                 let (out, stats) =
                     m.generate_with_early_exit(&prompts, o.max_new_tokens, threshold, &greedy, fill)?;
-                let tf = m.evaluate_with_early_exit(&windows, threshold, fill)?;
+                let tf = m.evaluate_with_early_exit(&windows, &ExitRule::new(threshold, fill))?;
                 rows.push(TableRow {
                     model: format!("phase 2 ({})", mode_name(run.mode)),
                     fill: match fill {

@@ -25,6 +25,9 @@ pub enum Error {
     Config(String),
     /// An argument is out of range: a token id, a threshold, a prompt length, a flag.
     Input(String),
+    /// A number that must be finite is not (a NaN or infinite logit or confidence, which would
+    /// otherwise be sampled from or routed on silently). Says where it appeared.
+    NonFinite(String),
 }
 
 impl fmt::Display for Error {
@@ -34,6 +37,7 @@ impl fmt::Display for Error {
             Error::Format(what) => write!(f, "bad file: {what}"),
             Error::Config(what) => write!(f, "bad config: {what}"),
             Error::Input(what) => write!(f, "bad input: {what}"),
+            Error::NonFinite(what) => write!(f, "non-finite value: {what}"),
         }
     }
 }

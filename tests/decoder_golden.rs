@@ -52,10 +52,13 @@ fn logits_in_pieces(m: &LegoTransformer, rows: &[Vec<usize>], pieces: &[usize]) 
     out
 }
 
-/// Everything the record holds, computed by the decoder under test.
-fn record(m: &LegoTransformer, threshold: Option<f32>) -> (Vec<(String, Vec<usize>, Vec<f32>)>, f32) {
+/// One recorded tensor: name, shape, values.
+type Entry = (String, Vec<usize>, Vec<f32>);
+
+/// Everything the record holds, computed by the decoder under test, and the threshold used.
+fn record(m: &LegoTransformer, threshold: Option<f32>) -> (Vec<Entry>, f32) {
     let v = m.config.vocab_size;
-    let mut out: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut out: Vec<Entry> = Vec::new();
     let b1 = vec![prompt(13, 0, v)];
     out.push(("b1_whole".into(), vec![1, 13, v], logits_in_pieces(m, &b1, &[13])));
     out.push(("b1_pieces".into(), vec![1, 13, v], logits_in_pieces(m, &b1, &[5, 1, 7])));

@@ -1,7 +1,7 @@
 //! TRUE early exit: the invariants of `generate_with_early_exit`.
 
 use lego::Tensor;
-use lego::model::{LegoConfig, LegoTransformer, Sampling, UpperCacheFill};
+use lego::model::{ExitRule, GenerateOptions, LegoConfig, LegoTransformer, Sampling, UpperCacheFill};
 
 /// A 4-layer model, exit at 2, with weights large enough that confidences spread out.
 fn model(vocab: usize, scale: f32, seed: u64) -> LegoTransformer {
@@ -122,11 +122,16 @@ fn an_untrained_model_exits_at_a_low_threshold_and_not_at_a_high_one() {
 fn propagate_pays_for_its_fill_and_still_saves_flops() {
     let m = model(50, 3.0, 5);
     let p = prompts(1, 5, 50);
-    let (_, stats) =
-        m.generate_with_early_exit(&p, 10, 0.0, &Sampling::greedy(), UpperCacheFill::Propagate).unwrap();
+    let rule = ExitRule::new(0.0, UpperCacheFill::Propagate);
+    let profiled = GenerateOptions { profile: true, ..GenerateOptions::greedy(10) }.with_exit(rule);
+    let (_, stats) = m.generate_with(&p, &profiled).unwrap();
     assert_eq!(stats.shallow_count, 10);
     assert!(stats.flop_cost > 0.0 && stats.flop_cost < 1.0);
     assert!(stats.time.upper_fill > 0.0);
+    // Without `profile` the clock is never read: every phase time is 0, the result the same.
+    let (_, quiet) = m.generate_with(&p, &GenerateOptions { profile: false, ..profiled }).unwrap();
+    assert_eq!(quiet.time, Default::default());
+    assert_eq!((quiet.routes, quiet.flop_cost), (stats.routes, stats.flop_cost));
 }
 
 #[test]
@@ -155,7 +160,7 @@ fn teacher_forced_early_exit_at_full_depth_equals_the_forward_and_at_zero_the_ex
     let targets: Vec<usize> = seqs.iter().flat_map(|s| s[1..].iter().copied()).collect();
     let want = lego::no_grad(|| m.forward(&flat, 3).unwrap().cross_entropy(&targets, None).item()) as f64;
     for fill in [UpperCacheFill::Skip, UpperCacheFill::Propagate] {
-        let deep = m.evaluate_with_early_exit(&seqs, 1.5, fill).unwrap();
+        let deep = m.evaluate_with_early_exit(&seqs, &ExitRule::new(1.5, fill)).unwrap();
         assert_eq!((deep.tokens, deep.shallow_count), (33, 0));
         assert!((deep.loss - want).abs() < 1e-4, "{} vs {want}", deep.loss);
     }
@@ -163,7 +168,7 @@ fn teacher_forced_early_exit_at_full_depth_equals_the_forward_and_at_zero_the_ex
     let h = lego::no_grad(|| m.get_hidden_states(&flat, 3).unwrap());
     let (_, exit_logits) = m.compute_confidence(&h);
     let want = exit_logits.cross_entropy(&targets, None).item() as f64;
-    let shallow = m.evaluate_with_early_exit(&seqs, 0.0, UpperCacheFill::Skip).unwrap();
+    let shallow = m.evaluate_with_early_exit(&seqs, &ExitRule::new(0.0, UpperCacheFill::Skip)).unwrap();
     assert_eq!(shallow.shallow_count, 33);
     assert!((shallow.loss - want).abs() < 1e-4, "{} vs {want}", shallow.loss);
 }
@@ -174,14 +179,19 @@ fn teacher_forcing_takes_windows_of_max_seq_len_plus_one_and_checks_targets() {
     let max = m.config.max_seq_len;
     let seq: Vec<usize> = (0..max + 1).map(|i| i % 50).collect();
     assert_eq!(
-        m.evaluate_with_early_exit(std::slice::from_ref(&seq), 0.5, UpperCacheFill::Skip).unwrap().tokens,
+        m.evaluate_with_early_exit(std::slice::from_ref(&seq), &ExitRule::new(0.5, UpperCacheFill::Skip))
+            .unwrap()
+            .tokens,
         max
     );
     let mut too_long = seq.clone();
     too_long.push(1);
-    assert!(m.evaluate_with_early_exit(&[too_long], 0.5, UpperCacheFill::Skip).is_err());
+    assert!(m.evaluate_with_early_exit(&[too_long], &ExitRule::new(0.5, UpperCacheFill::Skip)).is_err());
     let mut bad_target = seq;
     *bad_target.last_mut().unwrap() = 50;
-    let e = m.evaluate_with_early_exit(&[bad_target], 0.5, UpperCacheFill::Skip).unwrap_err().to_string();
+    let e = m
+        .evaluate_with_early_exit(&[bad_target], &ExitRule::new(0.5, UpperCacheFill::Skip))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("target token id 50"), "{e}");
 }

@@ -244,6 +244,8 @@ fn bad_inputs_are_errors_with_a_message() {
     let g = |p: Vec<Vec<usize>>, n: usize| m.generate(&p, n, &Sampling::greedy()).unwrap_err().to_string();
     assert!(g(vec![vec![]], 3).contains("empty prompt"));
     assert!(g(vec![tokens(40, 0)], 9).contains("exceeds max_seq_len"));
+    // A length that would wrap around is an error too, not a panic.
+    assert!(g(vec![tokens(3, 0)], usize::MAX).contains("exceeds max_seq_len"));
     assert!(g(vec![tokens(3, 0), tokens(4, 0)], 1).contains("equal length"));
     assert!(g(vec![vec![99]], 1).contains("outside the vocabulary"));
     let mut rng = Tensor::rng(0);

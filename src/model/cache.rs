@@ -15,6 +15,9 @@
 //! may skip the upper layers while another's does not. Absolute positions are counted apart,
 //! per row, in [`KvCache::positions`]: a row's upper layers may hold fewer entries than its
 //! position, but a new token is always rotated by its true position (the spec's lesson 2).
+//! Each entry also records the position it holds ([`LayerCache::pos`]; the prototype's weakness
+//! 5 was not knowing which positions the upper cache held), so a row can be rolled back to any
+//! length in every layer at once ([`KvCache::rollback`]).
 
 use super::LegoConfig;
 
@@ -27,6 +30,52 @@ pub struct LayerCache {
     pub v: Vec<f32>,
     /// How many entries each row holds.
     pub len: Vec<usize>,
+    /// The absolute position of each entry, `[batch, max_seq_len]` (ascending within a row).
+    pub pos: Vec<usize>,
+    /// Entries a row can hold.
+    pub max_seq_len: usize,
+}
+
+impl LayerCache {
+    fn new(batch: usize, max_seq_len: usize, dim: usize) -> LayerCache {
+        LayerCache {
+            k: vec![0.0; batch * max_seq_len * dim],
+            v: vec![0.0; batch * max_seq_len * dim],
+            len: vec![0; batch],
+            pos: vec![0; batch * max_seq_len],
+            max_seq_len,
+        }
+    }
+
+    /// Appends one entry to `row`: the key (already rotated) and value of the token at absolute
+    /// position `position`. Panics if the row is full or the position is not after its last.
+    pub fn push(&mut self, row: usize, position: usize, key: &[f32], value: &[f32]) {
+        let (len, dim) = (self.len[row], key.len());
+        assert!(
+            len < self.max_seq_len,
+            "LayerCache::push: row {row} already holds {len} = max_seq_len entries"
+        );
+        let at = row * self.max_seq_len + len;
+        assert!(
+            len == 0 || self.pos[at - 1] < position,
+            "LayerCache::push: row {row} got position {position} after position {}",
+            self.pos[at - 1]
+        );
+        self.k[at * dim..(at + 1) * dim].copy_from_slice(key);
+        self.v[at * dim..(at + 1) * dim].copy_from_slice(value);
+        self.pos[at] = position;
+        self.len[row] = len + 1;
+    }
+
+    /// The positions of the entries `row` holds.
+    pub fn positions(&self, row: usize) -> &[usize] {
+        &self.pos[row * self.max_seq_len..row * self.max_seq_len + self.len[row]]
+    }
+
+    /// Drops `row`'s entries for positions `position..`.
+    fn truncate_at(&mut self, row: usize, position: usize) {
+        self.len[row] = self.positions(row).partition_point(|&p| p < position);
+    }
 }
 
 /// The caches of a contiguous range of layers (the lower or the upper part).
@@ -71,12 +120,9 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for `batch` rows of a model with `config`, all buffers allocated now.
     pub fn new(config: &LegoConfig, batch: usize) -> KvCache {
-        let per_layer = batch * config.max_seq_len * config.dim;
         let make = |range: std::ops::Range<usize>| CachePart {
             first_layer: range.start,
-            layers: range
-                .map(|_| LayerCache { k: vec![0.0; per_layer], v: vec![0.0; per_layer], len: vec![0; batch] })
-                .collect(),
+            layers: range.map(|_| LayerCache::new(batch, config.max_seq_len, config.dim)).collect(),
         };
         KvCache {
             lower: make(0..config.exit_layer),
@@ -117,30 +163,36 @@ impl KvCache {
         self.positions.iter_mut().for_each(|p| *p = 0);
     }
 
-    /// Every length the cache keeps: each row's position, and each layer's entries per row.
-    pub fn lengths(&self) -> (Vec<usize>, Vec<Vec<usize>>) {
-        let layers = self.lower.layers.iter().chain(&self.upper.layers).map(|l| l.len.clone()).collect();
-        (self.positions.clone(), layers)
+    /// Forgets everything `row` saw from absolute position `len` on: its position becomes
+    /// `len`, and every layer keeps only its entries for earlier positions. (The values stay in
+    /// the buffers, unread, until overwritten.) The row is then exactly as if it had never seen
+    /// those tokens. An error if `len` is past the row's position or the row outside the batch.
+    pub fn rollback(&mut self, row: usize, len: usize) -> crate::Result<()> {
+        if row >= self.batch || len > self.positions[row] {
+            return Err(crate::Error::Input(format!(
+                "cannot roll row {row} back to length {len}: the batch has {} rows{}",
+                self.batch,
+                self.positions.get(row).map_or(String::new(), |p| format!(", the row is at {p}"))
+            )));
+        }
+        self.positions[row] = len;
+        for l in self.lower.layers.iter_mut().chain(&mut self.upper.layers) {
+            l.truncate_at(row, len);
+        }
+        Ok(())
     }
 
-    /// Restores lengths taken by [`lengths`](KvCache::lengths): the entries added since are
-    /// forgotten (their values stay in the buffers, unread, until overwritten).
-    pub fn set_lengths(&mut self, (positions, layers): (Vec<usize>, Vec<Vec<usize>>)) {
-        assert_eq!(
-            positions.len(),
-            self.batch,
-            "KvCache::set_lengths: {} rows for a batch of {}",
-            positions.len(),
-            self.batch
-        );
-        self.positions = positions;
-        for (l, len) in self.lower.layers.iter_mut().chain(&mut self.upper.layers).zip(layers) {
-            l.len = len;
-        }
+    /// A cache of no rows and no layers (a placeholder while a decoder holds the real one).
+    pub fn empty() -> KvCache {
+        let part = CachePart { first_layer: 0, layers: Vec::new() };
+        KvCache { lower: part.clone(), upper: part, positions: Vec::new(), batch: 0, max_seq_len: 0, dim: 0 }
     }
 
     /// The bytes the buffers take.
     pub fn bytes(&self) -> usize {
-        (self.lower.layers.len() + self.upper.layers.len()) * 2 * self.batch * self.max_seq_len * self.dim * 4
+        (self.lower.layers.len() + self.upper.layers.len())
+            * self.batch
+            * self.max_seq_len
+            * (2 * self.dim * 4 + 8)
     }
 }

@@ -60,6 +60,12 @@ pub fn layer_cost(c: &LegoConfig, shallow: usize, deep: usize) -> f64 {
     (shallow * c.exit_layer + deep * c.num_layers) as f64 / (total * c.num_layers) as f64
 }
 
+/// FLOPs of writing one exited token's keys and values into every upper layer
+/// (`UpperCacheFill::Propagate`): two `D×D` products a layer.
+pub fn propagate_flops(c: &LegoConfig) -> f64 {
+    (c.num_layers - c.exit_layer) as f64 * 2.0 * 2.0 * (c.dim * c.dim) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

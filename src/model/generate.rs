@@ -1,14 +1,21 @@
-//! Sampling, and standard generation with the KV cache (spec `generate`).
+//! Sampling, and the one generation loop: `generate` (full depth) and
+//! `generate_with_early_exit` (TRUE early exit) are both [`LegoTransformer::generate_with`].
 //!
-//! The prompt goes through every layer in one step (the prefill); then each new token goes
-//! through every layer alone, attending to the cache. Early-exit generation, where confident
-//! tokens skip the upper layers, builds on the same engine.
+//! ```text
+//! prefill: the prompts through the decoder in one step     (every layer; early exit: routed)
+//! repeat:  each row's sampled token through the decoder    (one token per row per step)
+//! ```
+//!
+//! Each step is a [`Decoder::routed_step`]: with no exit rule every layer runs; with one, each
+//! row's token exits or goes deep on its own confidence. Everything is allocated before the
+//! first step, so generating a token allocates nothing.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::cache::KvCache;
-use super::decode::{Step, Workspace};
+use super::cost;
+use super::decoder::Decoder;
+use super::early_exit::{EarlyExitStats, ExitRule, Routes, TimeSplit, Timer, UpperCacheFill, UpperRows};
 use super::transformer::LegoTransformer;
 use crate::error::{Error, Result};
 use crate::ops::select::argmax;
@@ -65,7 +72,7 @@ impl Sampler {
         }
     }
 
-    /// The next token for one row of logits.
+    /// The next token for one row of logits (finite: the decoder checks them).
     pub fn sample(&mut self, logits: &[f32]) -> usize {
         let s = self.settings;
         if s.temperature == 0.0 {
@@ -108,6 +115,35 @@ impl Sampler {
     }
 }
 
+/// Everything a generation call can be asked: how many tokens, how to sample them, and
+/// whether (and how) tokens exit early. Every entry point takes it; the spec's `generate` and
+/// `generate_with_early_exit` fill it in from their arguments.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GenerateOptions {
+    /// Tokens to add to each prompt.
+    pub max_new_tokens: usize,
+    /// How each token is picked from its logits. Each row samples with its own generator,
+    /// seeded `seed + row`.
+    pub sampling: Sampling,
+    /// `None`: every token through every layer. `Some`: TRUE early exit by this rule.
+    pub early_exit: Option<ExitRule>,
+    /// Measure where the time goes ([`EarlyExitStats::time`]); off, the clock is never read
+    /// inside the loop.
+    pub profile: bool,
+}
+
+impl GenerateOptions {
+    /// Greedy, full-depth generation of `max_new_tokens` tokens.
+    pub fn greedy(max_new_tokens: usize) -> GenerateOptions {
+        GenerateOptions { max_new_tokens, sampling: Sampling::greedy(), early_exit: None, profile: false }
+    }
+
+    /// The same, with TRUE early exit by `rule`.
+    pub fn with_exit(self, rule: ExitRule) -> GenerateOptions {
+        GenerateOptions { early_exit: Some(rule), ..self }
+    }
+}
+
 impl LegoTransformer {
     /// Checks a batch of prompts for generation: at least one, all non-empty and of the same
     /// length, ids in the vocabulary, and room for `max_new_tokens` more. Returns the prompt
@@ -128,15 +164,14 @@ impl LegoTransformer {
         }
         let flat: Vec<usize> = prompts.iter().flatten().copied().collect();
         self.check_tokens(&flat, prompts.len(), 0)?;
-        let total = first.len() + max_new_tokens;
-        if total > self.config.max_seq_len {
-            return Err(Error::Input(format!(
-                "prompt of {} tokens + {max_new_tokens} new ones = {total} exceeds max_seq_len {}",
+        match first.len().checked_add(max_new_tokens) {
+            Some(total) if total <= self.config.max_seq_len => Ok(first.len()),
+            _ => Err(Error::Input(format!(
+                "prompt of {} tokens + {max_new_tokens} new ones exceeds max_seq_len {}",
                 first.len(),
                 self.config.max_seq_len
-            )));
+            ))),
         }
-        Ok(first.len())
     }
 
     /// **Spec `generate(input_ids, max_new_tokens, ...)`**: continues each prompt by
@@ -148,52 +183,149 @@ impl LegoTransformer {
         max_new_tokens: usize,
         sampling: &Sampling,
     ) -> Result<Vec<Vec<usize>>> {
-        sampling.validate()?;
-        let prompt_len = self.check_prompts(prompts, max_new_tokens)?;
-        let batch = prompts.len();
+        let options = GenerateOptions { sampling: *sampling, ..GenerateOptions::greedy(max_new_tokens) };
+        Ok(self.generate_with(prompts, &options)?.0)
+    }
+
+    /// **Spec `generate_with_early_exit(input_ids, max_new_tokens, routing_threshold)`**: like
+    /// [`generate`](LegoTransformer::generate), but each generated token of each row skips the
+    /// upper layers when its confidence at the exit is at least `routing_threshold` (a threshold
+    /// above 1 never exits; 0 always does). Returns each row's prompt and new tokens, and the
+    /// statistics.
+    pub fn generate_with_early_exit(
+        &self,
+        prompts: &[Vec<usize>],
+        max_new_tokens: usize,
+        routing_threshold: f32,
+        sampling: &Sampling,
+        fill: UpperCacheFill,
+    ) -> Result<(Vec<Vec<usize>>, EarlyExitStats)> {
+        let options = GenerateOptions { sampling: *sampling, ..GenerateOptions::greedy(max_new_tokens) }
+            .with_exit(ExitRule::new(routing_threshold, fill));
+        self.generate_with(prompts, &options)
+    }
+
+    /// The generation loop behind every entry point (see the module doc): each row's prompt
+    /// followed by its new tokens, and the statistics (at full depth every token counts as
+    /// deep).
+    pub fn generate_with(
+        &self,
+        prompts: &[Vec<usize>],
+        options: &GenerateOptions,
+    ) -> Result<(Vec<Vec<usize>>, EarlyExitStats)> {
+        let t_start = std::time::Instant::now();
+        options.sampling.validate()?;
+        if let Some(rule) = &options.early_exit {
+            rule.validate()?;
+        }
+        let max_new = options.max_new_tokens;
+        let prompt_len = self.check_prompts(prompts, max_new)?;
+        let (batch, v) = (prompts.len(), self.config.vocab_size);
         let mut out: Vec<Vec<usize>> = prompts
             .iter()
             .map(|p| {
-                let mut v = Vec::with_capacity(p.len() + max_new_tokens);
-                v.extend_from_slice(p);
-                v
+                let mut o = Vec::with_capacity(p.len() + max_new);
+                o.extend_from_slice(p);
+                o
             })
             .collect();
-        if max_new_tokens == 0 {
-            return Ok(out);
+        let exits = options.early_exit.is_some();
+        let mut stats = EarlyExitStats {
+            routes: vec![Vec::with_capacity(max_new); batch],
+            confidences: vec![Vec::with_capacity(if exits { max_new } else { 0 }); batch],
+            ..Default::default()
+        };
+        if max_new == 0 {
+            return Ok((out, stats));
         }
-        let mut cache = KvCache::new(&self.config, batch);
-        let mut ws = Workspace::new(self, batch * prompt_len);
-        let mut sampler = Sampler::new(*sampling, self.config.vocab_size);
+        let rule = options.early_exit.as_ref();
+        let mut dec = Decoder::new(self, batch, batch * prompt_len);
+        let mut samplers: Vec<Sampler> = (0..batch as u64)
+            .map(|r| {
+                Sampler::new(Sampling { seed: options.sampling.seed.wrapping_add(r), ..options.sampling }, v)
+            })
+            .collect();
         let rows: Vec<usize> = (0..batch).collect();
-        let all = 0..self.layers.len();
-        let v = self.config.vocab_size;
+        let mut counts = vec![prompt_len; batch];
+        let mut routes = Routes::with_capacity(batch);
+        let mut timer = Timer::new(options.profile);
+        let mut time = TimeSplit::default();
+        let (mut next, mut current) = (vec![0usize; batch], vec![0usize; batch]);
+        let mut flops = Flops::default();
 
-        // Prefill: the whole prompt in one step; logits of each row's last token.
+        // The prefill: every prompt token through every layer; the last one routed.
         let flat: Vec<usize> = prompts.iter().flatten().copied().collect();
-        self.embed_into(&flat, &mut ws);
-        self.run_cached(all.clone(), &Step { cache_rows: &rows, t: prompt_len }, &mut cache, &mut ws);
-        self.logits_into(&self.head, (0..batch).map(|r| r * prompt_len + prompt_len - 1), &mut ws);
-        let mut next = vec![0usize; batch];
-        for (r, n) in next.iter_mut().enumerate() {
-            *n = sampler.sample(&ws.logits[r * v..(r + 1) * v]);
-        }
+        dec.begin(&rows, &counts, &flat)?;
+        dec.routed_step(rule, UpperRows::All, &mut routes, &mut timer, &mut time, |r, logits| {
+            next[r] = samplers[r].sample(logits)
+        })?;
+        self.count_routes(&routes, rule, prompt_len - 1, &mut stats, &mut flops);
+        stats.time.prefill =
+            time.lower + time.exit_check + time.upper + time.head + time.upper_fill + time.sampling;
+        time = TimeSplit::default();
 
-        // Decode: one token per row per step.
-        for step in 0..max_new_tokens {
+        // Decoding: one token per row per step.
+        counts.fill(1);
+        for step in 0..max_new {
             for (o, &n) in out.iter_mut().zip(&next) {
                 o.push(n);
             }
-            if step + 1 == max_new_tokens {
+            if step + 1 == max_new {
                 break;
             }
-            self.embed_into(&next, &mut ws);
-            self.run_cached(all.clone(), &Step { cache_rows: &rows, t: 1 }, &mut cache, &mut ws);
-            self.logits_into(&self.head, 0..batch, &mut ws);
-            for (r, n) in next.iter_mut().enumerate() {
-                *n = sampler.sample(&ws.logits[r * v..(r + 1) * v]);
+            current.copy_from_slice(&next);
+            dec.begin(&rows, &counts, &current)?;
+            dec.routed_step(rule, UpperRows::Deep, &mut routes, &mut timer, &mut time, |r, logits| {
+                next[r] = samplers[r].sample(logits)
+            })?;
+            self.count_routes(&routes, rule, prompt_len + step, &mut stats, &mut flops);
+        }
+        let total = stats.shallow_count + stats.deep_count;
+        stats.shallow_ratio = stats.shallow_count as f64 / total.max(1) as f64;
+        stats.actual_compute_cost = cost::layer_cost(&self.config, stats.shallow_count, stats.deep_count);
+        stats.flop_cost = flops.spent / flops.full_depth;
+        stats.time = TimeSplit { prefill: stats.time.prefill, ..time };
+        stats.seconds = t_start.elapsed().as_secs_f64();
+        Ok((out, stats))
+    }
+
+    /// Records one generated token per row of a step (whose routing is `routes`), at context
+    /// length `pos + 1`: its route, confidence, and FLOPs beside full depth's.
+    fn count_routes(
+        &self,
+        routes: &Routes,
+        rule: Option<&ExitRule>,
+        pos: usize,
+        stats: &mut EarlyExitStats,
+        flops: &mut Flops,
+    ) {
+        let c = &self.config;
+        for (r, &deep) in routes.deep.iter().enumerate() {
+            stats.routes[r].push(deep);
+            flops.full_depth += cost::full_depth_flops(c, pos + 1);
+            let Some(rule) = rule else {
+                stats.deep_count += 1;
+                flops.spent += cost::full_depth_flops(c, pos + 1);
+                continue;
+            };
+            stats.confidences[r].push(routes.confidence[r]);
+            if deep {
+                stats.deep_count += 1;
+                flops.spent += cost::deep_flops(c, pos + 1);
+            } else {
+                stats.shallow_count += 1;
+                flops.spent += cost::shallow_flops(c, pos + 1);
+                if rule.fill == UpperCacheFill::Propagate {
+                    flops.spent += cost::propagate_flops(c);
+                }
             }
         }
-        Ok(out)
     }
+}
+
+/// FLOPs spent by a generation, and what full depth would have spent on the same tokens.
+#[derive(Default)]
+struct Flops {
+    spent: f64,
+    full_depth: f64,
 }

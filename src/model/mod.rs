@@ -5,9 +5,12 @@
 //!   the spec (`forward`, `get_hidden_states`, `forward_upper_layers`, `compute_confidence`,
 //!   `extend`);
 //! - [`cache`]: the split KV cache (lower layers / upper layers, a length per row and layer);
-//! - [`decode`]: the graph-free inference engine on preallocated buffers, behind
-//!   `forward_with_cache`, `forward_with_cache_partial` and generation;
-//! - [`generate`]: sampling and `generate`;
+//! - [`decoder`]: [`Decoder`], the one graph-free inference engine on preallocated buffers,
+//!   behind `forward_with_cache`, `forward_with_cache_partial`, generation, early exit and the
+//!   teacher-forced evaluation;
+//! - [`generate`]: sampling, [`GenerateOptions`] and the one generation loop (`generate`,
+//!   `generate_with_early_exit`);
+//! - [`early_exit`]: the routed step of TRUE early exit, its rule and statistics;
 //! - [`checkpoint`]: safetensors save / load; [`export`]: llama2.c's format, for an
 //!   independent check of our forward pass.
 
@@ -15,7 +18,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod cost;
-pub mod decode;
+pub mod decoder;
 pub mod early_exit;
 pub mod export;
 pub mod generate;
@@ -23,6 +26,7 @@ pub mod transformer;
 
 pub use cache::KvCache;
 pub use config::LegoConfig;
-pub use early_exit::{EarlyExitStats, TeacherForcedStats, UpperCacheFill};
-pub use generate::Sampling;
+pub use decoder::{Decoder, Tokens};
+pub use early_exit::{EarlyExitStats, ExitMeasure, ExitRule, TeacherForcedStats, UpperCacheFill};
+pub use generate::{GenerateOptions, Sampling};
 pub use transformer::{ExitHead, LegoTransformer};

@@ -3,7 +3,7 @@
 //! Each module owns its parameters as leaf [`Tensor`](crate::Tensor)s and has a `forward` that
 //! builds the autodiff graph (the training path). The decoding path, which must not allocate
 //! or record anything per token, reads the same parameters through
-//! [`model::decode`](crate::model::decode) instead.
+//! [`model::decoder`](crate::model::decoder) instead.
 //!
 //! - [`Linear`]: `y = x·Wᵀ` (no bias), `W` stored `(out, in)`;
 //! - [`RmsNorm`]: RMSNorm with a learned scale;
