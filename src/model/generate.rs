@@ -230,9 +230,10 @@ impl LegoTransformer {
             })
             .collect();
         let exits = options.early_exit.is_some();
+        // (Not `vec![Vec::with_capacity(n); batch]`: its clones would not keep the capacity.)
         let mut stats = EarlyExitStats {
-            routes: vec![Vec::with_capacity(max_new); batch],
-            confidences: vec![Vec::with_capacity(if exits { max_new } else { 0 }); batch],
+            routes: (0..batch).map(|_| Vec::with_capacity(max_new)).collect(),
+            confidences: (0..batch).map(|_| Vec::with_capacity(if exits { max_new } else { 0 })).collect(),
             ..Default::default()
         };
         if max_new == 0 {

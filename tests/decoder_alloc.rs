@@ -1,0 +1,67 @@
+//! Generating a token allocates nothing: every buffer is made before the first step.
+//!
+//! A counting global allocator (this test binary's own, so it holds one test only: no other
+//! test's allocations can land in the count) counts the allocations of whole generation calls
+//! that differ only in their number of new tokens. If any step allocated, the longer call would
+//! allocate more.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use lego::Tensor;
+use lego::model::{ExitRule, GenerateOptions, LegoConfig, LegoTransformer, Sampling, UpperCacheFill};
+
+/// The system allocator, counting calls to `alloc` and `realloc`.
+struct Counting;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the counter is atomic.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed on as it is.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn a_generated_token_allocates_nothing() {
+    let config = LegoConfig { exit_layer: 2, ..LegoConfig::new(53, 32, 4, 4, 72, 64) };
+    let m = LegoTransformer::new(config, &mut Tensor::rng(1)).unwrap();
+    let prompts: Vec<Vec<usize>> = (0..3).map(|s| (0..5).map(|i| (i * 7 + s * 3) % 53).collect()).collect();
+    let sampled = Sampling { temperature: 0.8, top_k: 10, top_p: 0.9, seed: 3 };
+    let modes = [
+        GenerateOptions::greedy(0),
+        GenerateOptions { sampling: sampled, ..GenerateOptions::greedy(0) },
+        GenerateOptions::greedy(0).with_exit(ExitRule::new(0.03, UpperCacheFill::Skip)),
+        GenerateOptions { sampling: sampled, profile: true, ..GenerateOptions::greedy(0) }
+            .with_exit(ExitRule::new(0.03, UpperCacheFill::Propagate)),
+    ];
+    let count = |options: &GenerateOptions| {
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        let (out, stats) = m.generate_with(&prompts, options).unwrap();
+        let n = ALLOCATIONS.load(Ordering::Relaxed) - before;
+        drop((out, stats));
+        n
+    };
+    for mode in modes {
+        let (short, long) =
+            (GenerateOptions { max_new_tokens: 4, ..mode }, GenerateOptions { max_new_tokens: 50, ..mode });
+        count(&long); // warm-up (rayon's pool, lazily built tables)
+        let (a, b) = (count(&short), count(&long));
+        assert_eq!(a, b, "{mode:?}: 4 new tokens made {a} allocations, 50 made {b}");
+    }
+}
