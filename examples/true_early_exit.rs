@@ -369,6 +369,8 @@ fn run(o: &Options) -> Result<()> {
     let started = Instant::now();
     let device = get_device();
     eprintln!("device: {device}");
+    // The report goes to --out at the very end: find out now, not after training, if it cannot.
+    lego::io::output_dir::prepare_output_dir(&o.out)?;
 
     // 1-2. Data.
     let (docs, source) = load_corpus(o)?;
