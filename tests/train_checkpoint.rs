@@ -77,9 +77,10 @@ fn a_round_trip_keeps_every_bit_and_resuming_takes_the_same_next_step() {
     assert_eq!(ckpt.number::<usize>("epoch").unwrap(), 3);
     assert_eq!(ckpt.optimizer.step, 3);
     assert_eq!(ckpt.optimizer.config, config);
-    let (_, m, v) = opt.state();
-    assert_eq!(ckpt.optimizer.m, m);
-    assert_eq!(ckpt.optimizer.v, v);
+    let state = opt.state();
+    assert_eq!(ckpt.optimizer.param_steps, state.param_steps);
+    assert_eq!(ckpt.optimizer.m, state.m);
+    assert_eq!(ckpt.optimizer.v, state.v);
 
     // Resume: the loaded model and optimizer take the same steps as the ones that never stopped.
     let mut resumed = ckpt.optimizer.to_optimizer(&ckpt.model).unwrap();
