@@ -171,6 +171,19 @@ fn exit_layer_zero_is_refused_with_the_reason() {
 }
 
 #[test]
+fn a_checkpoint_whose_config_is_not_json_names_the_file_and_the_entry() {
+    let path = temp("bad-config.safetensors");
+    shallow().save(&path, &BTreeMap::new()).unwrap();
+    let mut st = safetensors::load(&path).unwrap();
+    st.metadata.insert("config".into(), "{\"dim\": 16,".into());
+    let entries: Vec<(&str, &[usize], &[f32])> =
+        st.tensors.iter().map(|(n, t)| (n.as_str(), t.shape.as_slice(), t.data.as_slice())).collect();
+    safetensors::save(&path, &entries, &st.metadata).unwrap();
+    let e = LegoTransformer::load(&path).unwrap_err().to_string();
+    assert!(e.contains("bad-config.safetensors: metadata 'config': JSON: at byte 11"), "{e}");
+}
+
+#[test]
 fn an_output_directory_that_is_a_file_fails_before_any_work() {
     let file = temp("not-a-directory");
     std::fs::write(&file, b"x").unwrap();

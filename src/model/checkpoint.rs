@@ -66,7 +66,11 @@ impl LegoTransformer {
             .metadata
             .get("config")
             .ok_or_else(|| Error::Format(format!("{origin}: no 'config' in the metadata")))?;
-        let config = LegoConfig::from_json(&json::parse(config_text)?, origin)?;
+        let config_json = json::parse(config_text).map_err(|e| match e {
+            Error::Format(msg) => Error::Format(format!("{origin}: metadata 'config': {msg}")),
+            other => other,
+        })?;
+        let config = LegoConfig::from_json(&config_json, origin)?;
         let has_exit_head = st.tensors.contains_key("exit_norm.weight");
         let frozen: Vec<String> = st
             .metadata
