@@ -22,7 +22,16 @@ fn temp(name: &str) -> PathBuf {
 fn setup() -> (LegoTransformer, Tokenizer) {
     let text = "the cat sat on the mat . the dog saw the cat . a bird sang on the roof .";
     let tok = Tokenizer::word(&[Document::new("train", text)], 64).unwrap();
-    let config = LegoConfig { exit_layer: 2, ..LegoConfig::new(tok.vocab_size(), 32, 2, 4, 64, 16) };
+    let config = LegoConfig {
+        vocab_size: tok.vocab_size(),
+        dim: 32,
+        num_layers: 2,
+        num_heads: 4,
+        ffn_hidden: 64,
+        max_seq_len: 16,
+        exit_layer: 2,
+        ..LegoConfig::t()
+    };
     (LegoTransformer::new(config, &mut Tensor::rng(5)).unwrap(), tok)
 }
 
