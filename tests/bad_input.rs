@@ -2,7 +2,7 @@
 //! wrong in silence (or panic later), and is now an error that says what was wrong and where.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use lego::data::{Batch, Tokenizer};
@@ -59,7 +59,7 @@ fn bits(model: &LegoTransformer) -> Vec<(String, Vec<u32>)> {
 }
 
 /// Sets value `index` of the tensor `name` in the safetensors file at `path` to `value`.
-fn poison(path: &PathBuf, name: &str, index: usize, value: f32) {
+fn poison(path: &Path, name: &str, index: usize, value: f32) {
     let mut st = safetensors::load(path).unwrap();
     st.tensors.get_mut(name).unwrap().data[index] = value;
     let entries: Vec<(&str, &[usize], &[f32])> =
