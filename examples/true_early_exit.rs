@@ -369,6 +369,8 @@ fn run(o: &Options) -> Result<()> {
     let started = Instant::now();
     let device = get_device();
     eprintln!("device: {device}");
+    // The report goes to --out at the very end: find out now, not after training, if it cannot.
+    lego::io::output_dir::prepare_output_dir(&o.out)?;
 
     // 1-2. Data.
     let (docs, source) = load_corpus(o)?;
@@ -972,8 +974,8 @@ fn true_early_exit_generation(
     let (early, stats) = early;
     let p = prompt.len();
     Ok(Generation {
-        full_text: tok.decode(&full[p..]),
-        early_text: tok.decode(&early[p..]),
+        full_text: tok.decode(&full[p..])?,
+        early_text: tok.decode(&early[p..])?,
         agreement: agreement(&[full], &[early], p),
         shallow: stats.shallow_count,
         deep: stats.deep_count,
@@ -1360,7 +1362,10 @@ fn print_report(r: &Report) {
         o.max_new_tokens,
         r.phase2[0].model_name()
     );
-    println!("prompt: {:?}", r.tokenizer.decode(&r.prompt));
+    println!(
+        "prompt: {:?}",
+        r.tokenizer.decode(&r.prompt).expect("the prompt was encoded by this tokenizer")
+    );
     println!("full depth: {:?}", g.full_text);
     println!("early exit: {:?}", g.early_text);
     println!();
@@ -1750,7 +1755,7 @@ fn write_outputs(r: &Report) -> Result<()> {
             "true_early_exit",
             obj(vec![
                 ("model", gm.as_str().into()),
-                ("prompt", r.tokenizer.decode(&r.prompt).into()),
+                ("prompt", r.tokenizer.decode(&r.prompt)?.into()),
                 ("max_new_tokens", o.max_new_tokens.into()),
                 ("full_depth_text", g.full_text.as_str().into()),
                 ("early_exit_text", g.early_text.as_str().into()),

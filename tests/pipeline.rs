@@ -22,7 +22,16 @@ fn corpus_batches(seq: usize) -> (Vec<Batch>, Vec<Batch>) {
 }
 
 fn shallow_model() -> LegoTransformer {
-    let config = LegoConfig { exit_layer: 2, ..LegoConfig::new(256, 32, 2, 4, 64, 32) };
+    let config = LegoConfig {
+        vocab_size: 256,
+        dim: 32,
+        num_layers: 2,
+        num_heads: 4,
+        ffn_hidden: 64,
+        max_seq_len: 32,
+        exit_layer: 2, // the exit at the top: a shallow phase-1 model
+        ..LegoConfig::t()
+    };
     LegoTransformer::new(config, &mut Tensor::rng(3)).unwrap()
 }
 

@@ -22,7 +22,16 @@ fn temp(name: &str) -> PathBuf {
 fn setup() -> (LegoTransformer, Tokenizer) {
     let text = "the cat sat on the mat . the dog saw the cat . a bird sang on the roof .";
     let tok = Tokenizer::word(&[Document::new("train", text)], 64).unwrap();
-    let config = LegoConfig { exit_layer: 2, ..LegoConfig::new(tok.vocab_size(), 32, 2, 4, 64, 16) };
+    let config = LegoConfig {
+        vocab_size: tok.vocab_size(),
+        dim: 32,
+        num_layers: 2,
+        num_heads: 4,
+        ffn_hidden: 64,
+        max_seq_len: 16,
+        exit_layer: 2,
+        ..LegoConfig::t()
+    };
     (LegoTransformer::new(config, &mut Tensor::rng(5)).unwrap(), tok)
 }
 
@@ -77,9 +86,10 @@ fn a_round_trip_keeps_every_bit_and_resuming_takes_the_same_next_step() {
     assert_eq!(ckpt.number::<usize>("epoch").unwrap(), 3);
     assert_eq!(ckpt.optimizer.step, 3);
     assert_eq!(ckpt.optimizer.config, config);
-    let (_, m, v) = opt.state();
-    assert_eq!(ckpt.optimizer.m, m);
-    assert_eq!(ckpt.optimizer.v, v);
+    let state = opt.state();
+    assert_eq!(ckpt.optimizer.param_steps, state.param_steps);
+    assert_eq!(ckpt.optimizer.m, state.m);
+    assert_eq!(ckpt.optimizer.v, state.v);
 
     // Resume: the loaded model and optimizer take the same steps as the ones that never stopped.
     let mut resumed = ckpt.optimizer.to_optimizer(&ckpt.model).unwrap();
@@ -171,6 +181,59 @@ fn missing_corrupt_and_foreign_files_are_errors_that_name_the_file() {
     assert!(e.contains("'tokenizer'"), "{e}");
 
     for p in [&good, &truncated, &garbled, &plain, &wrong] {
+        std::fs::remove_file(p).unwrap();
+    }
+}
+
+#[test]
+fn per_parameter_step_counts_are_stored_and_format_1_files_still_load() {
+    // An optimizer whose parameters have had different numbers of updates: `norm.weight` is
+    // frozen for the first two steps, then joins.
+    let (model, tok) = setup();
+    // `model.params()` is `named_params()` without the names, so the index is the optimizer's.
+    let late_index = model.named_params().iter().position(|(n, _)| n == "norm.weight").unwrap();
+    let late = model.params()[late_index].clone();
+    late.set_requires_grad(false);
+    let mut opt = AdamW::new(model.params(), AdamWConfig::default());
+    for n in 0..2 {
+        step(&model, &mut opt, n);
+    }
+    late.set_requires_grad(true);
+    step(&model, &mut opt, 2);
+    let counts = opt.param_steps().to_vec();
+    assert_eq!(counts[late_index], 1);
+    assert_eq!(counts.iter().filter(|&&c| c == 3).count(), counts.len() - 1);
+
+    let path = temp("param-steps.safetensors");
+    save_training_checkpoint(&path, &model, &tok, &opt, &BTreeMap::new()).unwrap();
+    let ckpt = load_training_checkpoint(&path).unwrap();
+    assert_eq!(ckpt.optimizer.param_steps, counts);
+    assert_eq!(ckpt.optimizer.to_optimizer(&ckpt.model).unwrap().param_steps(), counts);
+
+    // The same file as format 1 wrote it: no per-parameter counts. Format 1 counted globally,
+    // so each parameter with moments gets the global count, one without gets 0.
+    let mut st = safetensors::load(&path).unwrap();
+    assert!(st.metadata.remove("optim.param_steps").is_some());
+    st.metadata.insert("format".into(), "lego-training-checkpoint/1".into());
+    let entries: Vec<(&str, &[usize], &[f32])> =
+        st.tensors.iter().map(|(n, t)| (n.as_str(), t.shape.as_slice(), t.data.as_slice())).collect();
+    let old = temp("format-1.safetensors");
+    safetensors::save(&old, &entries, &st.metadata).unwrap();
+    let ckpt = load_training_checkpoint(&old).unwrap();
+    assert_eq!(ckpt.optimizer.param_steps, vec![3; counts.len()]);
+    let mut resumed = ckpt.optimizer.to_optimizer(&ckpt.model).unwrap();
+    step(&ckpt.model, &mut resumed, 3);
+
+    // Format 2 without the counts, or with the wrong number of them, is an error.
+    st.metadata.insert("format".into(), "lego-training-checkpoint/2".into());
+    safetensors::save(&old, &entries, &st.metadata).unwrap();
+    let e = load_training_checkpoint(&old).unwrap_err().to_string();
+    assert!(e.contains("no 'optim.param_steps' in the metadata"), "{e}");
+    st.metadata.insert("optim.param_steps".into(), "1,2".into());
+    safetensors::save(&old, &entries, &st.metadata).unwrap();
+    let e = load_training_checkpoint(&old).unwrap_err().to_string();
+    assert!(e.contains("'optim.param_steps' has 2 counts for the"), "{e}");
+    for p in [&path, &old] {
         std::fs::remove_file(p).unwrap();
     }
 }

@@ -4,7 +4,8 @@
 //! the validation and test text (not even which words it uses) leaks into the model:
 //!
 //! - [`Tokenizer::Byte`]: the UTF-8 bytes of the text, vocabulary 256. Needs no fitting, never
-//!   meets an unknown token, and decodes any id sequence (invalid UTF-8 becomes `U+FFFD`).
+//!   meets an unknown token, and decodes any sequence of ids below 256 (invalid UTF-8 becomes
+//!   `U+FFFD`); an id of 256 or more is an error.
 //! - [`Tokenizer::Word`]: the specification's word level, as its prototype ran on WikiText-2. A
 //!   word is a maximal run of non-whitespace, lowercased ([`words`]): punctuation stays on the
 //!   word (`"lord,"` and `"lord"` are two words). The vocabulary is `<unk>` (id 0) followed by
@@ -121,7 +122,7 @@ impl Tokenizer {
     /// let tok = Tokenizer::word(&train, 4).unwrap();
     /// // "the" (3 times), then the one-timers "cat" and "dog." alphabetically; the rest is <unk>.
     /// assert_eq!(tok.encode("the dog. saw THE cat"), [1, 3, 0, 1, 2]);
-    /// assert_eq!(tok.decode(&[1, 2, 0]), "the cat <unk>");
+    /// assert_eq!(tok.decode(&[1, 2, 0]).unwrap(), "the cat <unk>");
     /// ```
     pub fn word(docs: &[Document], max_vocab: usize) -> Result<Tokenizer> {
         if max_vocab < 2 {
@@ -180,39 +181,51 @@ impl Tokenizer {
     /// The text of `ids`.
     ///
     /// Bytes are decoded as UTF-8, lossily: a sequence that is not valid UTF-8 (the model cut a
-    /// character in half) and any id of 256 or more become `U+FFFD`. Words are joined with
-    /// single spaces; an id outside the vocabulary is written `<unk>`.
-    pub fn decode(&self, ids: &[usize]) -> String {
-        match self {
+    /// character in half) becomes `U+FFFD`, as a text viewer would show it. Words are joined
+    /// with single spaces.
+    ///
+    /// Errors ([`Error::Input`]): an id at or above [`Tokenizer::vocab_size`], naming it and its
+    /// position. Such an id did not come from this tokenizer or from a model over its
+    /// vocabulary (a mismatched checkpoint, a corrupt file), and a stand-in character would
+    /// hide that.
+    pub fn decode(&self, ids: &[usize]) -> Result<String> {
+        self.check_ids(ids)?;
+        Ok(match self {
             Tokenizer::Byte => {
-                let mut bytes = Vec::with_capacity(ids.len());
-                for &id in ids {
-                    match u8::try_from(id) {
-                        Ok(b) => bytes.push(b),
-                        Err(_) => bytes.extend_from_slice("\u{fffd}".as_bytes()),
-                    }
-                }
+                let bytes: Vec<u8> = ids.iter().map(|&id| id as u8).collect(); // all < 256, checked
                 String::from_utf8_lossy(&bytes).into_owned()
             }
             Tokenizer::Word(vocab) => {
-                let words: Vec<&str> =
-                    ids.iter().map(|&id| vocab.words.get(id).map_or(UNK, String::as_str)).collect();
+                let words: Vec<&str> = ids.iter().map(|&id| vocab.words[id].as_str()).collect();
                 words.join(" ")
             }
-        }
+        })
     }
 
     /// One token as a reader should see it in a report: the word itself, or for bytes the
     /// character if it is printable ASCII and `<0xNN>` otherwise (`<0x0A>` for a newline).
-    /// An id outside the vocabulary is `<unk>` for words and `<?N>` for bytes.
-    pub fn token_text(&self, id: usize) -> String {
-        match self {
-            Tokenizer::Byte => match u8::try_from(id) {
-                Ok(b) if b.is_ascii_graphic() || b == b' ' => char::from(b).to_string(),
-                Ok(b) => format!("<0x{b:02X}>"),
-                Err(_) => format!("<?{id}>"),
+    /// Errors as [`Tokenizer::decode`] does for an id outside the vocabulary.
+    pub fn token_text(&self, id: usize) -> Result<String> {
+        self.check_ids(&[id])?;
+        Ok(match self {
+            Tokenizer::Byte => match id as u8 {
+                b if b.is_ascii_graphic() || b == b' ' => char::from(b).to_string(),
+                b => format!("<0x{b:02X}>"),
             },
-            Tokenizer::Word(vocab) => vocab.words.get(id).map_or(UNK, String::as_str).into(),
+            Tokenizer::Word(vocab) => vocab.words[id].clone(),
+        })
+    }
+
+    /// An error naming the first id of `ids` outside the vocabulary, if there is one.
+    fn check_ids(&self, ids: &[usize]) -> Result<()> {
+        let v = self.vocab_size();
+        match ids.iter().position(|&id| id >= v) {
+            None => Ok(()),
+            Some(i) => Err(Error::Input(format!(
+                "token id {} at position {i} is outside the {} tokenizer's vocabulary of {v} ids",
+                ids[i],
+                self.kind()
+            ))),
         }
     }
 
@@ -304,8 +317,8 @@ mod tests {
         let tok = fitted("Hello World hello", 10);
         assert_eq!(vocab(&tok), ["<unk>", "hello", "world"]);
         assert_eq!(tok.encode("HELLO\tnew  world\n"), [1, 0, 2]);
-        assert_eq!(tok.decode(&[1, 0, 2, 99]), "hello <unk> world <unk>");
-        assert_eq!(tok.token_text(2), "world");
+        assert_eq!(tok.decode(&[1, 0, 2]).unwrap(), "hello <unk> world");
+        assert_eq!(tok.token_text(2).unwrap(), "world");
     }
 
     #[test]
@@ -315,12 +328,34 @@ mod tests {
         let ids = tok.encode(text);
         assert_eq!(ids.len(), text.len());
         assert!(ids.iter().all(|&id| id < 256));
-        assert_eq!(tok.decode(&ids), text);
-        // Half a character, and an id out of range.
-        assert_eq!(tok.decode(&[0x68, 0xC3]), "h\u{fffd}");
-        assert_eq!(tok.decode(&[0x61, 300]), "a\u{fffd}");
-        assert_eq!(tok.token_text(b'a' as usize), "a");
-        assert_eq!(tok.token_text(10), "<0x0A>");
+        assert_eq!(tok.decode(&ids).unwrap(), text);
+        // Half a character is the model's to produce, and reads as U+FFFD.
+        assert_eq!(tok.decode(&[0x68, 0xC3]).unwrap(), "h\u{fffd}");
+        assert_eq!(tok.token_text(b'a' as usize).unwrap(), "a");
+        assert_eq!(tok.token_text(10).unwrap(), "<0x0A>");
+    }
+
+    #[test]
+    fn ids_outside_the_vocabulary_are_errors_naming_the_id() {
+        let word = fitted("hello world", 10);
+        for (tok, ids, want) in [
+            (
+                Tokenizer::Byte,
+                vec![0x61, 300],
+                "token id 300 at position 1 is outside the byte tokenizer's vocabulary of 256 ids",
+            ),
+            (
+                word.clone(),
+                vec![1, 0, 2, 3],
+                "token id 3 at position 3 is outside the word tokenizer's vocabulary of 3 ids",
+            ),
+        ] {
+            let err = tok.decode(&ids).unwrap_err();
+            assert!(matches!(err, Error::Input(_)), "{err:?}");
+            assert!(err.to_string().contains(want), "{err}");
+        }
+        assert!(Tokenizer::Byte.token_text(256).unwrap_err().to_string().contains("token id 256"));
+        assert!(word.token_text(usize::MAX).is_err());
     }
 
     #[test]

@@ -66,7 +66,11 @@ impl LegoTransformer {
             .metadata
             .get("config")
             .ok_or_else(|| Error::Format(format!("{origin}: no 'config' in the metadata")))?;
-        let config = LegoConfig::from_json(&json::parse(config_text)?, origin)?;
+        let config_json = json::parse(config_text).map_err(|e| match e {
+            Error::Format(msg) => Error::Format(format!("{origin}: metadata 'config': {msg}")),
+            other => other,
+        })?;
+        let config = LegoConfig::from_json(&config_json, origin)?;
         let has_exit_head = st.tensors.contains_key("exit_norm.weight");
         let frozen: Vec<String> = st
             .metadata
@@ -75,12 +79,16 @@ impl LegoTransformer {
             .unwrap_or_default();
         let (v, d, f) = (config.vocab_size, config.dim, config.ffn_hidden);
         let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let t = Tensor::from_vec(st.take(name, shape)?, shape);
+            let values = st.take(name, shape)?;
+            check_finite(&values, origin, name)?;
+            let t = Tensor::from_vec(values, shape);
             t.set_requires_grad(!frozen.iter().any(|n| n == name));
             Ok(t)
         };
         let tok_embeddings = take("tok_embeddings.weight", &[v, d])?;
-        let mut layers = Vec::with_capacity(config.num_layers);
+        // Grown one layer at a time rather than reserved from the config: the file's
+        // `num_layers` is not trusted until its tensors are there.
+        let mut layers = Vec::new();
         for i in 0..config.num_layers {
             let p = |n: &str| format!("layers.{i}.{n}");
             let norm = |t: Tensor| RmsNorm { weight: t, eps: config.norm_eps };
@@ -122,5 +130,20 @@ impl LegoTransformer {
             )));
         }
         Ok(model)
+    }
+}
+
+/// Checks that every value of the tensor `name` is a number: a NaN or an infinity in a weight
+/// would flow through every forward pass into the logits (and generation would sample from
+/// them) without any op noticing, so a file holding one is refused when it is read. The error
+/// names the file, the tensor, the first bad value and its index.
+pub(crate) fn check_finite(values: &[f32], origin: &str, name: &str) -> Result<()> {
+    match values.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::Format(format!(
+            "{origin}: tensor '{name}' holds {} at index {i} (of {}); weights must be finite",
+            values[i],
+            values.len()
+        ))),
     }
 }

@@ -20,6 +20,6 @@ pub mod adamw;
 pub mod clip;
 pub mod schedule;
 
-pub use adamw::{AdamW, AdamWConfig};
+pub use adamw::{AdamW, AdamWConfig, AdamWState};
 pub use clip::clip_grad_norm;
 pub use schedule::CosineSchedule;

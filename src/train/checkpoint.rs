@@ -21,15 +21,20 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `format` | `lego-training-checkpoint/1` |
+//! | `format` | `lego-training-checkpoint/2` |
 //! | `config`, `frozen` | as in a model checkpoint |
 //! | `tokenizer` | the tokenizer as compact JSON ([`Tokenizer::to_json`]) |
-//! | `optim.step` | AdamW's step count |
+//! | `optim.step` | the number of AdamW steps taken (what the learning-rate schedule counts) |
 //! | `optim.params` | the optimizer's parameters by name, comma-separated, in its order |
+//! | `optim.param_steps` | per parameter of `optim.params`, the updates it has had (its bias-correction `t`), comma-separated |
 //! | `optim.config` | `{"lr":…,"beta1":…,"beta2":…,"eps":…,"weight_decay":…}` |
 //! | `phase` | `phase1` or `phase2` (given by the caller, else `phase2` for an extended model) |
 //! | `routing_threshold` | the threshold (given by the caller, else the model config's) |
 //! | anything else | the caller's `extra` entries (epoch, seed, the data split, …) |
+//!
+//! Format 1 had no `optim.param_steps`: its AdamW counted steps globally, so every parameter
+//! with moments had had `optim.step` updates, and one without none. Such files still load,
+//! with those counts.
 //!
 //! The optimizer's moments are stored **by parameter name**, not by position, so a state
 //! cannot be restored onto the wrong tensors: [`OptimizerState::to_optimizer`] rebuilds the
@@ -56,27 +61,41 @@ use std::path::Path;
 use crate::data::Tokenizer;
 use crate::error::{Error, Result};
 use crate::io::json::{self, Json};
-use crate::io::safetensors;
+use crate::io::safetensors::{self, SafeTensors};
 use crate::model::LegoTransformer;
+use crate::model::checkpoint::check_finite;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::tensor::Tensor;
 
-/// The value of the `format` metadata entry of a training checkpoint.
-pub const TRAINING_CHECKPOINT_FORMAT: &str = "lego-training-checkpoint/1";
+/// The value of the `format` metadata entry of a training checkpoint written now.
+pub const TRAINING_CHECKPOINT_FORMAT: &str = "lego-training-checkpoint/2";
+
+/// The first format, still read: it has no per-parameter step counts (see the module doc).
+const TRAINING_CHECKPOINT_FORMAT_1: &str = "lego-training-checkpoint/1";
 
 /// Metadata keys this module writes itself; `extra` may not use them.
-const RESERVED: [&str; 7] =
-    ["format", "config", "frozen", "tokenizer", "optim.step", "optim.params", "optim.config"];
+const RESERVED: [&str; 8] = [
+    "format",
+    "config",
+    "frozen",
+    "tokenizer",
+    "optim.step",
+    "optim.params",
+    "optim.param_steps",
+    "optim.config",
+];
 
 /// AdamW's state, with each moment buffer tied to a parameter by name.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OptimizerState {
-    /// Steps taken.
+    /// Calls of [`AdamW::step`] (the learning-rate schedule's count).
     pub step: u64,
     /// The hyper-parameters (`lr` as it was at the last step: a schedule may have moved it).
     pub config: AdamWConfig,
     /// The names of the optimizer's parameters, in its order.
     pub params: Vec<String>,
+    /// Per entry of `params`, the updates it has had (its bias-correction `t`; 0: never).
+    pub param_steps: Vec<u64>,
     /// First moments, one per entry of `params` (empty: never updated).
     pub m: Vec<Vec<f32>>,
     /// Second moments, likewise.
@@ -101,8 +120,15 @@ impl OptimizerState {
                 })
             })
             .collect::<Result<Vec<String>>>()?;
-        let (step, m, v) = opt.state();
-        Ok(OptimizerState { step, config: opt.config, params, m: m.to_vec(), v: v.to_vec() })
+        let state = opt.state();
+        Ok(OptimizerState {
+            step: state.step,
+            config: opt.config,
+            params,
+            param_steps: state.param_steps.to_vec(),
+            m: state.m.to_vec(),
+            v: state.v.to_vec(),
+        })
     }
 
     /// An AdamW over `model`'s parameters of these names, in this order, with this state
@@ -119,7 +145,7 @@ impl OptimizerState {
             })
             .collect::<Result<Vec<Tensor>>>()?;
         let mut opt = AdamW::new(params, self.config);
-        opt.set_state(self.step, self.m.clone(), self.v.clone())?;
+        opt.set_state(self.step, self.param_steps.clone(), self.m.clone(), self.v.clone())?;
         Ok(opt)
     }
 }
@@ -223,6 +249,8 @@ pub fn save_training_checkpoint(
     meta.insert("tokenizer".into(), tokenizer.to_json().to_string_compact());
     meta.insert("optim.step".into(), state.step.to_string());
     meta.insert("optim.params".into(), state.params.join(","));
+    let param_steps: Vec<String> = state.param_steps.iter().map(u64::to_string).collect();
+    meta.insert("optim.param_steps".into(), param_steps.join(","));
     meta.insert("optim.config".into(), adamw_config_to_json(&state.config).to_string_compact());
     meta.entry("phase".into())
         .or_insert_with(|| if model.exit_head.is_some() { "phase2".into() } else { "phase1".into() });
@@ -230,80 +258,118 @@ pub fn save_training_checkpoint(
     safetensors::save(path, &entries, &meta)
 }
 
-/// Reads a checkpoint written by [`save_training_checkpoint`]. A missing file is
-/// [`Error::Io`]; a truncated or corrupt one, a plain model checkpoint, a tensor of the wrong
-/// shape, a missing or extra tensor, or metadata that does not parse is [`Error::Format`]
-/// naming the file and the problem.
+/// Reads a checkpoint written by [`save_training_checkpoint`] (or by this crate's earlier
+/// format, see the module doc). A missing file is [`Error::Io`]; a truncated or corrupt one, a
+/// plain model checkpoint, a tensor of the wrong shape or holding a NaN or an infinity, a
+/// missing or extra tensor, or metadata that does not parse is [`Error::Format`] naming the
+/// file and the problem.
 pub fn load_training_checkpoint(path: &Path) -> Result<TrainingCheckpoint> {
-    let mut st = safetensors::load(path)?;
-    let origin = path.display().to_string();
-    let bad = |what: String| Error::Format(format!("{origin}: {what}"));
-    match st.metadata.get("format") {
-        Some(f) if f == TRAINING_CHECKPOINT_FORMAT => {}
-        Some(f) => return Err(bad(format!("format '{f}', this code reads '{TRAINING_CHECKPOINT_FORMAT}'"))),
-        None => {
+    TrainingCheckpoint::from_safetensors(safetensors::load(path)?)
+}
+
+impl TrainingCheckpoint {
+    /// Reads a training checkpoint from the contents of its file, as
+    /// [`load_training_checkpoint`] does (`st.origin` names it in errors).
+    pub fn from_safetensors(mut st: SafeTensors) -> Result<TrainingCheckpoint> {
+        let origin = st.origin.clone();
+        let bad = |what: String| Error::Format(format!("{origin}: {what}"));
+        let format = match st.metadata.get("format").map(String::as_str) {
+            Some(f @ (TRAINING_CHECKPOINT_FORMAT | TRAINING_CHECKPOINT_FORMAT_1)) => f.to_string(),
+            Some(f) => {
+                return Err(bad(format!("format '{f}', this code reads '{TRAINING_CHECKPOINT_FORMAT}'")));
+            }
+            None => {
+                return Err(bad(format!(
+                    "not a training checkpoint (no 'format' {TRAINING_CHECKPOINT_FORMAT:?} in the \
+                     metadata; a model saved by LegoTransformer::save is read by LegoTransformer::load)"
+                )));
+            }
+        };
+        // The model: its config, frozen flags and named tensors (finite ones only), read as
+        // LegoTransformer::load reads them; what stays in `st` is the optimizer's.
+        let model = LegoTransformer::take_from(&mut st, &origin)?;
+        let config = model.config.clone();
+        let mut meta = std::mem::take(&mut st.metadata);
+        let mut take_meta =
+            |key: &str| meta.remove(key).ok_or_else(|| bad(format!("no '{key}' in the metadata")));
+        for key in ["format", "config", "frozen"] {
+            take_meta(key)?;
+        }
+        let tokenizer = Tokenizer::from_json_str(&take_meta("tokenizer")?)
+            .map_err(|e| bad(format!("metadata 'tokenizer': {e}")))?;
+        if tokenizer.vocab_size() != config.vocab_size {
             return Err(bad(format!(
-                "not a training checkpoint (no 'format' {TRAINING_CHECKPOINT_FORMAT:?} in the \
-                 metadata; a model saved by LegoTransformer::save is read by LegoTransformer::load)"
+                "the tokenizer has {} ids but the model's vocabulary is {}",
+                tokenizer.vocab_size(),
+                config.vocab_size
             )));
         }
-    }
-    // The model: its config, frozen flags and named tensors, read as LegoTransformer::load reads
-    // them; what stays in `st` is the optimizer's.
-    let model = LegoTransformer::take_from(&mut st, &origin)?;
-    let config = model.config.clone();
-    let mut meta = std::mem::take(&mut st.metadata);
-    let mut take_meta =
-        |key: &str| meta.remove(key).ok_or_else(|| bad(format!("no '{key}' in the metadata")));
-    for key in ["format", "config", "frozen"] {
-        take_meta(key)?;
-    }
-    let tokenizer = Tokenizer::from_json_str(&take_meta("tokenizer")?)
-        .map_err(|e| bad(format!("metadata 'tokenizer': {e}")))?;
-    if tokenizer.vocab_size() != config.vocab_size {
-        return Err(bad(format!(
-            "the tokenizer has {} ids but the model's vocabulary is {}",
-            tokenizer.vocab_size(),
-            config.vocab_size
-        )));
-    }
-    let step_text = take_meta("optim.step")?;
-    let step: u64 =
-        step_text.parse().map_err(|_| bad(format!("metadata 'optim.step' is '{step_text}', not a count")))?;
-    let opt_params: Vec<String> =
-        take_meta("optim.params")?.split(',').filter(|s| !s.is_empty()).map(String::from).collect();
-    let opt_config = adamw_config_from_json(&take_meta("optim.config")?)
-        .map_err(|e| bad(format!("metadata 'optim.config': {e}")))?;
-
-    let named = model.named_params();
-
-    // The optimizer's moments, by name: both or neither of a parameter's two.
-    let (mut m, mut v) = (Vec::new(), Vec::new());
-    for name in &opt_params {
-        let (_, t) = named
-            .iter()
-            .find(|(n, _)| n == name)
-            .ok_or_else(|| bad(format!("'optim.params' names '{name}', which the model does not have")))?;
-        let (mk, vk) = (format!("optim.m.{name}"), format!("optim.v.{name}"));
-        match (st.tensors.contains_key(&mk), st.tensors.contains_key(&vk)) {
-            (true, true) => {
-                m.push(st.take(&mk, t.shape())?);
-                v.push(st.take(&vk, t.shape())?);
+        let step_text = take_meta("optim.step")?;
+        let step: u64 = step_text
+            .parse()
+            .map_err(|_| bad(format!("metadata 'optim.step' is '{step_text}', not a count")))?;
+        let opt_params: Vec<String> =
+            take_meta("optim.params")?.split(',').filter(|s| !s.is_empty()).map(String::from).collect();
+        let param_steps = if format == TRAINING_CHECKPOINT_FORMAT_1 {
+            None // derived from the moments below
+        } else {
+            let text = take_meta("optim.param_steps")?;
+            let counts = text
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|c| {
+                    c.parse::<u64>()
+                        .map_err(|_| bad(format!("metadata 'optim.param_steps': '{c}' is not a count")))
+                })
+                .collect::<Result<Vec<u64>>>()?;
+            if counts.len() != opt_params.len() {
+                return Err(bad(format!(
+                    "metadata 'optim.param_steps' has {} counts for the {} parameters of 'optim.params'",
+                    counts.len(),
+                    opt_params.len()
+                )));
             }
-            (false, false) => {
-                m.push(Vec::new());
-                v.push(Vec::new());
+            Some(counts)
+        };
+        let opt_config = adamw_config_from_json(&take_meta("optim.config")?)
+            .map_err(|e| bad(format!("metadata 'optim.config': {e}")))?;
+
+        let named = model.named_params();
+
+        // The optimizer's moments, by name: both or neither of a parameter's two.
+        let (mut m, mut v) = (Vec::new(), Vec::new());
+        for name in &opt_params {
+            let (_, t) = named.iter().find(|(n, _)| n == name).ok_or_else(|| {
+                bad(format!("'optim.params' names '{name}', which the model does not have"))
+            })?;
+            let (mk, vk) = (format!("optim.m.{name}"), format!("optim.v.{name}"));
+            match (st.tensors.contains_key(&mk), st.tensors.contains_key(&vk)) {
+                (true, true) => {
+                    // A NaN moment would turn the parameter into NaN at the next step.
+                    for (key, out) in [(&mk, &mut m), (&vk, &mut v)] {
+                        let values = st.take(key, t.shape())?;
+                        check_finite(&values, &origin, key)?;
+                        out.push(values);
+                    }
+                }
+                (false, false) => {
+                    m.push(Vec::new());
+                    v.push(Vec::new());
+                }
+                _ => return Err(bad(format!("only one of '{mk}' and '{vk}' is present"))),
             }
-            _ => return Err(bad(format!("only one of '{mk}' and '{vk}' is present"))),
         }
+        if let Some(name) = st.tensors.keys().next() {
+            return Err(bad(format!("unexpected tensor '{name}'")));
+        }
+        // Format 1 counted steps globally: every parameter with moments had had them all.
+        let param_steps =
+            param_steps.unwrap_or_else(|| m.iter().map(|mi| if mi.is_empty() { 0 } else { step }).collect());
+        let optimizer = OptimizerState { step, config: opt_config, params: opt_params, param_steps, m, v };
+        // Check the state against the parameters now, so a bad file fails here, not on resume.
+        optimizer.to_optimizer(&model).map_err(|e| bad(e.to_string()))?;
+        Ok(TrainingCheckpoint { model, tokenizer, optimizer, metadata: meta, origin })
     }
-    if let Some(name) = st.tensors.keys().next() {
-        return Err(bad(format!("unexpected tensor '{name}'")));
-    }
-    let optimizer = OptimizerState { step, config: opt_config, params: opt_params, m, v };
-    // Check the state against the parameters now, so a bad file fails here, not on resume.
-    optimizer.to_optimizer(&model).map_err(|e| bad(e.to_string()))?;
-    Ok(TrainingCheckpoint { model, tokenizer, optimizer, metadata: meta, origin })
 }
 
 fn adamw_config_to_json(c: &AdamWConfig) -> Json {
@@ -321,11 +387,23 @@ fn adamw_config_from_json(text: &str) -> std::result::Result<AdamWConfig, String
     let f = |key: &str| {
         json.get(key).and_then(Json::as_f64).map(|x| x as f32).ok_or_else(|| format!("no number '{key}'"))
     };
-    Ok(AdamWConfig {
+    let config = AdamWConfig {
         lr: f("lr")?,
         beta1: f("beta1")?,
         beta2: f("beta2")?,
         eps: f("eps")?,
         weight_decay: f("weight_decay")?,
-    })
+    };
+    // A beta of 1 makes the bias correction 1 − βᵗ zero, and the first step a division by it.
+    for (key, beta) in [("beta1", config.beta1), ("beta2", config.beta2)] {
+        if !(0.0..1.0).contains(&beta) {
+            return Err(format!("'{key}' is {beta}, outside [0, 1)"));
+        }
+    }
+    for (key, x) in [("lr", config.lr), ("eps", config.eps), ("weight_decay", config.weight_decay)] {
+        if !(x.is_finite() && x >= 0.0) {
+            return Err(format!("'{key}' is {x}, not a finite number >= 0"));
+        }
+    }
+    Ok(config)
 }

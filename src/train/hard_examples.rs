@@ -121,19 +121,48 @@ impl HardBatch {
     }
 }
 
-/// The exit confidences of every token of `batches` (row-major within each batch), and the
-/// lower hidden states if `keep_hidden`.
+/// Runs the lower layers and the exit head on each of `batches`, and hands `each` the batch,
+/// its lower hidden states and its tokens' exit confidences (row-major). `what` names the
+/// caller in errors. Exit logits that are not finite are an error (see [`check_exit_logits`]).
 fn exit_confidences(
     model: &LegoTransformer,
     batches: &[Batch],
+    what: &str,
     mut each: impl FnMut(&Batch, &Tensor, &[f32]),
 ) -> Result<()> {
-    for b in batches {
+    for (i, b) in batches.iter().enumerate() {
         let h = crate::no_grad(|| model.get_hidden_states(&b.x, b.batch))?;
-        let (conf, _) = model.compute_confidence(&h);
+        let (conf, logits) = model.compute_confidence(&h);
+        check_exit_logits(&logits.data(), model.config.vocab_size, b.seq, i, what)?;
         each(b, &h, &conf);
     }
     Ok(())
+}
+
+/// Checks that the exit head's logits of batch `batch_index` (`[rows, seq, vocab]`, flat) are
+/// all finite, and names the first token whose are not.
+///
+/// A softmax over a row holding a NaN is NaN everywhere, and its maximum, taken with
+/// `f32::max` (which skips NaN), reads as confidence 0: the token would silently count as
+/// hard, calibration would print a threshold of 0, and every token would go deep. So a
+/// non-finite logit (a NaN or an infinite weight, an overflow) stops the caller instead.
+pub(crate) fn check_exit_logits(
+    logits: &[f32],
+    vocab: usize,
+    seq: usize,
+    batch_index: usize,
+    what: &str,
+) -> Result<()> {
+    let Some(i) = logits.iter().position(|z| !z.is_finite()) else { return Ok(()) };
+    let token = i / vocab;
+    Err(Error::Input(format!(
+        "{what}: the exit head's logit for id {} is {} at batch {batch_index}, row {}, position {}, \
+         so its confidence is undefined (are the model's weights finite?)",
+        i % vocab,
+        logits[i],
+        token / seq.max(1),
+        token % seq.max(1)
+    )))
 }
 
 fn check_ratio(target_ratio: f32) -> Result<()> {
@@ -157,7 +186,7 @@ pub fn compute_confidence_threshold(
 ) -> Result<f32> {
     check_ratio(target_ratio)?;
     let mut all = Vec::new();
-    exit_confidences(model, batches, |_, _, c| all.extend_from_slice(c))?;
+    exit_confidences(model, batches, "compute_confidence_threshold", |_, _, c| all.extend_from_slice(c))?;
     if all.is_empty() {
         return Err(Error::Input("compute_confidence_threshold: no tokens in the batches".into()));
     }
@@ -187,7 +216,7 @@ pub fn collect_hard_examples(
         threshold,
     };
     let mut bad_seq = None;
-    exit_confidences(model, batches, |b, h, conf| {
+    exit_confidences(model, batches, "collect_hard_examples", |b, h, conf| {
         if b.seq != seq_len {
             bad_seq = Some(b.seq);
             return;
@@ -298,7 +327,14 @@ pub fn evaluate_on_hard_examples(
     for b in &batches {
         let logits = crate::no_grad(|| model.forward_upper_layers(&b.hidden_tensor(), start));
         let k = b.hard_tokens();
-        sum += logits.cross_entropy(&b.targets, Some(&b.weights)).item() as f64 * k as f64;
+        let batch_loss = logits.cross_entropy(&b.targets, Some(&b.weights)).item();
+        if !batch_loss.is_finite() {
+            return Err(Error::Input(format!(
+                "evaluate_on_hard_examples: the deep path's loss is {batch_loss} on a batch of hard \
+                 examples (are the model's weights and the hidden states finite?)"
+            )));
+        }
+        sum += batch_loss as f64 * k as f64;
         n += k;
     }
     let loss = sum / n as f64;

@@ -14,10 +14,17 @@
 //! *with early-exit routing at the calibrated threshold* (each token's loss taken from the
 //! shallow exit if its confidence is at or above the threshold, from the deep path
 //! otherwise), which is the quantity the deployed model is judged by.
+//!
+//! Whatever ends a phase, the model is left at its best weights: when a step meets a loss that
+//! is not a number, or an evaluation meets logits that are not, the phase puts the best
+//! weights so far back (those it started with, if no epoch finished) and then returns the
+//! error, which names the epoch and step and says which weights the model holds.
 
 use std::time::Instant;
 
-use super::hard_examples::{HardBatch, HardExamples, Phase2Mode, evaluate_on_hard_examples};
+use super::hard_examples::{
+    HardBatch, HardExamples, Phase2Mode, check_exit_logits, evaluate_on_hard_examples,
+};
 use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::model::{LegoTransformer, cost};
@@ -159,6 +166,8 @@ pub struct Trainer {
 /// best weights costs one copy of the model per improving epoch.
 struct EarlyStopping {
     best: f64,
+    /// The epoch the snapshot was taken after (0: the weights the phase started with).
+    best_epoch: usize,
     snapshot: Vec<std::sync::Arc<Vec<f32>>>,
     since_best: usize,
     patience: usize,
@@ -166,14 +175,21 @@ struct EarlyStopping {
 
 impl EarlyStopping {
     fn new(model: &LegoTransformer, patience: usize) -> EarlyStopping {
-        EarlyStopping { best: f64::INFINITY, snapshot: snapshot(model), since_best: 0, patience }
+        EarlyStopping {
+            best: f64::INFINITY,
+            best_epoch: 0,
+            snapshot: snapshot(model),
+            since_best: 0,
+            patience,
+        }
     }
 
-    /// Records an epoch's validation perplexity; returns (whether it is the best so far,
+    /// Records epoch `epoch`'s validation perplexity; returns (whether it is the best so far,
     /// whether to stop now).
-    fn update(&mut self, model: &LegoTransformer, ppl: f64) -> (bool, bool) {
+    fn update(&mut self, model: &LegoTransformer, epoch: usize, ppl: f64) -> (bool, bool) {
         if ppl < self.best {
             self.best = ppl;
+            self.best_epoch = epoch;
             self.snapshot = snapshot(model);
             self.since_best = 0;
             (true, false)
@@ -183,11 +199,20 @@ impl EarlyStopping {
         }
     }
 
-    /// Puts the best weights back into the model.
-    fn restore(self, model: &LegoTransformer) {
+    /// Puts the best weights back into the model. If the phase ended in `outcome`'s error,
+    /// the error's message then says which weights the model was left with.
+    fn restore<T>(self, model: &LegoTransformer, outcome: Result<T>) -> Result<T> {
         for (p, v) in model.params().iter().zip(self.snapshot) {
             p.set_data(std::sync::Arc::unwrap_or_clone(v));
         }
+        let left_at = match self.best_epoch {
+            0 => "the weights it started this phase with".to_string(),
+            e => format!("its best weights so far (after epoch {e})"),
+        };
+        outcome.map_err(|e| match e {
+            Error::Input(msg) => Error::Input(format!("{msg}; the model was put back to {left_at}")),
+            other => other,
+        })
     }
 }
 
@@ -257,20 +282,30 @@ impl Trainer {
     }
 
     /// The second half of every training step: backward from `loss`, clip, AdamW step.
-    /// Returns the loss; a loss that is not finite stops training with an error.
-    fn backward_and_step(&self, loss: &Tensor, opt: &mut AdamW, epoch: usize, step: usize) -> Result<f32> {
+    /// Returns the loss. A loss that is not finite is an error naming the epoch and the step
+    /// (both from 1), raised before the backward pass, so that its NaN gradients never reach
+    /// the weights.
+    fn backward_and_step(
+        &self,
+        loss: &Tensor,
+        opt: &mut AdamW,
+        epoch: usize,
+        step: usize,
+        steps: usize,
+    ) -> Result<f32> {
+        let l = loss.item();
+        if !l.is_finite() {
+            return Err(Error::Input(format!(
+                "{}: the loss became {l} at epoch {epoch}, step {} of {steps} (lower the learning rate?)",
+                self.options.label,
+                step + 1
+            )));
+        }
         loss.backward();
         if let Some(c) = self.options.grad_clip {
             clip_grad_norm(opt.params(), c);
         }
         opt.step();
-        let l = loss.item();
-        if !l.is_finite() {
-            return Err(Error::Input(format!(
-                "{}: the loss became {l} at epoch {epoch}, step {step}; lower the learning rate",
-                self.options.label
-            )));
-        }
         Ok(l)
     }
 
@@ -297,11 +332,26 @@ impl Trainer {
     ) -> Result<History> {
         check_batches(model, train, "training")?;
         check_batches(model, val, "validation")?;
+        let mut history = History::default();
+        let mut stopping = EarlyStopping::new(model, self.options.patience);
+        let outcome = self.phase1_epochs(model, train, val, opt, &mut history, &mut stopping);
+        stopping.restore(model, outcome)?;
+        Ok(history)
+    }
+
+    /// Phase 1's epochs, recording into `history` and `stopping`; returns at the first error.
+    fn phase1_epochs(
+        &self,
+        model: &LegoTransformer,
+        train: &[Batch],
+        val: &[Batch],
+        opt: &mut AdamW,
+        history: &mut History,
+        stopping: &mut EarlyStopping,
+    ) -> Result<()> {
         let o = &self.options;
         let schedule = self.schedule(opt, train.len());
         let base_step = opt.step_count();
-        let mut history = History::default();
-        let mut stopping = EarlyStopping::new(model, o.patience);
         let mut progress = Progress::new(o.verbose);
         for epoch in 1..=o.max_epochs {
             let t0 = Instant::now();
@@ -311,7 +361,7 @@ impl Trainer {
                 opt.config.lr = schedule.lr(opt.step_count() - base_step);
                 opt.zero_grad();
                 let loss = model.forward(&b.x, b.batch)?.cross_entropy(&b.y, None);
-                let l = self.backward_and_step(&loss, opt, epoch, i)?;
+                let l = self.backward_and_step(&loss, opt, epoch, i, train.len())?;
                 loss_sum += l as f64;
                 epoch_tokens += b.x.len() as u64;
                 history.tokens += b.x.len() as u64;
@@ -337,7 +387,7 @@ impl Trainer {
                     100.0 * eval.accuracy
                 );
             }
-            let (improved, stop) = stopping.update(model, eval.ppl);
+            let (improved, stop) = stopping.update(model, epoch, eval.ppl);
             if improved {
                 history.best_epoch = epoch;
             }
@@ -345,8 +395,7 @@ impl Trainer {
                 break;
             }
         }
-        stopping.restore(model);
-        Ok(history)
+        Ok(())
     }
 
     /// **Spec `train_upper_layers_with_early_stopping(model, hard_batches, val, hard_examples,
@@ -377,13 +426,37 @@ impl Trainer {
                 model.config.exit_layer
             )));
         }
-        let o = &self.options;
         // The lower layers run here, once, for the validation split.
         let val_cache = ValCache::new(model, val)?;
+        let mut history = Phase2History::default();
+        let mut stopping = EarlyStopping::new(model, self.options.patience);
+        let run = Phase2Run {
+            hard_batches,
+            val_cache: &val_cache,
+            hard_examples,
+            num_lower_layers,
+            routing_threshold,
+            mode,
+        };
+        let outcome = self.phase2_epochs(model, &run, opt, &mut history, &mut stopping);
+        stopping.restore(model, outcome)?;
+        Ok(history)
+    }
+
+    /// Phase 2's epochs, recording into `history` and `stopping`; returns at the first error.
+    fn phase2_epochs(
+        &self,
+        model: &LegoTransformer,
+        run: &Phase2Run,
+        opt: &mut AdamW,
+        history: &mut Phase2History,
+        stopping: &mut EarlyStopping,
+    ) -> Result<()> {
+        let o = &self.options;
+        let Phase2Run { hard_batches, val_cache, hard_examples, num_lower_layers, routing_threshold, mode } =
+            *run;
         let schedule = self.schedule(opt, hard_batches.len());
         let base_step = opt.step_count();
-        let mut history = Phase2History::default();
-        let mut stopping = EarlyStopping::new(model, o.patience);
         let mut progress = Progress::new(o.verbose);
         for epoch in 1..=o.max_epochs {
             let t0 = Instant::now();
@@ -397,7 +470,7 @@ impl Trainer {
                 opt.zero_grad();
                 let logits = model.forward_upper_layers(&b.hidden_tensor(), num_lower_layers);
                 let loss = logits.cross_entropy(&b.targets, Some(&b.weights));
-                let l = self.backward_and_step(&loss, opt, epoch, i)?;
+                let l = self.backward_and_step(&loss, opt, epoch, i, hard_batches.len())?;
                 loss_sum += l as f64 * k as f64;
                 weight_sum += k;
                 history.steps += 1;
@@ -407,7 +480,7 @@ impl Trainer {
             }
             let seconds = t0.elapsed().as_secs_f64();
             let (_, hard_ppl) = evaluate_on_hard_examples(model, hard_examples, mode)?;
-            let routed = val_cache.routed(model, routing_threshold);
+            let routed = val_cache.routed(model, routing_threshold)?;
             history.epochs.push(Phase2Epoch {
                 epoch,
                 train_loss: loss_sum / weight_sum.max(1) as f64,
@@ -421,7 +494,7 @@ impl Trainer {
                     o.label, routed.ppl
                 );
             }
-            let (improved, stop) = stopping.update(model, routed.ppl);
+            let (improved, stop) = stopping.update(model, epoch, routed.ppl);
             if improved {
                 history.best_epoch = epoch;
             }
@@ -429,8 +502,7 @@ impl Trainer {
                 break;
             }
         }
-        stopping.restore(model);
-        Ok(history)
+        Ok(())
     }
 
     /// **Spec `evaluate(model, val_batches, routing_threshold)`**: loss, perplexity and accuracy,
@@ -448,8 +520,20 @@ impl Trainer {
             crate::model::config::check_threshold(t)?;
         }
         let cache = ValCache::new(model, batches)?;
-        Ok(cache.routed(model, routing_threshold.unwrap_or(f32::INFINITY)))
+        cache.routed(model, routing_threshold.unwrap_or(f32::INFINITY))
     }
+}
+
+/// What phase 2's epochs work on, besides the model and the optimizer (the arguments of
+/// [`Trainer::train_upper_layers_with_early_stopping`], checked, and the validation cache).
+#[derive(Clone, Copy)]
+struct Phase2Run<'a> {
+    hard_batches: &'a [HardBatch],
+    val_cache: &'a ValCache,
+    hard_examples: &'a HardExamples,
+    num_lower_layers: usize,
+    routing_threshold: f32,
+    mode: Phase2Mode,
 }
 
 /// A split's lower hidden states and shallow results, computed once so that each evaluation
@@ -467,10 +551,11 @@ impl ValCache {
         let v = model.config.vocab_size;
         let mut hidden = Vec::with_capacity(batches.len());
         let mut shallow = Vec::new();
-        for b in batches {
+        for (bi, b) in batches.iter().enumerate() {
             let h = crate::no_grad(|| model.get_hidden_states(&b.x, b.batch))?;
             let (conf, logits) = model.compute_confidence(&h);
             let z = logits.data();
+            check_exit_logits(&z, v, b.seq, bi, "evaluation")?;
             for (i, (&c, &y)) in conf.iter().zip(&b.y).enumerate() {
                 let row = &z[i * v..(i + 1) * v];
                 let nll = (crate::ops::cross_entropy::logsumexp(row) - row[y]) as f64;
@@ -481,17 +566,29 @@ impl ValCache {
         Ok(ValCache { hidden, shallow, seq: batches[0].seq })
     }
 
-    /// Statistics with routing at `threshold` (infinity: full depth).
-    fn routed(&self, model: &LegoTransformer, threshold: f32) -> EvalStats {
+    /// Statistics with routing at `threshold` (infinity: full depth). Deep logits that are not
+    /// finite are an error naming the batch.
+    fn routed(&self, model: &LegoTransformer, threshold: f32) -> Result<EvalStats> {
         let c = &model.config;
         let v = c.vocab_size;
         let has_upper = c.exit_layer < c.num_layers;
         let (mut loss, mut full_loss, mut correct, mut shallow_n) = (0.0f64, 0.0f64, 0usize, 0usize);
         let (mut flops, mut full_flops) = (0.0f64, 0.0f64);
         let mut k = 0;
-        for (h, targets) in &self.hidden {
+        for (bi, (h, targets)) in self.hidden.iter().enumerate() {
             let deep =
                 has_upper.then(|| crate::no_grad(|| model.forward_upper_layers(h, c.exit_layer)).data());
+            if let Some(z) = &deep
+                && let Some(i) = z.iter().position(|x| !x.is_finite())
+            {
+                return Err(Error::Input(format!(
+                    "evaluation: the deep path's logit for id {} is {} at batch {bi}, token {} \
+                     (are the model's weights finite?)",
+                    i % v,
+                    z[i],
+                    i / v
+                )));
+            }
             for (i, &y) in targets.iter().enumerate() {
                 let (conf, s_nll, s_ok) = self.shallow[k];
                 let ctx = i % self.seq + 1;
@@ -525,7 +622,7 @@ impl ValCache {
         }
         let n = k.max(1);
         let loss = loss / n as f64;
-        EvalStats {
+        Ok(EvalStats {
             loss,
             ppl: loss.exp(),
             accuracy: correct as f64 / n as f64,
@@ -535,6 +632,6 @@ impl ValCache {
             layer_cost: if has_upper { cost::layer_cost(c, shallow_n, k - shallow_n) } else { 1.0 },
             flop_cost: flops / full_flops,
             full_depth_loss: full_loss / n as f64,
-        }
+        })
     }
 }
