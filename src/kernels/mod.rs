@@ -7,8 +7,10 @@
 //!   rayon's pool when it is large, and a small-M path for decoding;
 //! - [`simd`]: the hot inner loops `sgemm` does not cover (dot products, softmax, RMSNorm, the
 //!   AdamW update), with a portable scalar reference and AVX2 / AVX-512 versions;
-//! - [`parallel`]: when a loop is worth splitting across threads.
+//! - [`parallel`]: when a loop is worth splitting across threads;
+//! - [`team`]: a team of threads that stays awake between the small products of a decode step.
 
 pub mod gemm;
 pub mod parallel;
 pub mod simd;
+pub mod team;

@@ -1,0 +1,328 @@
+//! A team of worker threads that stays awake between the small products of a decode step.
+//!
+//! Decoding one token runs about twenty matrix-vector products back to back, each a few to a
+//! few hundred microseconds. Splitting each over the cores pays only if the other cores start
+//! at once: a rayon worker that went to sleep between two products takes longer to wake than
+//! a product takes. llama2.c keeps its OpenMP threads spinning instead; this team does the same,
+//! within bounds:
+//!
+//! ```text
+//! caller                              worker i (1..size)
+//! ──────                              ──────────────────
+//! publish job, generation += 1  ───►  spinning: sees the new generation
+//! run part 0                          run part i
+//! wait until pending == 0       ◄───  pending −= 1; spin again (≈ 200 µs), then park
+//! ```
+//!
+//! Workers spin for [`SPIN`] after each job, then park on a condition variable, so an idle
+//! process (or `cargo test` running many tests on two cores) does not burn a core. A job is a
+//! borrowed closure `Fn(part)`, run once for each part `0..parts`; the call returns only when
+//! every part has finished, which is what makes lending the closure to other threads sound.
+//!
+//! **One job at a time.** The team serves one caller at a time; a second caller that finds it
+//! busy (two models decoding on two threads) runs all its parts itself, in order. Nothing waits
+//! on anything else, so there is no deadlock, and the results are the same either way: a part
+//! computes the same numbers on whichever thread runs it.
+//!
+//! Outputs are split with [`Chunks`]: a buffer cut into one disjoint piece per part, each piece
+//! taken (moved out) by the part that owns it, so no two threads ever hold the same piece.
+
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The most threads a team has (parts of one job), caller included.
+pub const MAX_TEAM: usize = 8;
+
+/// How long a worker spins for the next job before it parks.
+pub const SPIN: Duration = Duration::from_micros(200);
+
+/// A job as the workers see it: the closure and how many parts it has.
+struct Job<'a> {
+    run: &'a (dyn Fn(usize) + Sync),
+    parts: usize,
+}
+
+/// What the caller and the workers share.
+struct Shared {
+    /// Bumped once per job: a worker runs a job when it sees a generation it has not run.
+    generation: AtomicUsize,
+    /// The current job (a `*const Job`), valid while `pending > 0`.
+    job: AtomicPtr<()>,
+    /// Workers that have not finished the current job.
+    pending: AtomicUsize,
+    /// Set by a worker whose part panicked; the caller then panics too.
+    panicked: AtomicBool,
+    /// Workers parked on `wake` (the caller notifies only when there are some).
+    sleepers: AtomicUsize,
+    lock: Mutex<()>,
+    wake: Condvar,
+    shutdown: AtomicBool,
+}
+
+/// A team of `size − 1` worker threads plus the calling thread (see the module doc).
+pub struct Team {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    /// Held by the caller of the running job.
+    busy: Mutex<()>,
+}
+
+impl Team {
+    /// A team of `size` threads (the caller and `size − 1` workers), `1 <= size <= MAX_TEAM`.
+    pub fn new(size: usize) -> Team {
+        assert!((1..=MAX_TEAM).contains(&size), "Team::new: size {size} is not in 1..={MAX_TEAM}");
+        let shared = Arc::new(Shared {
+            generation: AtomicUsize::new(0),
+            job: AtomicPtr::new(std::ptr::null_mut()),
+            pending: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+        });
+        let workers = (1..size)
+            .map(|index| {
+                let shared = Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name(format!("lego-team-{index}"))
+                    .spawn(move || worker(&shared, index))
+                    .expect("cannot start a decode team thread")
+            })
+            .collect();
+        Team { shared, workers, busy: Mutex::new(()) }
+    }
+
+    /// Threads in the team, the caller included.
+    pub fn size(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// Runs `job(part)` for every part `0..parts` (at most [`size`](Team::size)), part 0 on the
+    /// calling thread and the others on the workers, and returns when all have finished. If
+    /// the team is busy with another caller's job, or `parts == 1`, runs them all here. A panic
+    /// in any part is raised again here, after every part has stopped.
+    pub fn run(&self, parts: usize, job: &(dyn Fn(usize) + Sync)) {
+        assert!(parts <= self.size(), "Team::run: {parts} parts for a team of {}", self.size());
+        let serial = || (0..parts).for_each(job);
+        if parts <= 1 {
+            return serial();
+        }
+        let Ok(_busy) = self.busy.try_lock() else {
+            return serial();
+        };
+        let s = &*self.shared;
+        let published = Job { run: job, parts };
+        s.job.store(&published as *const Job as *mut (), Ordering::Release);
+        s.pending.store(self.workers.len(), Ordering::Release);
+        s.generation.fetch_add(1, Ordering::SeqCst);
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
+            let _guard = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
+        }
+        let own = catch_unwind(AssertUnwindSafe(|| job(0)));
+        // Every worker must be done with `published` (on our stack) before we return.
+        let mut spins = 0u32;
+        while s.pending.load(Ordering::Acquire) != 0 {
+            spins += 1;
+            if spins < 1 << 16 { std::hint::spin_loop() } else { std::thread::yield_now() }
+        }
+        s.job.store(std::ptr::null_mut(), Ordering::Release);
+        if let Err(payload) = own {
+            resume_unwind(payload);
+        }
+        if s.panicked.swap(false, Ordering::AcqRel) {
+            panic!("Team::run: a part of the job panicked on a worker thread");
+        }
+    }
+}
+
+impl Drop for Team {
+    /// Stops the workers and waits for them to exit.
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        {
+            let _guard = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.wake.notify_all();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A worker's life: wait for a job, run its part, report, again; until shutdown.
+fn worker(s: &Shared, index: usize) {
+    // The generation the team was made with (not the current one: a job may have been
+    // published before this thread got to run, and it must still take part in it).
+    let mut seen = 0;
+    loop {
+        // Spin for the next generation, then park.
+        let mut spun_since: Option<Instant> = None;
+        let mut spins = 0u32;
+        loop {
+            if s.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            let g = s.generation.load(Ordering::Acquire);
+            if g != seen {
+                seen = g;
+                break;
+            }
+            spins += 1;
+            if spins % 256 != 0 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let since = *spun_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < SPIN {
+                continue;
+            }
+            // Park. The count goes up before the generation is checked again under the lock,
+            // and the caller bumps the generation before reading the count: so either the
+            // caller sees a sleeper and notifies (after we wait, since it must take the lock),
+            // or we see its new generation and do not wait.
+            let mut guard = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.sleepers.fetch_add(1, Ordering::SeqCst);
+            while s.generation.load(Ordering::SeqCst) == seen && !s.shutdown.load(Ordering::SeqCst) {
+                guard = s.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
+            }
+            s.sleepers.fetch_sub(1, Ordering::SeqCst);
+            spun_since = None;
+            spins = 0;
+        }
+        // SAFETY: the caller published a valid `Job` before bumping the generation (we loaded
+        // it with Acquire) and keeps it alive until `pending` reaches 0, which cannot happen
+        // before our decrement below.
+        let job = unsafe { &*(s.job.load(Ordering::Acquire) as *const Job) };
+        if index < job.parts && catch_unwind(AssertUnwindSafe(|| (job.run)(index))).is_err() {
+            s.panicked.store(true, Ordering::Release);
+        }
+        s.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The process's decode team, started at its first use, with one thread per core (at most
+/// [`MAX_TEAM`]). It lives as long as the process; idle, its workers are parked.
+pub fn decode_team() -> &'static Team {
+    static TEAM: OnceLock<Team> = OnceLock::new();
+    TEAM.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Team::new(cores.clamp(1, MAX_TEAM))
+    })
+}
+
+/// A buffer cut into disjoint pieces, one per part, each taken once by its part (moved out of
+/// its slot), so parts on different threads write to their own pieces and nothing else.
+pub struct Chunks<'a> {
+    slots: [Mutex<Option<&'a mut [f32]>>; MAX_TEAM],
+}
+
+impl<'a> Chunks<'a> {
+    /// `buf` in pieces of `len` (the last may be shorter; parts past the end get none).
+    pub fn new(buf: &'a mut [f32], len: usize) -> Chunks<'a> {
+        let mut pieces = buf.chunks_mut(len.max(1));
+        Chunks { slots: std::array::from_fn(|_| Mutex::new(pieces.next())) }
+    }
+
+    /// Part `part`'s piece (`None` if it has none, or took it already).
+    pub fn take(&self, part: usize) -> Option<&'a mut [f32]> {
+        self.slots[part].lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// The range of `n` rows that part `part` of `parts` works on: equal blocks, each a multiple of
+/// `align` rows (except the last), so that each part streams its own contiguous share of W.
+pub fn part_rows(n: usize, parts: usize, part: usize, align: usize) -> std::ops::Range<usize> {
+    let per = n.div_ceil(parts).next_multiple_of(align.max(1));
+    (part * per).min(n)..((part + 1) * per).min(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_part_runs_once_and_writes_its_own_chunk() {
+        let team = Team::new(2);
+        for parts in [1, 2] {
+            for _ in 0..200 {
+                let mut out = vec![0.0f32; 10];
+                let chunks = Chunks::new(&mut out, 5);
+                team.run(parts, &|p| {
+                    let piece = chunks.take(p).expect("each part's piece once");
+                    piece.iter_mut().for_each(|x| *x += 1.0 + p as f32);
+                });
+                if parts == 2 {
+                    assert_eq!(out, [1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0]);
+                } else {
+                    assert_eq!(out[..5], [1.0; 5]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn two_callers_at_once_both_get_their_results() {
+        let team = Team::new(2);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|t| {
+                    let team = &team;
+                    s.spawn(move || {
+                        for i in 0..2000 {
+                            let sum = AtomicUsize::new(0);
+                            team.run(2, &|p| {
+                                sum.fetch_add(p + 1 + t + i, Ordering::Relaxed);
+                            });
+                            assert_eq!(sum.load(Ordering::Relaxed), 3 + 2 * (t + i));
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().for_each(|h| h.join().unwrap());
+        });
+    }
+
+    #[test]
+    fn a_panicking_part_panics_the_caller_and_the_team_still_works() {
+        let team = Team::new(2);
+        let r = catch_unwind(AssertUnwindSafe(|| team.run(2, &|p| assert!(p != 1, "part 1 fails"))));
+        assert!(r.is_err());
+        let r = catch_unwind(AssertUnwindSafe(|| team.run(2, &|p| assert!(p != 0, "part 0 fails"))));
+        assert!(r.is_err());
+        let n = AtomicUsize::new(0);
+        team.run(2, &|_| {
+            n.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(n.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_parked_team_wakes_and_a_dropped_team_stops_its_workers() {
+        let team = Team::new(3);
+        std::thread::sleep(SPIN * 5); // every worker parks
+        let n = AtomicUsize::new(0);
+        team.run(3, &|_| {
+            n.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(n.load(Ordering::Relaxed), 3);
+        drop(team); // joins the workers: returns only when they have exited
+    }
+
+    #[test]
+    fn part_rows_cover_every_row_once_in_aligned_blocks() {
+        for n in [1, 15, 16, 17, 256, 688, 4096] {
+            for parts in 1..=4 {
+                let ranges: Vec<_> = (0..parts).map(|p| part_rows(n, parts, p, 16)).collect();
+                assert_eq!(ranges[0].start, 0);
+                assert_eq!(ranges[parts - 1].end, n);
+                assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
+                assert!(ranges.iter().filter(|r| !r.is_empty()).all(|r| r.start % 16 == 0));
+            }
+        }
+    }
+}
