@@ -44,12 +44,6 @@ impl Tensor {
         let d = *self.shape().last().expect("argmax_last: scalar");
         self.data().chunks(d).map(argmax).collect()
     }
-
-    /// The `k` largest values of each row of the last axis, with their indices.
-    pub fn top_k_last(&self, k: usize) -> Vec<Vec<(usize, f32)>> {
-        let d = *self.shape().last().expect("top_k_last: scalar");
-        self.data().chunks(d).map(|r| top_k(r, k)).collect()
-    }
 }
 
 #[cfg(test)]

@@ -285,11 +285,6 @@ impl Tensor {
         self.inner.id
     }
 
-    /// Whether two handles are the same tensor.
-    pub fn same_as(&self, other: &Tensor) -> bool {
-        Arc::ptr_eq(&self.inner, &other.inner)
-    }
-
     // ----- gradients ----------------------------------------------------------------------
 
     /// Marks this leaf as a parameter whose gradient `backward` should compute, and returns it.

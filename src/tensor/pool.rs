@@ -90,11 +90,6 @@ impl std::ops::Deref for Recycled {
     }
 }
 
-/// Bytes currently held by the pool.
-pub fn pooled_bytes() -> usize {
-    POOL.lock().expect("buffer pool lock poisoned").as_ref().map_or(0, |p| p.bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -121,8 +121,8 @@ impl HardBatch {
     }
 }
 
-/// The exit confidences of every token of `batches` (row-major within each batch), and the
-/// lower hidden states if `keep_hidden`.
+/// Runs the lower layers on every batch of `batches` and calls `each` with the batch, its lower
+/// hidden states and the exit confidence of each of its tokens (row-major).
 fn exit_confidences(
     model: &LegoTransformer,
     batches: &[Batch],
