@@ -108,38 +108,56 @@ fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Tensor {
     }
 
     let (na, nb) = (a.numel(), b.numel());
+    // The derivatives of `mul` and `div` read the operands' values; `add` and `sub` need none.
     let needs_values = matches!(op, BinaryOp::Mul | BinaryOp::Div);
     let (a_saved, b_saved) = if needs_values { (Some(av.clone()), Some(bv.clone())) } else { (None, None) };
+    // Decided now: an operand that needs no gradient (a constant, a frozen weight) gets none.
+    let (need_a, need_b) = (a.requires_grad_flag(), b.requires_grad_flag());
     Tensor::from_op(out, &out_shape, op.name(), &[a, b], move |g: &[f32]| {
-        // Gradients with respect to the broadcast operands, element by element of the output.
-        let (mut ga, mut gb) = (pool::take(g.len()), pool::take(g.len()));
-        match op {
-            BinaryOp::Add => {
-                ga.copy_from_slice(g);
-                gb.copy_from_slice(g);
+        // The saved values (empty for `add` and `sub`, which never read them).
+        let av: &[f32] = a_saved.as_deref().map_or(&[], Vec::as_slice);
+        let bv: &[f32] = b_saved.as_deref().map_or(&[], Vec::as_slice);
+        // Each gradient is first computed per output element, `g·∂y/∂operand` (the operands
+        // read through their broadcast layouts), then summed back to the operand's shape.
+        let ga = need_a.then(|| {
+            let mut ga = pool::take(g.len());
+            match op {
+                // ∂(a ± b)/∂a = 1
+                BinaryOp::Add | BinaryOp::Sub => ga.copy_from_slice(g),
+                // ∂(a·b)/∂a = b
+                BinaryOp::Mul => per_element(&mut ga, g, |i, gi| gi * bv[lb.index(i)]),
+                // ∂(a/b)/∂a = 1/b
+                BinaryOp::Div => per_element(&mut ga, g, |i, gi| gi / bv[lb.index(i)]),
             }
-            BinaryOp::Sub => {
-                ga.copy_from_slice(g);
-                gb.iter_mut().zip(g).for_each(|(d, gi)| *d = -gi);
-            }
-            BinaryOp::Mul => {
-                let (av, bv) = (a_saved.as_ref().unwrap(), b_saved.as_ref().unwrap());
-                for (i, gi) in g.iter().enumerate() {
-                    ga[i] = gi * bv[lb.index(i)];
-                    gb[i] = gi * av[la.index(i)];
-                }
-            }
-            BinaryOp::Div => {
-                let (av, bv) = (a_saved.as_ref().unwrap(), b_saved.as_ref().unwrap());
-                for (i, gi) in g.iter().enumerate() {
+            la.reduce(ga, na)
+        });
+        let gb = need_b.then(|| {
+            let mut gb = pool::take(g.len());
+            match op {
+                // ∂(a + b)/∂b = 1
+                BinaryOp::Add => gb.copy_from_slice(g),
+                // ∂(a − b)/∂b = −1
+                BinaryOp::Sub => per_element(&mut gb, g, |_, gi| -gi),
+                // ∂(a·b)/∂b = a
+                BinaryOp::Mul => per_element(&mut gb, g, |i, gi| gi * av[la.index(i)]),
+                // ∂(a/b)/∂b = −a/b²
+                BinaryOp::Div => per_element(&mut gb, g, |i, gi| {
                     let bi = bv[lb.index(i)];
-                    ga[i] = gi / bi;
-                    gb[i] = -gi * av[la.index(i)] / (bi * bi);
-                }
+                    -gi * av[la.index(i)] / (bi * bi)
+                }),
             }
-        }
-        vec![Some(la.reduce(ga, na)), Some(lb.reduce(gb, nb))]
+            lb.reduce(gb, nb)
+        });
+        vec![ga, gb]
     })
+}
+
+/// `out[i] = f(i, g[i])` for every output element.
+#[inline]
+fn per_element(out: &mut [f32], g: &[f32], f: impl Fn(usize, f32) -> f32) {
+    for (i, (o, &gi)) in out.iter_mut().zip(g).enumerate() {
+        *o = f(i, gi);
+    }
 }
 
 impl Tensor {
@@ -163,7 +181,9 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
-    use crate::ops::gradcheck::{check_gradients, check_gradients_with, values};
+    use crate::ops::gradcheck::{
+        check_gradients, check_gradients_with, check_skips_unneeded_gradients, values,
+    };
     use crate::tensor::Tensor;
 
     #[test]
@@ -193,6 +213,16 @@ mod tests {
             let b: Vec<f32> =
                 values(sb.iter().product(), 2).iter().map(|v| v.signum() * (0.5 + v.abs())).collect();
             check_gradients_with(&[sa, sb], &[a, b], |x| x[0].div(&x[1]));
+        }
+    }
+
+    #[test]
+    fn only_the_operands_that_need_a_gradient_get_one() {
+        for (sa, sb) in [(&[3, 17][..], &[3, 17][..]), (&[2, 3, 17], &[17]), (&[2, 3, 17], &[3, 1])] {
+            check_skips_unneeded_gradients(&[sa, sb], |x| x[0].add(&x[1]));
+            check_skips_unneeded_gradients(&[sa, sb], |x| x[0].sub(&x[1]));
+            check_skips_unneeded_gradients(&[sa, sb], |x| x[0].mul(&x[1]));
+            check_skips_unneeded_gradients(&[sa, sb], |x| x[0].div(&x[1]));
         }
     }
 

@@ -64,3 +64,43 @@ pub fn check_gradients_with(shapes: &[&[usize]], inputs: &[Vec<f32>], f: impl Fn
         }
     }
 }
+
+/// Checks that the op `f` computes a gradient only for the inputs that require one: with one
+/// input at a time requiring a gradient, its backward returns `None` for every other input,
+/// and for that one exactly (bit for bit) what it returns when all inputs require one.
+pub fn check_skips_unneeded_gradients(shapes: &[&[usize]], f: impl Fn(&[Tensor]) -> Tensor) {
+    let inputs: Vec<Vec<f32>> =
+        shapes.iter().enumerate().map(|(i, s)| values(s.iter().product(), 17 + i as u64)).collect();
+    let make = |needs: &[bool]| -> Vec<Tensor> {
+        shapes
+            .iter()
+            .zip(&inputs)
+            .zip(needs)
+            .map(|((s, v), &need)| {
+                let t = Tensor::from_vec(v.clone(), s);
+                if need { t.requires_grad() } else { t }
+            })
+            .collect()
+    };
+    let n = shapes.len();
+    let all = f(&make(&vec![true; n]));
+    let upstream = values(all.numel(), 99);
+    let full = all.op_input_grads(&upstream);
+    for i in 0..n {
+        let needs: Vec<bool> = (0..n).map(|j| j == i).collect();
+        let got = f(&make(&needs)).op_input_grads(&upstream);
+        for j in 0..n {
+            if j == i {
+                assert!(
+                    got[j] == full[j],
+                    "input {i} alone: its gradient differs from the one computed with all"
+                );
+            } else {
+                assert!(
+                    got[j].is_none(),
+                    "input {i} alone requires a gradient, yet one was computed for input {j}"
+                );
+            }
+        }
+    }
+}

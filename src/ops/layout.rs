@@ -141,24 +141,32 @@ impl Tensor {
         }
         let mut out_shape = first.clone();
         out_shape[axis] = total;
+        let needs: Vec<bool> = tensors.iter().map(|t| t.requires_grad_flag()).collect();
         Tensor::from_op(out, &out_shape, "cat", tensors, move |g: &[f32]| {
-            let mut grads: Vec<Vec<f32>> =
-                lens.iter().map(|&l| Vec::with_capacity(outer * l * inner)).collect();
+            // Cut g the way the output was glued: for each outer index, `len·inner` values
+            // from each piece in turn. A piece that needs no gradient is skipped over.
+            let mut grads: Vec<Option<Vec<f32>>> = lens
+                .iter()
+                .zip(&needs)
+                .map(|(&l, &need)| need.then(|| Vec::with_capacity(outer * l * inner)))
+                .collect();
             let mut offset = 0;
             for _ in 0..outer {
                 for (gi, &len) in grads.iter_mut().zip(&lens) {
-                    gi.extend_from_slice(&g[offset..offset + len * inner]);
+                    if let Some(gi) = gi {
+                        gi.extend_from_slice(&g[offset..offset + len * inner]);
+                    }
                     offset += len * inner;
                 }
             }
-            grads.into_iter().map(Some).collect()
+            grads
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::ops::gradcheck::check_gradients;
+    use crate::ops::gradcheck::{check_gradients, check_skips_unneeded_gradients};
     use crate::tensor::Tensor;
 
     #[test]
@@ -185,6 +193,9 @@ mod tests {
         check_gradients(&[&[2, 3, 4]], |x| x[0].reshape(&[6, 4]).mul(&x[0].reshape(&[6, 4])));
         check_gradients(&[&[2, 7, 5]], |x| x[0].narrow(1, 2, 3));
         check_gradients(&[&[2, 3, 5], &[2, 4, 5], &[2, 1, 5]], |x| Tensor::cat(&[&x[0], &x[1], &x[2]], 1));
+        check_skips_unneeded_gradients(&[&[2, 3, 5], &[2, 4, 5], &[2, 1, 5]], |x| {
+            Tensor::cat(&[&x[0], &x[1], &x[2]], 1)
+        });
     }
 
     #[test]

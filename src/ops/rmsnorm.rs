@@ -40,46 +40,60 @@ impl Tensor {
         for_each_row2(&mut out, dim, &mut inv_rms, 1, 4 * dim, |i, y, r| {
             r[0] = simd::rmsnorm(&x[i * dim..(i + 1) * dim], &w, eps, y);
         });
-        let inv_rms = Arc::new(inv_rms);
+        let inv_rms = Arc::new(inv_rms); // r of each row, saved for the backward
+        let (need_x, need_w) = (self.requires_grad_flag(), weight.requires_grad_flag());
         Tensor::from_op(out, self.shape(), "rms_norm", &[self, weight], move |g: &[f32]| {
-            let mut dx = pool::take(x.len());
-            // Rows in blocks of a fixed size (not tied to the thread count, so the sum
-            // below is the same whatever the threads): each block computes its rows' dx and
-            // its share of dw; the shares are then added in block order.
-            let block_rows = ROWS_PER_BLOCK;
-            let backward_block = |(b, dxb): (usize, &mut [f32])| -> Vec<f32> {
-                let mut dw_part = vec![0.0f32; dim];
-                for (j, dxr) in dxb.chunks_mut(dim).enumerate() {
-                    let i = b * block_rows + j;
+            // Rows go in blocks of a fixed size (not tied to the thread count, so that dw below
+            // is summed in the same order whatever the threads). A block writes its rows' dx
+            // and returns its share of dw; the shares are then added in block order.
+            let block = |b: usize, mut dx_block: Option<&mut [f32]>| -> Vec<f32> {
+                let mut dw_part = vec![0.0f32; if need_w { dim } else { 0 }];
+                let first = b * ROWS_PER_BLOCK;
+                for i in first..(first + ROWS_PER_BLOCK).min(rows) {
                     let (xr, gr) = (&x[i * dim..(i + 1) * dim], &g[i * dim..(i + 1) * dim]);
                     let r = inv_rms[i];
-                    // Σⱼ gⱼ·wⱼ·xⱼ, shared by every k of the row (term 2).
-                    let gwx: f32 = (0..dim).map(|k| gr[k] * w[k] * xr[k]).sum();
-                    let c = r * r * r * gwx / dim as f32;
-                    for k in 0..dim {
-                        dxr[k] = r * gr[k] * w[k] - c * xr[k];
-                        dw_part[k] += gr[k] * xr[k] * r;
+                    if let Some(dx_block) = dx_block.as_deref_mut() {
+                        // Term 2's sum Σⱼ gⱼ·wⱼ·xⱼ is shared by every k of the row.
+                        let gwx: f32 = (0..dim).map(|k| gr[k] * w[k] * xr[k]).sum();
+                        let c = r * r * r * gwx / dim as f32;
+                        let dxr = &mut dx_block[(i - first) * dim..(i - first + 1) * dim];
+                        for k in 0..dim {
+                            dxr[k] = r * gr[k] * w[k] - c * xr[k]; // term 1 − term 2
+                        }
+                    }
+                    if need_w {
+                        for k in 0..dim {
+                            dw_part[k] += gr[k] * xr[k] * r; // this row's gⱼ·xⱼ·r
+                        }
                     }
                 }
                 dw_part
             };
-            let parts: Vec<Vec<f32>> = if worth_splitting(rows * dim * 8) {
-                dx.par_chunks_mut(block_rows * dim).enumerate().map(backward_block).collect()
-            } else {
-                dx.chunks_mut(block_rows * dim).enumerate().map(backward_block).collect()
+            let mut dx = need_x.then(|| pool::take(x.len()));
+            let chunk = ROWS_PER_BLOCK * dim;
+            let parts: Vec<Vec<f32>> = match dx.as_mut() {
+                Some(dx) if worth_splitting(rows * dim * 8) => {
+                    dx.par_chunks_mut(chunk).enumerate().map(|(b, d)| block(b, Some(d))).collect()
+                }
+                Some(dx) => dx.chunks_mut(chunk).enumerate().map(|(b, d)| block(b, Some(d))).collect(),
+                // dw alone (x needs no gradient): one light pass, not worth threads.
+                None => (0..rows.div_ceil(ROWS_PER_BLOCK)).map(|b| block(b, None)).collect(),
             };
-            let mut dw = vec![0.0f64; dim];
-            for part in &parts {
-                dw.iter_mut().zip(part).for_each(|(a, &b)| *a += b as f64);
-            }
-            vec![Some(dx), Some(dw.into_iter().map(|v| v as f32).collect())]
+            let dw = need_w.then(|| {
+                let mut dw = vec![0.0f64; dim];
+                for part in &parts {
+                    dw.iter_mut().zip(part).for_each(|(a, &b)| *a += b as f64);
+                }
+                dw.into_iter().map(|v| v as f32).collect()
+            });
+            vec![dx, dw]
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::ops::gradcheck::{check_gradients_with, values};
+    use crate::ops::gradcheck::{check_gradients_with, check_skips_unneeded_gradients, values};
     use crate::tensor::Tensor;
 
     #[test]
@@ -106,5 +120,12 @@ mod tests {
             let w: Vec<f32> = values(dim, 2).iter().map(|v| 1.0 + 0.3 * v).collect();
             check_gradients_with(&[&[3, dim], &[dim]], &[x, w], |t| t[0].rms_norm(&t[1], 1e-5));
         }
+    }
+
+    #[test]
+    fn a_frozen_weight_or_a_constant_input_gets_no_gradient() {
+        // 200 rows: several blocks, split over threads when x needs its gradient.
+        check_skips_unneeded_gradients(&[&[200, 67], &[67]], |t| t[0].rms_norm(&t[1], 1e-5));
+        check_skips_unneeded_gradients(&[&[3, 8], &[8]], |t| t[0].rms_norm(&t[1], 1e-5));
     }
 }

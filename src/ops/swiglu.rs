@@ -22,22 +22,28 @@ impl Tensor {
         } else {
             out.iter_mut().zip(av.iter()).zip(bv.iter()).for_each(f);
         }
+        let (need_a, need_b) = (a.requires_grad_flag(), b.requires_grad_flag());
         Tensor::from_op(out, a.shape(), "swiglu", &[a, b], move |g: &[f32]| {
-            let (mut da, mut db) = (pool::take(g.len()), pool::take(g.len()));
+            let mut da = need_a.then(|| pool::take(g.len()));
+            let mut db = need_b.then(|| pool::take(g.len()));
             for i in 0..g.len() {
                 let (x, y) = (av[i], bv[i]);
                 let s = sigmoid(x);
-                da[i] = g[i] * y * s * (1.0 + x * (1.0 - s));
-                db[i] = g[i] * x * s;
+                if let Some(da) = da.as_mut() {
+                    da[i] = g[i] * y * s * (1.0 + x * (1.0 - s)); // g·b·silu'(a)
+                }
+                if let Some(db) = db.as_mut() {
+                    db[i] = g[i] * x * s; // g·silu(a)
+                }
             }
-            vec![Some(da), Some(db)]
+            vec![da, db]
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::ops::gradcheck::check_gradients;
+    use crate::ops::gradcheck::{check_gradients, check_skips_unneeded_gradients};
     use crate::tensor::Tensor;
 
     #[test]
@@ -47,5 +53,6 @@ mod tests {
         let want = a.silu().mul(&b).to_vec();
         assert_eq!(Tensor::swiglu(&a, &b).to_vec(), want);
         check_gradients(&[&[3, 19], &[3, 19]], |x| Tensor::swiglu(&x[0], &x[1]));
+        check_skips_unneeded_gradients(&[&[3, 19], &[3, 19]], |x| Tensor::swiglu(&x[0], &x[1]));
     }
 }

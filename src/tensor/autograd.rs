@@ -198,6 +198,17 @@ fn topological_order(root: &Tensor) -> Vec<Tensor> {
 }
 
 #[cfg(test)]
+impl Tensor {
+    /// What this tensor's op returns for each input, given `grad_out`, without walking the
+    /// graph or freeing it (for tests of a single op's backward).
+    pub(crate) fn op_input_grads(&self, grad_out: &[f32]) -> Vec<Option<Vec<f32>>> {
+        let grad_fn = self.inner.grad_fn.as_ref().expect("op_input_grads: a leaf has no backward");
+        let closure = grad_fn.backward.lock().expect("graph lock poisoned");
+        closure.as_ref().expect("op_input_grads: the backward was already used")(grad_out)
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
