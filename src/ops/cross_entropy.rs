@@ -83,8 +83,51 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
-    use crate::ops::gradcheck::check_gradients;
+    use crate::ops::gradcheck::{check_gradients, check_twins, values};
     use crate::tensor::Tensor;
+
+    /// Cross-entropy written with simple ops, the slow twin of the fused op, for logits
+    /// `z` of shape `[rows, vocab]`: `nllᵢ = logsumexp(zᵢ) − zᵢ[tᵢ]`, then the weighted mean.
+    fn cross_entropy_slow(z: &Tensor, targets: &[usize], weights: Option<&[f32]>) -> Tensor {
+        let (rows, vocab) = (z.dim(0), z.dim(1));
+        // logsumexp(zᵢ) = mᵢ + log Σₖ e^(zᵢₖ − mᵢ), shifted by the row's max mᵢ. The shift is a
+        // constant (no gradient): it cancels out of the function, so its gradient would too.
+        let m = Tensor::from_vec(z.max_last(), &[rows, 1]);
+        let lse = z.sub(&m).exp().sum_axis(1, true).log().add(&m); // [rows, 1]
+        // zᵢ[tᵢ], picked out by a one-hot mask.
+        let one_hot: Vec<f32> =
+            (0..rows * vocab).map(|i| if i % vocab == targets[i / vocab] { 1.0 } else { 0.0 }).collect();
+        let picked = z.mul(&Tensor::from_vec(one_hot, &[rows, vocab])).sum_axis(1, true); // [rows, 1]
+        let w = weights.map_or(vec![1.0; rows], <[f32]>::to_vec);
+        let total: f32 = w.iter().sum();
+        lse.sub(&picked).mul(&Tensor::from_vec(w, &[rows, 1])).sum_all().mul_scalar(1.0 / total)
+    }
+
+    #[test]
+    fn fused_equals_the_slow_twin_values_and_gradients() {
+        let targets = [0, 3, 10, 3, 7, 1, 9];
+        let weights = [1.0, 0.0, 0.5, 2.0, 0.0, 1.5, 0.7];
+        // Logits spread wide (±8), so the softmax is far from uniform.
+        let z: Vec<f32> = values(7 * 11, 3).iter().map(|v| 8.0 * v).collect();
+        for w in [None, Some(&weights[..])] {
+            check_twins(
+                &[&[7, 11]],
+                std::slice::from_ref(&z),
+                |x| x[0].cross_entropy(&targets, w),
+                |x| cross_entropy_slow(&x[0], &targets, w),
+                1e-6,
+            );
+        }
+        // A vocabulary wider than the SIMD registers, with a tail.
+        let z = values(3 * 1001, 4);
+        check_twins(
+            &[&[3, 1001]],
+            &[z],
+            |x| x[0].cross_entropy(&[0, 500, 1000], None),
+            |x| cross_entropy_slow(&x[0], &[0, 500, 1000], None),
+            1e-6,
+        );
+    }
 
     #[test]
     fn uniform_logits_give_log_vocab() {

@@ -4,6 +4,10 @@
 //! `L = Σ y·g` has `∂L/∂xᵢ[j] ≈ (L(xᵢ[j] + ε) − L(xᵢ[j] − ε)) / 2ε` (central differences,
 //! error O(ε²)). The analytic gradient from `backward` must agree with it at every checked
 //! element. L is summed in f64 so that f32 rounding in the sum does not swamp the difference.
+//!
+//! Two more checks: [`check_twins`] holds a fused op equal (values and gradients) to its slow
+//! twin built from simple ops, and [`check_skips_unneeded_gradients`] checks that an op's
+//! backward computes nothing for an input that needs no gradient.
 
 use crate::tensor::Tensor;
 
@@ -102,5 +106,40 @@ pub fn check_skips_unneeded_gradients(shapes: &[&[usize]], f: impl Fn(&[Tensor])
                 );
             }
         }
+    }
+}
+
+/// Checks that a fused op `fast` and its slow twin `slow` (the same function written with
+/// simple ops) agree at the given inputs: the same output, and, for one upstream gradient, the
+/// same gradient of every input, each value to `tol` relative to `max(1, |slow's value|)`.
+pub fn check_twins(
+    shapes: &[&[usize]],
+    inputs: &[Vec<f32>],
+    fast: impl Fn(&[Tensor]) -> Tensor,
+    slow: impl Fn(&[Tensor]) -> Tensor,
+    tol: f32,
+) {
+    // The output's values and every input's gradient, with the same upstream gradient.
+    let run = |f: &dyn Fn(&[Tensor]) -> Tensor| -> (Vec<f32>, Vec<Vec<f32>>) {
+        let xs: Vec<Tensor> =
+            shapes.iter().zip(inputs).map(|(s, v)| Tensor::from_vec(v.clone(), s).requires_grad()).collect();
+        let y = f(&xs);
+        y.backward_with(values(y.numel(), 99));
+        (y.to_vec(), xs.iter().map(|x| x.grad().unwrap_or_else(|| vec![0.0; x.numel()])).collect())
+    };
+    let (y_fast, g_fast) = run(&fast);
+    let (y_slow, g_slow) = run(&slow);
+    let close = |what: &str, a: &[f32], b: &[f32]| {
+        assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+        for (j, (&x, &y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * y.abs().max(1.0),
+                "{what} at element {j}: fused {x}, slow twin {y}"
+            );
+        }
+    };
+    close("output", &y_fast, &y_slow);
+    for (i, (a, b)) in g_fast.iter().zip(&g_slow).enumerate() {
+        close(&format!("gradient of input {i} (shape {:?})", shapes[i]), a, b);
     }
 }

@@ -93,8 +93,33 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
-    use crate::ops::gradcheck::{check_gradients_with, check_skips_unneeded_gradients, values};
+    use crate::ops::gradcheck::{check_gradients_with, check_skips_unneeded_gradients, check_twins, values};
     use crate::tensor::Tensor;
+
+    /// RMSNorm written with simple ops, the slow twin of the fused op: every step of
+    /// `x / √(mean(x²) + ε) · w` is a tensor of its own, and autodiff derives the backward.
+    fn rms_norm_slow(x: &Tensor, w: &Tensor, eps: f32) -> Tensor {
+        let last = x.rank() - 1;
+        let rms = x.sqr().mean_axis(last, true).add_scalar(eps).sqrt(); // [..., 1]
+        x.div(&rms).mul(w) // [..., D] / [..., 1] · [D]
+    }
+
+    #[test]
+    fn fused_equals_the_slow_twin_values_and_gradients() {
+        for shape in [&[5, 67][..], &[2, 3, 16], &[1, 1], &[130, 9]] {
+            let n: usize = shape.iter().product();
+            let dim = shape[shape.len() - 1];
+            let x = values(n, 5);
+            let w: Vec<f32> = values(dim, 6).iter().map(|v| 1.0 + 0.5 * v).collect();
+            check_twins(
+                &[shape, &[dim]],
+                &[x, w],
+                |t| t[0].rms_norm(&t[1], 1e-5),
+                |t| rms_norm_slow(&t[0], &t[1], 1e-5),
+                1e-5,
+            );
+        }
+    }
 
     #[test]
     fn unit_weight_gives_unit_rms() {

@@ -83,8 +83,45 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
-    use crate::ops::gradcheck::check_gradients;
+    use crate::ops::gradcheck::{check_gradients, check_twins, values};
     use crate::tensor::Tensor;
+
+    /// RoPE written with simple ops, the slow twin of the fused op (candle's `rope_i_slow`):
+    /// split each head into its pairs `(x₀, x₁)`, rotate them with broadcast cos/sin tables,
+    /// and glue the halves back.
+    fn rope_slow(x: &Tensor, offset: usize, theta: f32) -> Tensor {
+        let (b, t, h, hd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+        let half = hd / 2;
+        let pairs = x.reshape(&[b, t, h, half, 2]);
+        let (x0, x1) = (pairs.narrow(4, 0, 1), pairs.narrow(4, 1, 1)); // [B, T, H, hd/2, 1] each
+        // θⱼ(p) = p·theta^(−2j/hd) at p = offset + t, as [T, 1, hd/2, 1]: it broadcasts over
+        // the batch and the heads.
+        let angle = move |p: usize, j: usize| {
+            (offset + p) as f64 * (theta as f64).powf(-((2 * j) as f64) / hd as f64)
+        };
+        let table = |f: fn(f64) -> f64| {
+            let v: Vec<f32> = (0..t).flat_map(|p| (0..half).map(move |j| f(angle(p, j)) as f32)).collect();
+            Tensor::from_vec(v, &[t, 1, half, 1])
+        };
+        let (cos, sin) = (table(f64::cos), table(f64::sin));
+        let y0 = x0.mul(&cos).sub(&x1.mul(&sin)); // x₀·cos θ − x₁·sin θ
+        let y1 = x0.mul(&sin).add(&x1.mul(&cos)); // x₀·sin θ + x₁·cos θ
+        Tensor::cat(&[&y0, &y1], 4).reshape(&[b, t, h, hd])
+    }
+
+    #[test]
+    fn fused_equals_the_slow_twin_values_and_gradients() {
+        for (shape, offset) in [([2, 5, 3, 8], 0), ([1, 7, 2, 6], 3), ([2, 3, 2, 64], 1000)] {
+            let x = values(shape.iter().product(), 8);
+            check_twins(
+                &[&shape],
+                &[x],
+                |t| t[0].rope(offset, 10000.0),
+                |t| rope_slow(&t[0], offset, 10000.0),
+                1e-6,
+            );
+        }
+    }
 
     #[test]
     fn position_zero_is_the_identity_and_norms_are_kept() {
