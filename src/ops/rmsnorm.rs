@@ -1,15 +1,30 @@
 //! RMSNorm: `y = x / rms(x) · w`, with `rms(x) = √(mean(x²) + ε)` over the last axis and a
 //! learned scale `w` (Zhang & Sennrich 2019; Llama's normalisation).
 //!
-//! Fused into one op: built from small ops it would allocate five intermediate tensors.
+//! Fused into one op: built from small ops (`sqr`, `mean_axis`, `sqrt`, `div`, `mul`: the
+//! slow twin in the tests) it would allocate five intermediate tensors; here the forward is
+//! one SIMD pass a row and keeps only `r` of each row for the backward.
 //!
-//! **Backward.** For one row, write `r = (mean(x²) + ε)^(−1/2)` so `yⱼ = xⱼ·r·wⱼ`. Since
-//! `∂r/∂xₖ = −r³·xₖ/D`,
+//! **Backward.** For one row of D values, write `r = (mean(x²) + ε)^(−1/2)` so
+//! `yⱼ = xⱼ·r·wⱼ`. Every `yⱼ` depends on `xₖ` twice: directly when `j = k`, and through `r`,
+//! which every x of the row moves. With `mean(x²) = Σⱼ xⱼ²/D`,
+//! `∂r/∂xₖ = −½·(mean(x²) + ε)^(−3/2)·2xₖ/D = −r³·xₖ/D`, so
 //!
 //! `∂L/∂xₖ = Σⱼ gⱼ·wⱼ·(δⱼₖ·r + xⱼ·∂r/∂xₖ) = r·gₖ·wₖ − (r³·xₖ/D)·Σⱼ gⱼ·wⱼ·xⱼ`
 //!
-//! (term 1: the direct path through xₖ; term 2: the path through the shared rms), and
-//! `∂L/∂wⱼ = Σ_rows gⱼ·xⱼ·r`.
+//! (term 1: the direct path through xₖ; term 2: the path through the shared rms). The weight
+//! is shared by all rows, so its gradient is a sum over them: `∂L/∂wⱼ = Σ_rows gⱼ·xⱼ·r`.
+//!
+//! ```
+//! use lego::Tensor;
+//! let x = Tensor::from_vec(vec![3.0, 4.0, 1.0, 1.0], &[2, 2]); // two rows of D = 2
+//! let w = Tensor::ones(&[2]).requires_grad();
+//! let y = x.rms_norm(&w, 0.0); // each row divided by its rms: √12.5 and 1
+//! let want = [3.0 / 12.5f32.sqrt(), 4.0 / 12.5f32.sqrt(), 1.0, 1.0];
+//! assert!(y.to_vec().iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6));
+//! y.sum_all().backward(); // ∂L/∂wⱼ = Σ_rows xⱼ·r
+//! assert!((w.grad().unwrap()[0] - (3.0 / 12.5f32.sqrt() + 1.0)).abs() < 1e-6);
+//! ```
 
 use std::sync::Arc;
 
@@ -19,11 +34,13 @@ use crate::kernels::parallel::{for_each_row2, worth_splitting};
 use crate::kernels::simd;
 use crate::tensor::{Tensor, pool};
 
-/// Rows per block of the backward pass (see there).
+/// Rows per block of the backward pass: the unit of parallel work, and of the order in which
+/// the weight's gradient is summed (see there).
 const ROWS_PER_BLOCK: usize = 64;
 
 impl Tensor {
-    /// RMSNorm over the last axis with scale `weight` (`[dim]`) and `eps`.
+    /// RMSNorm over the last axis with scale `weight` (`[dim]`) and `eps`: `[..., dim]` in,
+    /// the same shape out (see the module doc for the formula and an example).
     pub fn rms_norm(&self, weight: &Tensor, eps: f32) -> Tensor {
         let dim = *self.shape().last().expect("rms_norm: a scalar has no last axis");
         assert_eq!(
@@ -36,6 +53,7 @@ impl Tensor {
         let (x, w) = (self.data(), weight.data());
         let rows = x.len() / dim.max(1);
         let mut out = pool::take(x.len());
+        // One SIMD pass a row writes y and returns that row's r.
         let mut inv_rms = vec![0.0f32; rows];
         for_each_row2(&mut out, dim, &mut inv_rms, 1, 4 * dim, |i, y, r| {
             r[0] = simd::rmsnorm(&x[i * dim..(i + 1) * dim], &w, eps, y);
@@ -79,6 +97,7 @@ impl Tensor {
                 // dw alone (x needs no gradient): one light pass, not worth threads.
                 None => (0..rows.div_ceil(ROWS_PER_BLOCK)).map(|b| block(b, None)).collect(),
             };
+            // The blocks' shares of dw, added in block order in f64.
             let dw = need_w.then(|| {
                 let mut dw = vec![0.0f64; dim];
                 for part in &parts {

@@ -9,8 +9,19 @@
 //! With a KV cache, a new token at position `past_len + t` must be rotated by that absolute
 //! position, never by `t` alone (the spec's lesson 2): callers pass the offset.
 //!
-//! **Backward.** A rotation is orthogonal, so its transpose is its inverse: the gradient is
-//! rotated back by `−θ`: `dx₀ = g₀·cos θ + g₁·sin θ`, `dx₁ = −g₀·sin θ + g₁·cos θ`.
+//! **Backward.** Each pair is multiplied by the rotation matrix `R(θ) = [[cos θ, −sin θ],
+//! [sin θ, cos θ]]`, a linear map, so `∂L/∂x = R(θ)ᵀ·g`. A rotation is orthogonal, its
+//! transpose is its inverse `R(−θ)`: the gradient is rotated back by `−θ`,
+//! `dx₀ = g₀·cos θ + g₁·sin θ`, `dx₁ = −g₀·sin θ + g₁·cos θ`. The same code does both
+//! directions, with the sine's sign flipped.
+//!
+//! ```
+//! use lego::Tensor;
+//! // One head of width 2 at position 1 with base 1: the pair turns by θ = 1 radian.
+//! let x = Tensor::from_vec(vec![1.0, 0.0], &[1, 1, 1, 2]); // [batch, seq, heads, head_dim]
+//! let y = x.rope(1, 1.0).to_vec();
+//! assert!((y[0] - 1f32.cos()).abs() < 1e-6 && (y[1] - 1f32.sin()).abs() < 1e-6);
+//! ```
 
 use crate::tensor::{Tensor, pool};
 
@@ -32,7 +43,8 @@ pub fn rope_tables(positions: &[usize], head_dim: usize, base: f32) -> (Vec<f32>
     (cos, sin)
 }
 
-/// Rotates one head's vector in place: pair j by the angle whose cos/sin are `cos[j]`, `sin[j]`.
+/// Rotates one head's vector in place: pair j by the angle whose cos/sin are `cos[j]`, `sin[j]`
+/// (`(a, b) ↦ (a·cos − b·sin, a·sin + b·cos)`, the complex product `(a + ib)·e^(iθ)`).
 #[inline]
 pub fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     for (j, pair) in x.chunks_exact_mut(2).enumerate() {
@@ -59,8 +71,11 @@ impl Tensor {
         let (batch, seq, heads, hd) = (s[0], s[1], s[2], s[3]);
         assert!(hd % 2 == 0, "rope: head_dim {hd} must be even (shape {s:?})");
         assert_eq!(positions.len(), seq, "rope: {} positions for a sequence of {seq}", positions.len());
+        // cos/sin of θⱼ(p) for each position of the sequence: [seq, hd/2].
         let (cos, sin) = rope_tables(positions, hd, theta);
         let half = hd / 2;
+        // Rotates every head of every token by its position's angles; the forward passes the
+        // tables, the backward the same tables with the sine negated.
         let apply = move |x: &[f32], cos: &[f32], sin: &[f32]| -> Vec<f32> {
             let mut out = pool::copy_of(x);
             for b in 0..batch {

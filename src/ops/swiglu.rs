@@ -1,8 +1,12 @@
 //! SwiGLU's gate: `y = silu(a) · b` (Shazeer 2020), the heart of Llama's MLP
 //! `w2·(silu(w1·x) ⊙ w3·x)`. Fused so the gate costs one pass and one buffer.
 //!
-//! **Backward.** `∂L/∂a = g·b·silu'(a)` with `silu'(a) = σ(a)·(1 + a·(1 − σ(a)))`, and
-//! `∂L/∂b = g·silu(a)`.
+//! **Backward.** `y` is a product, so `∂L/∂b = g·silu(a)` and `∂L/∂a = g·b·silu'(a)`. With
+//! `silu(a) = a·σ(a)` and the sigmoid's `σ'(a) = σ(a)·(1 − σ(a))`, the product rule gives
+//!
+//! `silu'(a) = σ(a) + a·σ(a)·(1 − σ(a)) = σ(a)·(1 + a·(1 − σ(a)))`.
+//!
+//! Both gradients share `σ(a)`, so one pass computes it once for both.
 
 use rayon::prelude::*;
 
@@ -12,8 +16,17 @@ use crate::tensor::{Tensor, pool};
 
 impl Tensor {
     /// `silu(a) · b`, element-wise, for `a` and `b` of the same shape.
+    ///
+    /// ```
+    /// use lego::Tensor;
+    /// let (a, b) = (Tensor::from_vec(vec![0.0, 2.0], &[2]), Tensor::from_vec(vec![5.0, 1.0], &[2]));
+    /// let y = Tensor::swiglu(&a, &b).to_vec();
+    /// assert_eq!(y[0], 0.0); // silu(0) = 0: a closed gate lets nothing through
+    /// assert!((y[1] - 2.0 / (1.0 + (-2f32).exp())).abs() < 1e-6); // silu(2)·1
+    /// ```
     pub fn swiglu(a: &Tensor, b: &Tensor) -> Tensor {
         assert_eq!(a.shape(), b.shape(), "swiglu: gate {:?} and value {:?} differ", a.shape(), b.shape());
+        // a (the gate) and b (the value) are saved, shared, for the backward.
         let (av, bv) = (a.data(), b.data());
         let mut out = pool::take(av.len());
         let f = |((o, x), y): ((&mut f32, &f32), &f32)| *o = x * sigmoid(*x) * y;
