@@ -67,8 +67,9 @@ impl Product {
         if self.b_shared { 0 } else { i * self.k * self.n }
     }
 
-    /// Group i's block of a buffer with `cols` values per row (C and G: N; dA: K or M).
-    fn rows_of<'a>(&self, buf: &'a mut [f32], i: usize, cols: usize) -> &'a mut [f32] {
+    /// Group i's block of `rows × cols` values in a buffer of all groups' blocks (C: N
+    /// columns; dA: K, or `rows` for an A stored transposed, `[K, rows]`, the same size).
+    fn block_of<'a>(&self, buf: &'a mut [f32], i: usize, cols: usize) -> &'a mut [f32] {
         &mut buf[i * self.rows * cols..(i + 1) * self.rows * cols]
     }
 }
@@ -130,7 +131,7 @@ impl Tensor {
         let mut out = pool::take(p.groups * p.rows * p.n); // β = 0 below writes every element
         for i in 0..p.groups {
             // C = A·B   [rows, N]
-            gemm(1.0, p.a(&a, i), p.b(&b, i), 0.0, p.rows_of(&mut out, i, p.n));
+            gemm(1.0, p.a(&a, i), p.b(&b, i), 0.0, p.block_of(&mut out, i, p.n));
         }
 
         // Decided now, as PyTorch does: a weight frozen when the graph was built gets nothing.
@@ -143,19 +144,19 @@ impl Tensor {
                 let (a_i, b_i) = (p.a(&a, i), p.b(&b, i));
                 let g_i = MatView::row_major(&g[i * p.rows * n..(i + 1) * p.rows * n], p.rows, n);
                 if let Some(da) = da.as_mut() {
-                    // dA = G·Bᵀ, or (G·Bᵀ)ᵀ = B·Gᵀ in the stored layout of an A read transposed.
-                    let da_i = &mut da[i * p.rows * k..(i + 1) * p.rows * k];
-                    if p.ta { gemm(1.0, b_i, g_i.t(), 0.0, da_i) } else { gemm(1.0, g_i, b_i.t(), 0.0, da_i) }
+                    let da_i = p.block_of(da, i, k);
+                    match p.ta {
+                        false => gemm(1.0, g_i, b_i.t(), 0.0, da_i), // dA = G·Bᵀ
+                        true => gemm(1.0, b_i, g_i.t(), 0.0, da_i),  // a stored transposed: (G·Bᵀ)ᵀ = B·Gᵀ
+                    }
                 }
                 if let Some(db) = db.as_mut() {
-                    // dB = Aᵀ·G, or (Aᵀ·G)ᵀ = Gᵀ·A for a B read transposed; a shared B adds up
-                    // every group's share (β = 1 after the first).
+                    // A B shared by the groups sums their shares: β = 1 after the first.
                     let db_i = &mut db[p.b_offset(i)..p.b_offset(i) + k * n];
                     let beta = if p.b_shared && i > 0 { 1.0 } else { 0.0 };
-                    if p.tb {
-                        gemm(1.0, g_i.t(), a_i, beta, db_i)
-                    } else {
-                        gemm(1.0, a_i.t(), g_i, beta, db_i)
+                    match p.tb {
+                        false => gemm(1.0, a_i.t(), g_i, beta, db_i), // dB = Aᵀ·G
+                        true => gemm(1.0, g_i.t(), a_i, beta, db_i),  // b stored transposed: (Aᵀ·G)ᵀ = Gᵀ·A
                     }
                 }
             }
