@@ -83,11 +83,92 @@ pub fn sgemm(
         return;
     }
     let rows_per_block = m.div_ceil(blocks);
-    c.par_chunks_mut(rows_per_block * ldc).enumerate().for_each(|(blk, c_blk)| {
+    // Only C's own rows are split: a `c` that runs on past them (the rest of a batch) must not
+    // produce blocks that start beyond row m.
+    c[..(m - 1) * ldc + n].par_chunks_mut(rows_per_block * ldc).enumerate().for_each(|(blk, c_blk)| {
         let row0 = blk * rows_per_block;
         let rows = rows_per_block.min(m - row0);
         sgemm_serial(rows, k, n, alpha, &a[row0 * rsa..], rsa, csa, b, rsb, csb, beta, c_blk, ldc);
     });
+}
+
+/// A matrix read in place through strides: element `[i][j]` is `data[i·row_stride + j·col_stride]`.
+///
+/// A row-major `rows × cols` matrix has strides `(cols, 1)`; its transpose is the same buffer
+/// with the strides (and the sizes) swapped, so [`t`](MatView::t) costs nothing. One head of a
+/// `[T, H, hd]` activation is the `T × hd` view with row stride `H·hd`, also without a copy.
+#[derive(Clone, Copy, Debug)]
+pub struct MatView<'a> {
+    /// The buffer the matrix lives in (it may hold more than the matrix).
+    pub data: &'a [f32],
+    /// Number of rows.
+    pub rows: usize,
+    /// Number of columns.
+    pub cols: usize,
+    /// Distance in `data` between `[i][j]` and `[i + 1][j]`.
+    pub row_stride: usize,
+    /// Distance in `data` between `[i][j]` and `[i][j + 1]`.
+    pub col_stride: usize,
+}
+
+impl<'a> MatView<'a> {
+    /// The `rows × cols` matrix stored row-major at the start of `data`.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> MatView<'a> {
+        MatView { data, rows, cols, row_stride: cols, col_stride: 1 }
+    }
+
+    /// The transpose: `[j][i]` of the result is `[i][j]` of `self` (no copy).
+    pub fn t(self) -> MatView<'a> {
+        MatView {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+
+    /// The transpose if `transposed`, else `self`.
+    pub fn t_if(self, transposed: bool) -> MatView<'a> {
+        if transposed { self.t() } else { self }
+    }
+}
+
+/// `C = alpha·A·B + beta·C` on matrix views: [`sgemm`] with the sizes and strides taken from
+/// `a` and `b`. C is row-major `a.rows × b.cols` at the start of `c`.
+///
+/// Panics, naming both shapes, if `a.cols != b.rows`; with `beta == 0` C's old contents are
+/// ignored.
+///
+/// ```
+/// use lego::kernels::gemm::{MatView, gemm};
+/// let a = [1.0, 2.0, 3.0, 4.0]; // [[1, 2], [3, 4]]
+/// let mut c = [0.0; 4];
+/// // C = A·Aᵀ, the transpose read through swapped strides.
+/// gemm(1.0, MatView::row_major(&a, 2, 2), MatView::row_major(&a, 2, 2).t(), 0.0, &mut c);
+/// assert_eq!(c, [5.0, 11.0, 11.0, 25.0]);
+/// ```
+pub fn gemm(alpha: f32, a: MatView, b: MatView, beta: f32, c: &mut [f32]) {
+    assert_eq!(
+        a.cols, b.rows,
+        "gemm: cannot multiply a {}x{} matrix by a {}x{} one",
+        a.rows, a.cols, b.rows, b.cols
+    );
+    sgemm(
+        a.rows,
+        a.cols,
+        b.cols,
+        alpha,
+        a.data,
+        a.row_stride,
+        a.col_stride,
+        b.data,
+        b.row_stride,
+        b.col_stride,
+        beta,
+        c,
+        b.cols,
+    );
 }
 
 /// One single-threaded call of `matrixmultiply::sgemm` (bounds already checked by the caller).
@@ -262,6 +343,18 @@ mod tests {
                 assert!((got - expect).abs() < 1e-4, "({i},{j}): {got} vs {expect}");
             }
         }
+    }
+
+    #[test]
+    fn a_c_longer_than_the_product_is_left_alone_past_it() {
+        // C is the first of two products in one buffer, large enough to split over threads.
+        let (m, k, n) = (40, 64, 64);
+        let a = values(m * k, 7);
+        let b = values(k * n, 8);
+        let mut c = vec![f32::NAN; 2 * m * n];
+        sgemm(m, k, n, 1.0, &a, k, 1, &b, n, 1, 0.0, &mut c, n);
+        close(&c[..m * n], &naive(m, k, n, &a, &b));
+        assert!(c[m * n..].iter().all(|v| v.is_nan()), "values past C were written");
     }
 
     #[test]

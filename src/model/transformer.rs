@@ -108,9 +108,7 @@ impl LegoTransformer {
         let c = &config;
         let std = 1.0 / (c.dim as f32).sqrt();
         let tok_embeddings = Tensor::trunc_normal(&[c.vocab_size, c.dim], 0.0, 0.02, rng).requires_grad();
-        let layers = (0..c.num_layers)
-            .map(|_| Block::new(c.dim, c.num_heads, c.ffn_hidden, c.rope_theta, c.norm_eps, std, rng))
-            .collect();
+        let layers = (0..c.num_layers).map(|_| Block::new(c, rng)).collect();
         let head = ExitHead {
             norm: RmsNorm::new(c.dim, c.norm_eps),
             output: Linear::new(c.dim, c.vocab_size, std, rng),
@@ -324,28 +322,17 @@ impl LegoTransformer {
         config.routing_threshold = routing_threshold;
         config.validate()?;
 
-        let std = 1.0 / (config.dim as f32).sqrt();
         let mut layers: Vec<Block> = self.layers.iter().map(Block::deep_clone).collect();
         for i in 0..num_layers - old {
             let block = match init {
-                ExtendInit::Random => Block::new(
-                    config.dim,
-                    config.num_heads,
-                    config.ffn_hidden,
-                    config.rope_theta,
-                    config.norm_eps,
-                    std,
-                    rng,
-                ),
+                ExtendInit::Random => Block::new(&config, rng),
                 ExtendInit::Stack => {
                     let new = num_layers - old;
                     self.layers[old - 1 - (new - 1 - i) % old].deep_clone()
                 }
             };
             // New layers always train, whatever the copied layer's state.
-            for (_, t) in block.named_params("") {
-                t.set_requires_grad(true);
-            }
+            block.set_requires_grad(true);
             layers.push(block);
         }
         let tok_embeddings = self.tok_embeddings.deep_clone();
@@ -357,9 +344,7 @@ impl LegoTransformer {
         if freeze_lower {
             tok_embeddings.set_requires_grad(false);
             for layer in &layers[..old] {
-                for (_, t) in layer.named_params("") {
-                    t.set_requires_grad(false);
-                }
+                layer.set_requires_grad(false);
             }
         }
         Ok(LegoTransformer::from_parts(config, tok_embeddings, layers, head, Some(exit_head)))

@@ -11,8 +11,10 @@
 //! - [`SwiGluMlp`]: Llama's MLP, `w2·(silu(w1·x) ⊙ w3·x)`;
 //! - [`Block`]: one pre-norm transformer layer, `x + attn(norm(x))` then `x + mlp(norm(x))`.
 //!
-//! Every module lists its parameters with their checkpoint names (Llama's conventions) through
-//! `named_params`.
+//! A block's parameters are listed once, with their checkpoint names (Llama's conventions), in
+//! [`Block::parameters_mut`]; the optimizer, checkpoints, freezing and deep copies all read that
+//! list. `Block::new` takes the model's [`LegoConfig`](crate::model::LegoConfig), a plain set
+//! of sizes, so that its numbers cannot be passed in the wrong order.
 
 pub mod attention;
 pub mod block;

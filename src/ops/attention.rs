@@ -21,6 +21,21 @@
 //! `∂L/∂V = Pᵀ·G`; `∂L/∂P = G·Vᵀ`; through the softmax (see [`super::softmax`]),
 //! `∂L/∂Sᵢⱼ = Pᵢⱼ·(∂L/∂Pᵢⱼ − Σₗ Pᵢₗ·∂L/∂Pᵢₗ)` (masked entries have P = 0 and get 0);
 //! then `∂L/∂Q = s·∂L/∂S·K` and `∂L/∂K = s·(∂L/∂S)ᵀ·Q`.
+//!
+//! (These are the matmul rules `∂(A·B)/∂A = G·Bᵀ`, `∂(A·B)/∂B = Aᵀ·G` of
+//! [`super::matmul`] applied to `O = P·V` and `S = s·Q·Kᵀ`.) P is kept from the forward, one
+//! `[q_len, kv_len]` matrix per head: recomputing it would cost the whole forward again.
+//!
+//! ```
+//! use lego::Tensor;
+//! // One batch, three tokens, one head of width 2: [batch, seq, heads, head_dim].
+//! let q = Tensor::zeros(&[1, 3, 1, 2]); // equal scores: each token averages what it sees
+//! let v = Tensor::from_vec(vec![3.0, 0.0, 0.0, 3.0, 3.0, 3.0], &[1, 3, 1, 2]);
+//! let out = Tensor::attention(&q, &q, &v).to_vec();
+//! // Token 0 sees itself, token 1 tokens 0..=1, token 2 all three (the causal mask).
+//! let want = [3.0, 0.0, 1.5, 1.5, 2.0, 2.0];
+//! assert!(out.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6));
+//! ```
 
 use rayon::prelude::*;
 
@@ -53,8 +68,8 @@ fn scatter_head(dst: &mut [f32], src: &[f32], b: usize, h: usize, len: usize, he
 }
 
 impl Tensor {
-    /// Causal attention of `q` over `k`, `v` (see the module doc for shapes and the mask).
-    /// Returns `[batch, q_len, heads, head_dim]`.
+    /// Causal attention of `q` over `k`, `v` (see the module doc for shapes, the mask and an
+    /// example). Returns `[batch, q_len, heads, head_dim]`.
     pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
         let (qs, ks) = (q.shape().to_vec(), k.shape().to_vec());
         assert!(
@@ -68,7 +83,8 @@ impl Tensor {
             ks[0] == batch && ks[2] == heads && ks[3] == hd && kv_len >= q_len,
             "attention: q {qs:?} and k {ks:?} disagree (need the same batch, heads, head_dim, and kv_len >= q_len)"
         );
-        let prefix = kv_len - q_len;
+        let prefix = kv_len - q_len; // cached positions before the first query
+        // s = 1/√hd keeps the scores' variance near 1 whatever the head width.
         let scale = 1.0 / (hd as f32).sqrt();
         let row = heads * hd; // stride between consecutive positions of one head
         let (qd, kd, vd) = (q.data(), k.data(), v.data());
@@ -81,15 +97,18 @@ impl Tensor {
             let mut p = pool::take(q_len * kv_len); // sgemm with β = 0 writes every element
             // S = s·Q·Kᵀ: Q read with row stride `row`, Kᵀ by swapping K's strides.
             sgemm(q_len, hd, kv_len, scale, &qd[q0..], row, 1, &kd[k0..], 1, row, 0.0, &mut p, kv_len);
+            // P = softmax over the visible keys of each row; the masked ones are exactly 0.
             for (i, pr) in p.chunks_mut(kv_len).enumerate() {
                 let visible = prefix + i + 1;
                 simd::softmax_in_place(&mut pr[..visible]);
                 pr[visible..].fill(0.0);
             }
+            // O = P·V   [q_len, hd]
             let mut o = vec![0.0f32; q_len * hd];
             sgemm(q_len, kv_len, hd, 1.0, &p, kv_len, 1, &vd[k0..], row, 1, 0.0, &mut o, hd);
             (p, o)
         });
+        // Heads back side by side: [batch, q_len, heads, hd].
         let mut out = pool::take(batch * q_len * row); // every head scatters its block
         for (i, (_, o)) in results.iter().enumerate() {
             scatter_head(&mut out, o, i / heads, i % heads, q_len, heads, hd);
@@ -136,7 +155,7 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
-    use crate::ops::gradcheck::check_gradients;
+    use crate::ops::gradcheck::{check_gradients, check_twins, values};
     use crate::tensor::Tensor;
 
     /// Attention written out with small ops (matmul, softmax), the slow twin of the fused op.
@@ -157,15 +176,17 @@ mod tests {
     #[test]
     fn fused_equals_the_slow_twin_with_and_without_prefix() {
         for &(b, tq, tk, h, hd) in &[(2, 4, 6, 3, 8), (1, 5, 5, 2, 4), (2, 1, 7, 2, 6), (1, 33, 40, 2, 16)] {
-            let mut rng = Tensor::rng(7);
-            let q = Tensor::randn(&[b, tq, h, hd], 0.0, 1.0, &mut rng);
-            let k = Tensor::randn(&[b, tk, h, hd], 0.0, 1.0, &mut rng);
-            let v = Tensor::randn(&[b, tk, h, hd], 0.0, 1.0, &mut rng);
-            let fast = Tensor::attention(&q, &k, &v).to_vec();
-            let slow = attention_slow(&q, &k, &v).to_vec();
-            for (x, y) in fast.iter().zip(&slow) {
-                assert!((x - y).abs() < 1e-5, "{x} vs {y}");
-            }
+            let (q, kv) = ([b, tq, h, hd], [b, tk, h, hd]);
+            let inputs: Vec<Vec<f32>> =
+                (0..3).map(|i| values(if i == 0 { tq } else { tk } * b * h * hd, i)).collect();
+            // Values and the gradients of q, k and v.
+            check_twins(
+                &[&q, &kv, &kv],
+                &inputs,
+                |x| Tensor::attention(&x[0], &x[1], &x[2]),
+                |x| attention_slow(&x[0], &x[1], &x[2]),
+                1e-5,
+            );
         }
     }
 

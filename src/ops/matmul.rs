@@ -4,46 +4,79 @@
 //! `[..., N, K]` read transposed) with the same leading (batch) dimensions as `a`, or `b` is a
 //! plain matrix shared by every batch (a weight). The output is `[..., M, N]`.
 //!
-//! **Backward.** With `C = A·B` (A: M×K, B: K×N) and `G = ∂L/∂C`:
-//! `C[i][j] = Σ_p A[i][p]·B[p][j]`, so `∂L/∂A[i][p] = Σ_j G[i][j]·B[p][j]`, i.e.
-//! `∂L/∂A = G·Bᵀ`, and likewise `∂L/∂B = Aᵀ·G`. When an operand was read transposed, its
-//! gradient is the transpose of that: `∂L/∂(Aᵀ) = (G·Bᵀ)ᵀ = B·Gᵀ`. Every transpose here is a
-//! swap of strides handed to `sgemm`, never a copy.
+//! **Backward.** With `C = A·B` (A: M×K, B: K×N) and `G = ∂L/∂C`: since
+//! `C[i][j] = Σ_p A[i][p]·B[p][j]`, the entry `A[i][p]` reaches the loss through row i of C,
+//! each `C[i][j]` with weight `B[p][j]`:
+//!
+//! ```text
+//! ∂L/∂A[i][p] = Σ_j G[i][j]·B[p][j]    i.e.  ∂L/∂A = G·Bᵀ     (M×N · N×K = M×K)
+//! ∂L/∂B[p][j] = Σ_i A[i][p]·G[i][j]    i.e.  ∂L/∂B = Aᵀ·G     (K×M · M×N = K×N)
+//! ```
+//!
+//! An operand read transposed, `A = Xᵀ`, wants its gradient in X's layout, the transpose of
+//! the above: `∂L/∂X = (G·Bᵀ)ᵀ = B·Gᵀ`; likewise `∂L/∂Y = (Aᵀ·G)ᵀ = Gᵀ·A` for `B = Yᵀ`. A `b`
+//! shared by the batch takes part in every product, so its gradient is the sum over the batch.
+//!
+//! Each formula is one [`gemm`] call on [`MatView`]s: a transpose is a swap of strides, never a
+//! copy. An input that needs no gradient (a frozen weight, a constant) gets none computed.
 
-use crate::kernels::gemm::sgemm;
+use crate::kernels::gemm::{MatView, gemm};
 use crate::tensor::{Tensor, pool};
 
-/// How a stored matrix is read: element `[i][j]` of the (possibly transposed) view is at
-/// `i*rs + j*cs` of the buffer.
+/// A batched product worked out from the operands' shapes: how many matrix products it is
+/// (`groups`), and where each one's operands lie in the buffers.
 #[derive(Clone, Copy)]
-struct View {
-    rs: usize,
-    cs: usize,
-}
-
-impl View {
-    /// A matrix stored row-major with `cols` columns, read as is (`transposed = false`) or as
-    /// its transpose.
-    fn of(cols: usize, transposed: bool) -> View {
-        if transposed { View { rs: 1, cs: cols } } else { View { rs: cols, cs: 1 } }
-    }
-    fn t(self) -> View {
-        View { rs: self.cs, cs: self.rs }
-    }
-}
-
-/// Sizes of one product, worked out from the operands' shapes.
-struct Dims {
-    batch: usize,
-    /// Whether `b` is one matrix shared by all batches.
-    b_shared: bool,
-    m: usize,
+struct Product {
+    /// Number of separate `gemm` calls: the batch size, or 1 when the batch is folded into
+    /// the rows (see [`Tensor::matmul_ex`]).
+    groups: usize,
+    /// Rows of `op(A)` and of C in one group: M, or batch·M when folded.
+    rows: usize,
+    /// The inner dimension K.
     k: usize,
+    /// Columns of `op(B)` and of C: N.
     n: usize,
-    out_shape: Vec<usize>,
+    /// Whether `a` is read transposed (stored `[K, M]`).
+    ta: bool,
+    /// Whether `b` is read transposed (stored `[N, K]`).
+    tb: bool,
+    /// Whether `b` is one matrix shared by all groups.
+    b_shared: bool,
 }
 
-fn dims(a: &[usize], b: &[usize], ta: bool, tb: bool) -> Dims {
+impl Product {
+    /// Group i's left operand as the product reads it: `op(A)`, `rows × K`.
+    fn a<'a>(&self, a: &'a [f32], i: usize) -> MatView<'a> {
+        let size = self.rows * self.k;
+        let stored = &a[i * size..(i + 1) * size];
+        // Stored `[rows, K]`, or `[K, rows]` when it is read transposed.
+        let (r, c) = if self.ta { (self.k, self.rows) } else { (self.rows, self.k) };
+        MatView::row_major(stored, r, c).t_if(self.ta)
+    }
+
+    /// Group i's right operand as the product reads it: `op(B)`, `K × N`.
+    fn b<'a>(&self, b: &'a [f32], i: usize) -> MatView<'a> {
+        let (k, n) = (self.k, self.n);
+        let stored = &b[self.b_offset(i)..self.b_offset(i) + k * n];
+        let (r, c) = if self.tb { (n, k) } else { (k, n) };
+        MatView::row_major(stored, r, c).t_if(self.tb)
+    }
+
+    /// Where group i's B starts in b's buffer (always 0 for a shared B).
+    fn b_offset(&self, i: usize) -> usize {
+        if self.b_shared { 0 } else { i * self.k * self.n }
+    }
+
+    /// Group i's block of `rows × cols` values in a buffer of all groups' blocks (C: N
+    /// columns; dA: K, or `rows` for an A stored transposed, `[K, rows]`, the same size).
+    fn block_of<'a>(&self, buf: &'a mut [f32], i: usize, cols: usize) -> &'a mut [f32] {
+        &mut buf[i * self.rows * cols..(i + 1) * self.rows * cols]
+    }
+}
+
+/// The output shape and the [`Product`] for `op(a)·op(b)`, panicking with both shapes if they
+/// do not fit.
+fn plan(a: &[usize], b: &[usize], ta: bool, tb: bool) -> (Vec<usize>, Product) {
     assert!(
         a.len() >= 2 && b.len() >= 2,
         "matmul: both operands need at least 2 dimensions, got {a:?} and {b:?}"
@@ -66,9 +99,15 @@ fn dims(a: &[usize], b: &[usize], ta: bool, tb: bool) -> Dims {
         b_shared || a_batch == b_batch,
         "matmul: batch dimensions differ: {a:?} vs {b:?} (b must have a's batch dimensions or none)"
     );
+    let batch: usize = a_batch.iter().product();
+    // A weight shared by the batch, read by an untransposed `a`: `[batch, M, K]` is the matrix
+    // `[batch·M, K]`, so the batch folds into the rows: one large product instead of many
+    // small ones (every `Linear` layer takes this path).
+    let fold = b_shared && !ta;
+    let (groups, rows) = if fold { (1, batch * m) } else { (batch, m) };
     let mut out_shape = a_batch.to_vec();
     out_shape.extend([m, n]);
-    Dims { batch: a_batch.iter().product(), b_shared, m, k, n, out_shape }
+    (out_shape, Product { groups, rows, k, n, ta, tb, b_shared })
 }
 
 impl Tensor {
@@ -87,141 +126,48 @@ impl Tensor {
     /// The general product `op(self) · op(other)`, where `op` transposes the last two
     /// dimensions when its flag is set.
     pub fn matmul_ex(&self, other: &Tensor, ta: bool, tb: bool) -> Tensor {
-        let d = dims(self.shape(), other.shape(), ta, tb);
-        let (m, k, n) = (d.m, d.k, d.n);
-        let a_view = View::of(if ta { m } else { k }, ta);
-        let b_view = View::of(if tb { k } else { n }, tb);
+        let (out_shape, p) = plan(self.shape(), other.shape(), ta, tb);
         let (a, b) = (self.data(), other.data());
-        let mut out = pool::take(d.batch * m * n); // sgemm with β = 0 writes every element
-
-        // A weight shared by the batch, read untransposed by an untransposed `a`: the batch
-        // folds into the rows, one large product instead of many small ones.
-        let fold = d.b_shared && !ta;
-        if fold {
-            sgemm(
-                d.batch * m,
-                k,
-                n,
-                1.0,
-                &a,
-                a_view.rs,
-                a_view.cs,
-                &b,
-                b_view.rs,
-                b_view.cs,
-                0.0,
-                &mut out,
-                n,
-            );
-        } else {
-            for bi in 0..d.batch {
-                let b_off = if d.b_shared { 0 } else { bi * k * n };
-                sgemm(
-                    m,
-                    k,
-                    n,
-                    1.0,
-                    &a[bi * m * k..],
-                    a_view.rs,
-                    a_view.cs,
-                    &b[b_off..],
-                    b_view.rs,
-                    b_view.cs,
-                    0.0,
-                    &mut out[bi * m * n..],
-                    n,
-                );
-            }
+        let mut out = pool::take(p.groups * p.rows * p.n); // β = 0 below writes every element
+        for i in 0..p.groups {
+            // C = A·B   [rows, N]
+            gemm(1.0, p.a(&a, i), p.b(&b, i), 0.0, p.block_of(&mut out, i, p.n));
         }
 
-        let (a_saved, b_saved) = (a.clone(), b.clone());
-        let batch = d.batch;
-        let b_shared = d.b_shared;
-        Tensor::from_op(out, &d.out_shape, "matmul", &[self, other], move |g: &[f32]| {
-            let g_view = View { rs: n, cs: 1 };
-            let rows = if fold { batch * m } else { m };
-            // ∂L/∂A: G·Bᵀ (or B·Gᵀ if A was read transposed).
-            let mut da = pool::take(a_saved.len());
-            // ∂L/∂B: Aᵀ·G (or Gᵀ·A if B was read transposed), summed over batches if shared.
-            let mut db = pool::take(b_saved.len());
-            let groups = if fold { 1 } else { batch };
-            for bi in 0..groups {
-                let (ao, go) = (bi * m * k, bi * m * n);
-                let bo = if b_shared { 0 } else { bi * k * n };
-                let a_blk = &a_saved[ao..];
-                let b_blk = &b_saved[bo..];
-                let g_blk = &g[go..];
-                if !ta {
-                    // dA (rows×k) = G (rows×n) · Bᵀ (n×k)
-                    let bt = b_view.t();
-                    sgemm(
-                        rows,
-                        n,
-                        k,
-                        1.0,
-                        g_blk,
-                        g_view.rs,
-                        g_view.cs,
-                        b_blk,
-                        bt.rs,
-                        bt.cs,
-                        0.0,
-                        &mut da[ao..],
-                        k,
-                    );
-                } else {
-                    // dA stored (k×m) = B (k×n) · Gᵀ (n×m)
-                    let gt = g_view.t();
-                    sgemm(
-                        k,
-                        n,
-                        m,
-                        1.0,
-                        b_blk,
-                        b_view.rs,
-                        b_view.cs,
-                        g_blk,
-                        gt.rs,
-                        gt.cs,
-                        0.0,
-                        &mut da[ao..],
-                        m,
-                    );
+        // Decided now, as PyTorch does: a weight frozen when the graph was built gets nothing.
+        let (need_a, need_b) = (self.requires_grad_flag(), other.requires_grad_flag());
+        Tensor::from_op(out, &out_shape, "matmul", &[self, other], move |g: &[f32]| {
+            let mut da = need_a.then(|| pool::take(a.len()));
+            let mut db = need_b.then(|| pool::take(b.len()));
+            let (k, n) = (p.k, p.n);
+            for i in 0..p.groups {
+                let (a_i, b_i) = (p.a(&a, i), p.b(&b, i));
+                let g_i = MatView::row_major(&g[i * p.rows * n..(i + 1) * p.rows * n], p.rows, n);
+                if let Some(da) = da.as_mut() {
+                    let da_i = p.block_of(da, i, k);
+                    match p.ta {
+                        false => gemm(1.0, g_i, b_i.t(), 0.0, da_i), // dA = G·Bᵀ
+                        true => gemm(1.0, b_i, g_i.t(), 0.0, da_i),  // a stored transposed: (G·Bᵀ)ᵀ = B·Gᵀ
+                    }
                 }
-                let beta = if b_shared && bi > 0 { 1.0 } else { 0.0 };
-                let at = View::of(if ta { m } else { k }, ta).t();
-                if !tb {
-                    // dB (k×n) = Aᵀ (k×rows) · G (rows×n)
-                    sgemm(
-                        k,
-                        rows,
-                        n,
-                        1.0,
-                        a_blk,
-                        at.rs,
-                        at.cs,
-                        g_blk,
-                        g_view.rs,
-                        g_view.cs,
-                        beta,
-                        &mut db[bo..],
-                        n,
-                    );
-                } else {
-                    // dB stored (n×k) = Gᵀ (n×rows) · A (rows×k)
-                    let gt = g_view.t();
-                    let av = at.t();
-                    sgemm(n, rows, k, 1.0, g_blk, gt.rs, gt.cs, a_blk, av.rs, av.cs, beta, &mut db[bo..], k);
+                if let Some(db) = db.as_mut() {
+                    // A B shared by the groups sums their shares: β = 1 after the first.
+                    let db_i = &mut db[p.b_offset(i)..p.b_offset(i) + k * n];
+                    let beta = if p.b_shared && i > 0 { 1.0 } else { 0.0 };
+                    match p.tb {
+                        false => gemm(1.0, a_i.t(), g_i, beta, db_i), // dB = Aᵀ·G
+                        true => gemm(1.0, g_i.t(), a_i, beta, db_i),  // b stored transposed: (Aᵀ·G)ᵀ = Gᵀ·A
+                    }
                 }
             }
-            vec![Some(da), Some(db)]
+            vec![da, db]
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::ops::gradcheck::check_gradients;
+    use crate::ops::gradcheck::{check_gradients, check_skips_unneeded_gradients};
     use crate::tensor::Tensor;
 
     #[test]
@@ -246,6 +192,18 @@ mod tests {
                 });
                 check_gradients(&[&[3, a_shape[0], a_shape[1]], &b_shape], |x| x[0].matmul_ex(&x[1], ta, tb));
             }
+        }
+    }
+
+    #[test]
+    fn only_the_inputs_that_need_a_gradient_get_one() {
+        for &(ta, tb) in &[(false, false), (false, true), (true, false), (true, true)] {
+            let (a, b) = (if ta { [5, 3] } else { [3, 5] }, if tb { [4, 5] } else { [5, 4] });
+            check_skips_unneeded_gradients(&[&a, &b], |x| x[0].matmul_ex(&x[1], ta, tb));
+            check_skips_unneeded_gradients(&[&[2, a[0], a[1]], &b], |x| x[0].matmul_ex(&x[1], ta, tb));
+            check_skips_unneeded_gradients(&[&[2, a[0], a[1]], &[2, b[0], b[1]]], |x| {
+                x[0].matmul_ex(&x[1], ta, tb)
+            });
         }
     }
 

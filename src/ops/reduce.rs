@@ -4,6 +4,15 @@
 //! gradient of the sum it went into; a mean divides it by the count. Along an axis, view the
 //! tensor as `[outer, len, inner]` (the axis in the middle): output `(o, i)` is the sum of
 //! `x[o, 0..len, i]`, and each of those gets `g[o, i]`.
+//!
+//! ```
+//! use lego::Tensor;
+//! let x = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).requires_grad();
+//! let row_means = x.mean_axis(1, false); // [2.0, 5.0]
+//! assert_eq!(row_means.to_vec(), vec![2.0, 5.0]);
+//! row_means.sum_all().backward();
+//! assert_eq!(x.grad().unwrap(), vec![1.0 / 3.0; 6]); // each element is a third of a mean
+//! ```
 
 use crate::tensor::Tensor;
 
@@ -13,6 +22,7 @@ impl Tensor {
         // f64 accumulation: a long f32 sum loses digits, and this is where losses are summed.
         let s: f64 = self.data().iter().map(|&v| v as f64).sum();
         let n = self.numel();
+        // Backward: every element gets the sum's gradient g.
         Tensor::from_op(vec![s as f32], &[], "sum_all", &[self], move |g: &[f32]| vec![Some(vec![g[0]; n])])
     }
 
@@ -21,6 +31,7 @@ impl Tensor {
         let n = self.numel();
         assert!(n > 0, "mean_all: the tensor is empty (shape {:?})", self.shape());
         let s: f64 = self.data().iter().map(|&v| v as f64).sum();
+        // Backward: every element gets g/n, its share of the mean.
         Tensor::from_op(vec![(s / n as f64) as f32], &[], "mean_all", &[self], move |g: &[f32]| {
             vec![Some(vec![g[0] / n as f32; n])]
         })
@@ -36,9 +47,12 @@ impl Tensor {
         self.reduce_axis(axis, keepdim, true)
     }
 
+    /// The sum (or mean) along `axis`, shared by [`sum_axis`](Tensor::sum_axis) and
+    /// [`mean_axis`](Tensor::mean_axis).
     fn reduce_axis(&self, axis: usize, keepdim: bool, mean: bool) -> Tensor {
         let shape = self.shape().to_vec();
         assert!(axis < shape.len(), "sum/mean along axis {axis}: tensor has shape {shape:?}");
+        // [outer, len, inner] with the summed axis in the middle.
         let outer: usize = shape[..axis].iter().product();
         let len = shape[axis];
         let inner: usize = shape[axis + 1..].iter().product();
@@ -48,6 +62,7 @@ impl Tensor {
         } else {
             1.0
         };
+        // out[o, :] = scale·Σ_l x[o, l, :], adding whole rows of `inner` values at a time.
         let x = self.data();
         let mut out = vec![0.0f32; outer * inner];
         for o in 0..outer {
@@ -58,6 +73,8 @@ impl Tensor {
             }
             acc.iter_mut().for_each(|a| *a *= scale);
         }
+        // `keepdim` leaves the axis as size 1, so that the result broadcasts against `self`
+        // (e.g. subtracting each row's mean from its row).
         let mut out_shape = shape.clone();
         if keepdim {
             out_shape[axis] = 1;
@@ -66,6 +83,7 @@ impl Tensor {
         }
         let op = if mean { "mean_axis" } else { "sum_axis" };
         Tensor::from_op(out, &out_shape, op, &[self], move |g: &[f32]| {
+            // dx[o, l, :] = scale·g[o, :] for every l: the gradient is broadcast back.
             let mut dx = vec![0.0f32; outer * len * inner];
             for o in 0..outer {
                 let go = &g[o * inner..(o + 1) * inner];
@@ -88,6 +106,7 @@ mod tests {
     fn sums_by_hand() {
         let x = Tensor::from_vec((1..=6).map(|v| v as f32).collect(), &[2, 3]);
         assert_eq!(x.sum_all().item(), 21.0);
+        // Axis 0 adds up the columns; axis 1 averages each row.
         assert_eq!(x.sum_axis(0, false).to_vec(), vec![5.0, 7.0, 9.0]);
         assert_eq!(x.mean_axis(1, true).shape(), &[2, 1]);
         assert_eq!(x.mean_axis(1, false).to_vec(), vec![2.0, 5.0]);

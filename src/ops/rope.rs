@@ -9,8 +9,19 @@
 //! With a KV cache, a new token at position `past_len + t` must be rotated by that absolute
 //! position, never by `t` alone (the spec's lesson 2): callers pass the offset.
 //!
-//! **Backward.** A rotation is orthogonal, so its transpose is its inverse: the gradient is
-//! rotated back by `−θ`: `dx₀ = g₀·cos θ + g₁·sin θ`, `dx₁ = −g₀·sin θ + g₁·cos θ`.
+//! **Backward.** Each pair is multiplied by the rotation matrix `R(θ) = [[cos θ, −sin θ],
+//! [sin θ, cos θ]]`, a linear map, so `∂L/∂x = R(θ)ᵀ·g`. A rotation is orthogonal, its
+//! transpose is its inverse `R(−θ)`: the gradient is rotated back by `−θ`,
+//! `dx₀ = g₀·cos θ + g₁·sin θ`, `dx₁ = −g₀·sin θ + g₁·cos θ`. The same code does both
+//! directions, with the sine's sign flipped.
+//!
+//! ```
+//! use lego::Tensor;
+//! // One head of width 2 at position 1 with base 1: the pair turns by θ = 1 radian.
+//! let x = Tensor::from_vec(vec![1.0, 0.0], &[1, 1, 1, 2]); // [batch, seq, heads, head_dim]
+//! let y = x.rope(1, 1.0).to_vec();
+//! assert!((y[0] - 1f32.cos()).abs() < 1e-6 && (y[1] - 1f32.sin()).abs() < 1e-6);
+//! ```
 
 use crate::tensor::{Tensor, pool};
 
@@ -32,7 +43,8 @@ pub fn rope_tables(positions: &[usize], head_dim: usize, base: f32) -> (Vec<f32>
     (cos, sin)
 }
 
-/// Rotates one head's vector in place: pair j by the angle whose cos/sin are `cos[j]`, `sin[j]`.
+/// Rotates one head's vector in place: pair j by the angle whose cos/sin are `cos[j]`, `sin[j]`
+/// (`(a, b) ↦ (a·cos − b·sin, a·sin + b·cos)`, the complex product `(a + ib)·e^(iθ)`).
 #[inline]
 pub fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     for (j, pair) in x.chunks_exact_mut(2).enumerate() {
@@ -59,8 +71,11 @@ impl Tensor {
         let (batch, seq, heads, hd) = (s[0], s[1], s[2], s[3]);
         assert!(hd % 2 == 0, "rope: head_dim {hd} must be even (shape {s:?})");
         assert_eq!(positions.len(), seq, "rope: {} positions for a sequence of {seq}", positions.len());
+        // cos/sin of θⱼ(p) for each position of the sequence: [seq, hd/2].
         let (cos, sin) = rope_tables(positions, hd, theta);
         let half = hd / 2;
+        // Rotates every head of every token by its position's angles; the forward passes the
+        // tables, the backward the same tables with the sine negated.
         let apply = move |x: &[f32], cos: &[f32], sin: &[f32]| -> Vec<f32> {
             let mut out = pool::copy_of(x);
             for b in 0..batch {
@@ -83,8 +98,45 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
-    use crate::ops::gradcheck::check_gradients;
+    use crate::ops::gradcheck::{check_gradients, check_twins, values};
     use crate::tensor::Tensor;
+
+    /// RoPE written with simple ops, the slow twin of the fused op (candle's `rope_i_slow`):
+    /// split each head into its pairs `(x₀, x₁)`, rotate them with broadcast cos/sin tables,
+    /// and glue the halves back.
+    fn rope_slow(x: &Tensor, offset: usize, theta: f32) -> Tensor {
+        let (b, t, h, hd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+        let half = hd / 2;
+        let pairs = x.reshape(&[b, t, h, half, 2]);
+        let (x0, x1) = (pairs.narrow(4, 0, 1), pairs.narrow(4, 1, 1)); // [B, T, H, hd/2, 1] each
+        // θⱼ(p) = p·theta^(−2j/hd) at p = offset + t, as [T, 1, hd/2, 1]: it broadcasts over
+        // the batch and the heads.
+        let angle = move |p: usize, j: usize| {
+            (offset + p) as f64 * (theta as f64).powf(-((2 * j) as f64) / hd as f64)
+        };
+        let table = |f: fn(f64) -> f64| {
+            let v: Vec<f32> = (0..t).flat_map(|p| (0..half).map(move |j| f(angle(p, j)) as f32)).collect();
+            Tensor::from_vec(v, &[t, 1, half, 1])
+        };
+        let (cos, sin) = (table(f64::cos), table(f64::sin));
+        let y0 = x0.mul(&cos).sub(&x1.mul(&sin)); // x₀·cos θ − x₁·sin θ
+        let y1 = x0.mul(&sin).add(&x1.mul(&cos)); // x₀·sin θ + x₁·cos θ
+        Tensor::cat(&[&y0, &y1], 4).reshape(&[b, t, h, hd])
+    }
+
+    #[test]
+    fn fused_equals_the_slow_twin_values_and_gradients() {
+        for (shape, offset) in [([2, 5, 3, 8], 0), ([1, 7, 2, 6], 3), ([2, 3, 2, 64], 1000)] {
+            let x = values(shape.iter().product(), 8);
+            check_twins(
+                &[&shape],
+                &[x],
+                |t| t[0].rope(offset, 10000.0),
+                |t| rope_slow(&t[0], offset, 10000.0),
+                1e-6,
+            );
+        }
+    }
 
     #[test]
     fn position_zero_is_the_identity_and_norms_are_kept() {

@@ -7,6 +7,11 @@
 use crate::tensor::Tensor;
 
 /// The index of the largest value (the first one on ties). Panics on an empty slice.
+///
+/// ```
+/// use lego::ops::select::argmax;
+/// assert_eq!(argmax(&[0.1, 0.7, 0.7, 0.2]), 1);
+/// ```
 pub fn argmax(x: &[f32]) -> usize {
     assert!(!x.is_empty(), "argmax: empty slice");
     let mut best = 0;
@@ -23,6 +28,8 @@ pub fn argmax(x: &[f32]) -> usize {
 pub fn top_k(x: &[f32], k: usize) -> Vec<(usize, f32)> {
     let mut idx: Vec<usize> = (0..x.len()).collect();
     let k = k.min(x.len());
+    // Partition the k largest to the front in O(n) (no full sort of a vocabulary-wide row),
+    // then sort just those k.
     let by_value_desc = |a: &usize, b: &usize| x[*b].total_cmp(&x[*a]).then(a.cmp(b));
     if k < x.len() {
         idx.select_nth_unstable_by(k, by_value_desc);
@@ -43,12 +50,6 @@ impl Tensor {
     pub fn argmax_last(&self) -> Vec<usize> {
         let d = *self.shape().last().expect("argmax_last: scalar");
         self.data().chunks(d).map(argmax).collect()
-    }
-
-    /// The `k` largest values of each row of the last axis, with their indices.
-    pub fn top_k_last(&self, k: usize) -> Vec<Vec<(usize, f32)>> {
-        let d = *self.shape().last().expect("top_k_last: scalar");
-        self.data().chunks(d).map(|r| top_k(r, k)).collect()
     }
 }
 

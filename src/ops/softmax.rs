@@ -7,6 +7,16 @@
 //! `∂L/∂xₖ = Σᵢ gᵢ·yᵢ(δᵢₖ − yₖ) = yₖ·(gₖ − Σᵢ gᵢ·yᵢ)`.
 //! For `z = log_softmax(x) = x − m − log Σ e^(x−m)`, `∂zᵢ/∂xₖ = δᵢₖ − yₖ`, so
 //! `∂L/∂xₖ = gₖ − yₖ·Σᵢ gᵢ`.
+//!
+//! Both backward passes need only one dot product (or sum) per row, never the `d × d`
+//! Jacobian: the softmax one uses the saved output `y`, the log-softmax one recovers `y = eᶻ`
+//! from its saved output `z`.
+//!
+//! ```
+//! use lego::Tensor;
+//! let y = Tensor::from_vec(vec![0.0, 0.0, 2f32.ln()], &[1, 3]).softmax();
+//! assert!(y.to_vec().iter().zip([0.25, 0.25, 0.5]).all(|(a, b)| (a - b).abs() < 1e-6));
+//! ```
 
 use std::sync::Arc;
 
@@ -14,6 +24,8 @@ use crate::kernels::parallel::for_each_row;
 use crate::kernels::simd;
 use crate::tensor::{Tensor, pool};
 
+/// The size of `t`'s last axis, the one the softmax runs over; panics (naming `op`) for a
+/// scalar or an empty axis.
 fn last_dim(t: &Tensor, op: &str) -> usize {
     let d = *t.shape().last().unwrap_or_else(|| panic!("{op}: a scalar has no last axis"));
     assert!(d > 0, "{op}: the last axis of {:?} is empty", t.shape());
@@ -26,10 +38,11 @@ impl Tensor {
         let d = last_dim(self, "softmax");
         let mut out = pool::copy_of(&self.data());
         for_each_row(&mut out, d, 4 * d, |_, row| simd::softmax_in_place(row));
-        let y = Arc::new(out.clone());
+        let y = Arc::new(out.clone()); // the backward is written with the output
         Tensor::from_op(out, self.shape(), "softmax", &[self], move |g: &[f32]| {
             let mut dx = pool::take(g.len());
             for ((dxr, gr), yr) in dx.chunks_mut(d).zip(g.chunks(d)).zip(y.chunks(d)) {
+                // ∂L/∂xₖ = yₖ·(gₖ − Σᵢ gᵢ·yᵢ)
                 let gy: f32 = gr.iter().zip(yr).map(|(a, b)| a * b).sum();
                 for k in 0..d {
                     dxr[k] = yr[k] * (gr[k] - gy);
@@ -45,6 +58,7 @@ impl Tensor {
         let d = last_dim(self, "log_softmax");
         let mut out = pool::copy_of(&self.data());
         for_each_row(&mut out, d, 4 * d, |_, row| {
+            // z = x − logsumexp(x), with the max subtracted first (as in `logsumexp`).
             let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
             row.iter_mut().for_each(|v| *v -= lse);
@@ -53,6 +67,7 @@ impl Tensor {
         Tensor::from_op(out, self.shape(), "log_softmax", &[self], move |g: &[f32]| {
             let mut dx = pool::take(g.len());
             for ((dxr, gr), zr) in dx.chunks_mut(d).zip(g.chunks(d)).zip(z.chunks(d)) {
+                // ∂L/∂xₖ = gₖ − yₖ·Σᵢ gᵢ, with yₖ = e^(zₖ)
                 let gsum: f32 = gr.iter().sum();
                 for k in 0..d {
                     dxr[k] = gr[k] - zr[k].exp() * gsum;

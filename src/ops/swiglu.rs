@@ -1,8 +1,12 @@
 //! SwiGLU's gate: `y = silu(a) · b` (Shazeer 2020), the heart of Llama's MLP
 //! `w2·(silu(w1·x) ⊙ w3·x)`. Fused so the gate costs one pass and one buffer.
 //!
-//! **Backward.** `∂L/∂a = g·b·silu'(a)` with `silu'(a) = σ(a)·(1 + a·(1 − σ(a)))`, and
-//! `∂L/∂b = g·silu(a)`.
+//! **Backward.** `y` is a product, so `∂L/∂b = g·silu(a)` and `∂L/∂a = g·b·silu'(a)`. With
+//! `silu(a) = a·σ(a)` and the sigmoid's `σ'(a) = σ(a)·(1 − σ(a))`, the product rule gives
+//!
+//! `silu'(a) = σ(a) + a·σ(a)·(1 − σ(a)) = σ(a)·(1 + a·(1 − σ(a)))`.
+//!
+//! Both gradients share `σ(a)`, so one pass computes it once for both.
 
 use rayon::prelude::*;
 
@@ -12,8 +16,17 @@ use crate::tensor::{Tensor, pool};
 
 impl Tensor {
     /// `silu(a) · b`, element-wise, for `a` and `b` of the same shape.
+    ///
+    /// ```
+    /// use lego::Tensor;
+    /// let (a, b) = (Tensor::from_vec(vec![0.0, 2.0], &[2]), Tensor::from_vec(vec![5.0, 1.0], &[2]));
+    /// let y = Tensor::swiglu(&a, &b).to_vec();
+    /// assert_eq!(y[0], 0.0); // silu(0) = 0: a closed gate lets nothing through
+    /// assert!((y[1] - 2.0 / (1.0 + (-2f32).exp())).abs() < 1e-6); // silu(2)·1
+    /// ```
     pub fn swiglu(a: &Tensor, b: &Tensor) -> Tensor {
         assert_eq!(a.shape(), b.shape(), "swiglu: gate {:?} and value {:?} differ", a.shape(), b.shape());
+        // a (the gate) and b (the value) are saved, shared, for the backward.
         let (av, bv) = (a.data(), b.data());
         let mut out = pool::take(av.len());
         let f = |((o, x), y): ((&mut f32, &f32), &f32)| *o = x * sigmoid(*x) * y;
@@ -22,22 +35,28 @@ impl Tensor {
         } else {
             out.iter_mut().zip(av.iter()).zip(bv.iter()).for_each(f);
         }
+        let (need_a, need_b) = (a.requires_grad_flag(), b.requires_grad_flag());
         Tensor::from_op(out, a.shape(), "swiglu", &[a, b], move |g: &[f32]| {
-            let (mut da, mut db) = (pool::take(g.len()), pool::take(g.len()));
+            let mut da = need_a.then(|| pool::take(g.len()));
+            let mut db = need_b.then(|| pool::take(g.len()));
             for i in 0..g.len() {
                 let (x, y) = (av[i], bv[i]);
                 let s = sigmoid(x);
-                da[i] = g[i] * y * s * (1.0 + x * (1.0 - s));
-                db[i] = g[i] * x * s;
+                if let Some(da) = da.as_mut() {
+                    da[i] = g[i] * y * s * (1.0 + x * (1.0 - s)); // g·b·silu'(a)
+                }
+                if let Some(db) = db.as_mut() {
+                    db[i] = g[i] * x * s; // g·silu(a)
+                }
             }
-            vec![Some(da), Some(db)]
+            vec![da, db]
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::ops::gradcheck::check_gradients;
+    use crate::ops::gradcheck::{check_gradients, check_skips_unneeded_gradients};
     use crate::tensor::Tensor;
 
     #[test]
@@ -47,5 +66,6 @@ mod tests {
         let want = a.silu().mul(&b).to_vec();
         assert_eq!(Tensor::swiglu(&a, &b).to_vec(), want);
         check_gradients(&[&[3, 19], &[3, 19]], |x| Tensor::swiglu(&x[0], &x[1]));
+        check_skips_unneeded_gradients(&[&[3, 19], &[3, 19]], |x| Tensor::swiglu(&x[0], &x[1]));
     }
 }

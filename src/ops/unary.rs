@@ -39,13 +39,9 @@ fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
     out
 }
 
-/// What the derivative needs: the input, the output, or nothing.
-enum Saved {
-    Input(Arc<Vec<f32>>),
-    Output(Arc<Vec<f32>>),
-}
-
-/// `y = f(x)` with `∂L/∂x = g · df(saved value)`.
+/// `y = f(x)` element-wise, with `∂L/∂x = g · df(v)`: `v` is the saved input `x` or, when
+/// `save_output`, the output `y` (for `exp`, `sqrt` and `tanh` the derivative is cheapest
+/// written with `y`: the derivative of `eˣ` is `eˣ = y` itself).
 fn unary(
     x: &Tensor,
     op: &'static str,
@@ -55,12 +51,10 @@ fn unary(
 ) -> Tensor {
     let input = x.data();
     let out = map(&input, f);
-    let saved = if save_output { Saved::Output(Arc::new(out.clone())) } else { Saved::Input(input) };
+    // Either way one shared buffer is kept: the input's own (no copy) or a copy of the output.
+    let saved: Arc<Vec<f32>> = if save_output { Arc::new(out.clone()) } else { input };
     Tensor::from_op(out, x.shape(), op, &[x], move |g: &[f32]| {
-        let v = match &saved {
-            Saved::Input(v) | Saved::Output(v) => v,
-        };
-        vec![Some(g.iter().zip(v.iter()).map(|(gi, &vi)| gi * df(vi)).collect())]
+        vec![Some(g.iter().zip(saved.iter()).map(|(gi, &vi)| gi * df(vi)).collect())]
     })
 }
 

@@ -81,6 +81,17 @@ impl Tensor {
     ///
     /// Panics if the tensor is not a single value, or if no gradient can flow from it (it was
     /// computed from no parameter, or under [`no_grad`]).
+    ///
+    /// ```
+    /// use lego::Tensor;
+    /// // L = Σ (w·x)² for a parameter w and a constant x: ∂L/∂w = 2·(w·x)·x.
+    /// let w = Tensor::from_vec(vec![1.0, -2.0], &[2]).requires_grad();
+    /// let x = Tensor::from_vec(vec![3.0, 0.5], &[2]);
+    /// let loss = w.mul(&x).sqr().sum_all();
+    /// loss.backward();
+    /// assert_eq!(w.grad().unwrap(), vec![18.0, -1.0]);
+    /// assert!(x.grad().is_none()); // a constant gets no gradient
+    /// ```
     pub fn backward(&self) {
         assert_eq!(
             self.numel(),
@@ -100,6 +111,9 @@ impl Tensor {
 
     /// Backpropagates an explicit upstream gradient `grad_out` (same number of elements as
     /// this tensor): afterwards every leaf holds `∂(Σ self·grad_out)/∂leaf`.
+    ///
+    /// [`backward`](Tensor::backward) is this with `grad_out = [1]`; the finite-difference
+    /// tests use it to check an op with a non-scalar output.
     pub fn backward_with(&self, grad_out: Vec<f32>) {
         assert_eq!(
             grad_out.len(),
@@ -108,6 +122,8 @@ impl Tensor {
             self.shape(),
             grad_out.len()
         );
+        // The gradient reaching each tensor not yet processed, by tensor id: consumers add into
+        // it, and it is removed (and passed on) when the walk reaches that tensor.
         let order = topological_order(self);
         let mut grads: HashMap<usize, Vec<f32>> = HashMap::new();
         grads.insert(self.id(), grad_out);
@@ -116,7 +132,11 @@ impl Tensor {
                 continue; // nothing flowed here (e.g. every path to the loss was cut)
             };
             match &tensor.inner.grad_fn {
+                // A leaf: the gradient is complete (every consumer came earlier in the reverse
+                // order), so it is handed to the leaf for the optimizer.
                 None => tensor.accumulate_grad(grad),
+                // Made by an op: take its closure (it runs once), map the gradient through it,
+                // and pass each input its share.
                 Some(grad_fn) => {
                     let closure = grad_fn.backward.lock().expect("graph lock poisoned").take();
                     let closure = closure.unwrap_or_else(|| {
@@ -138,6 +158,7 @@ impl Tensor {
                         inputs.len()
                     );
                     for (input, g) in inputs.iter().zip(input_grads) {
+                        // `None`: the op skipped an input that needed no gradient.
                         let Some(g) = g else { continue };
                         if !input.requires_grad_flag() {
                             continue;
@@ -150,6 +171,8 @@ impl Tensor {
                             g.len(),
                             input.shape()
                         );
+                        // A tensor used by several ops sums their contributions (the chain
+                        // rule over every path).
                         match grads.get_mut(&input.id()) {
                             Some(acc) => {
                                 acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
@@ -195,6 +218,17 @@ fn topological_order(root: &Tensor) -> Vec<Tensor> {
         }
     }
     order
+}
+
+#[cfg(test)]
+impl Tensor {
+    /// What this tensor's op returns for each input, given `grad_out`, without walking the
+    /// graph or freeing it (for tests of a single op's backward).
+    pub(crate) fn op_input_grads(&self, grad_out: &[f32]) -> Vec<Option<Vec<f32>>> {
+        let grad_fn = self.inner.grad_fn.as_ref().expect("op_input_grads: a leaf has no backward");
+        let closure = grad_fn.backward.lock().expect("graph lock poisoned");
+        closure.as_ref().expect("op_input_grads: the backward was already used")(grad_out)
+    }
 }
 
 #[cfg(test)]

@@ -39,6 +39,23 @@ pub use autograd::{is_grad_enabled, no_grad};
 
 /// An n-dimensional `f32` array with reverse-mode autodiff. Cloning is cheap: clones share
 /// values, gradient and graph.
+///
+/// Create one, compute with it, call [`backward`](Tensor::backward) on a scalar result, and
+/// read the gradient of each parameter:
+///
+/// ```
+/// use lego::Tensor;
+/// // A linear model y = x·Wᵀ on a batch of two inputs, and a squared-error loss.
+/// let x = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0], &[2, 2]); // [batch, in]
+/// let w = Tensor::from_vec(vec![0.5, -1.0], &[1, 2]).requires_grad(); // [out, in]
+/// let y = x.matmul_t(&w); // [batch, out] = [[-1.5], [-2.5]]
+/// assert_eq!(y.to_vec(), vec![-1.5, -2.5]);
+/// let loss = y.sqr().mean_all(); // (2.25 + 6.25) / 2
+/// assert_eq!(loss.item(), 4.25);
+/// loss.backward();
+/// // ∂L/∂W = Σᵢ yᵢ·xᵢ (the 2 of the square cancels the mean's 1/2).
+/// assert_eq!(w.grad().unwrap(), vec![-1.5 * 1.0 - 2.5 * 3.0, -1.5 * 2.0 - 2.5 * 4.0]);
+/// ```
 #[derive(Clone)]
 pub struct Tensor {
     inner: Arc<Inner>,
@@ -186,7 +203,10 @@ impl Tensor {
     /// some input needs one, the link back to `inputs` through `backward`.
     ///
     /// `backward(grad_out)` returns one entry per input: the gradient with respect to that
-    /// input (same length as the input), or `None` where the input needs none.
+    /// input (same length as the input), or `None` where the input needs none. An op that
+    /// knows at this point that an input needs no gradient (a frozen weight, a constant:
+    /// `requires_grad_flag()` is false) skips computing it, as PyTorch's `needs_input_grad`
+    /// does; a leaf unfrozen after the graph was built therefore gets nothing from it.
     pub(crate) fn from_op<F>(
         data: Vec<f32>,
         shape: &[usize],
@@ -283,11 +303,6 @@ impl Tensor {
     /// A unique number for this tensor (not its values): two clones share it.
     pub fn id(&self) -> usize {
         self.inner.id
-    }
-
-    /// Whether two handles are the same tensor.
-    pub fn same_as(&self, other: &Tensor) -> bool {
-        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     // ----- gradients ----------------------------------------------------------------------

@@ -60,6 +60,8 @@ pub fn copy_of(src: &[f32]) -> Vec<f32> {
 
 /// Gives a buffer back for reuse (or to the allocator, if it is small or the pool is full).
 pub fn recycle(v: Vec<f32>) {
+    // Small buffers, and any whose capacity differs from its length (it could not be handed
+    // out as "exactly len floats" without reallocating), go back to the allocator.
     let len = v.len();
     if len < MIN_POOLED || v.capacity() != len {
         return;
@@ -88,11 +90,6 @@ impl std::ops::Deref for Recycled {
     fn deref(&self) -> &[f32] {
         &self.0
     }
-}
-
-/// Bytes currently held by the pool.
-pub fn pooled_bytes() -> usize {
-    POOL.lock().expect("buffer pool lock poisoned").as_ref().map_or(0, |p| p.bytes)
 }
 
 #[cfg(test)]

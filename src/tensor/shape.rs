@@ -11,7 +11,13 @@ pub fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
 
-/// Row-major strides: how many elements one step along each dimension skips.
+/// Row-major strides: how many elements one step along each dimension skips. The last
+/// dimension is contiguous (stride 1); each earlier one skips a whole block of the later ones.
+///
+/// ```
+/// use lego::tensor::shape::strides;
+/// assert_eq!(strides(&[2, 3, 4]), vec![12, 4, 1]); // element [i][j][k] at 12i + 4j + k
+/// ```
 pub fn strides(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1; shape.len()];
     for d in (0..shape.len().saturating_sub(1)).rev() {
@@ -22,8 +28,16 @@ pub fn strides(shape: &[usize]) -> Vec<usize> {
 
 /// The shape two operands of `op` broadcast to. Panics, naming the op and both shapes, if
 /// they do not broadcast.
+///
+/// ```
+/// use lego::tensor::shape::broadcast_shape;
+/// assert_eq!(broadcast_shape("add", &[2, 3, 17], &[17]), vec![2, 3, 17]); // a row on every row
+/// assert_eq!(broadcast_shape("add", &[1, 3], &[4, 1]), vec![4, 3]); // both stretch
+/// ```
 pub fn broadcast_shape(op: &str, a: &[usize], b: &[usize]) -> Vec<usize> {
     let rank = a.len().max(b.len());
+    // Dimension i of the result, counted from the left of the longer shape; the shorter one is
+    // padded with 1s on the left.
     let mut out = vec![0; rank];
     for i in 0..rank {
         let da = if i < rank - a.len() { 1 } else { a[i - (rank - a.len())] };
@@ -42,6 +56,8 @@ pub fn broadcast_shape(op: &str, a: &[usize], b: &[usize]) -> Vec<usize> {
 /// Strides for reading an operand of shape `shape` as if it had the (larger) broadcast shape
 /// `out`: a broadcast dimension gets stride 0, so the same element is read again.
 pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    // Missing leading dimensions (i < lead) and size-1 dimensions both get stride 0: moving
+    // along them in the output stays on the same operand element.
     let own = strides(shape);
     let lead = out.len() - shape.len();
     (0..out.len()).map(|i| if i < lead || shape[i - lead] == 1 { 0 } else { own[i - lead] }).collect()
@@ -49,6 +65,10 @@ pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
 
 /// For each element of the broadcast shape `out`, in row-major order, the index of the
 /// element of the operand (with broadcast strides `bstrides`) that it reads.
+///
+/// The binary ops precompute this once per op for the broadcasts that are neither "same shape"
+/// nor "a suffix of the output" (a column `[3, 1]` against `[2, 3, 17]`), and then both the
+/// forward and the backward just look indices up.
 pub fn broadcast_index_map(out: &[usize], bstrides: &[usize]) -> Vec<usize> {
     let n = numel(out);
     let mut map = Vec::with_capacity(n);

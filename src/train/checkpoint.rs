@@ -112,7 +112,7 @@ impl OptimizerState {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                named.iter().find(|(_, t)| t.same_as(p)).map(|(n, _)| n.clone()).ok_or_else(|| {
+                named.iter().find(|(_, t)| t.id() == p.id()).map(|(n, _)| n.clone()).ok_or_else(|| {
                     Error::Input(format!(
                         "the optimizer's parameter {i} (shape {:?}) is not a parameter of the model",
                         p.shape()

@@ -396,12 +396,30 @@ pub unsafe fn attend(
     }
 }
 
+/// `out[i] = e^x[i]` through the vector [`exp`], 8 lanes at a time (the last chunk padded
+/// with zeros), so that the shared tests in `super::level_tests` can reach it.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(test)]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn exp_slice(x: &[f32], out: &mut [f32]) {
+    for (xc, oc) in x.chunks(W).zip(out.chunks_mut(W)) {
+        let (mut lanes, mut y) = ([0.0f32; W], [0.0f32; W]);
+        lanes[..xc.len()].copy_from_slice(xc);
+        // SAFETY: `lanes` and `y` hold exactly one register of W floats each.
+        unsafe { _mm256_storeu_ps(y.as_mut_ptr(), exp(_mm256_loadu_ps(lanes.as_ptr()))) };
+        oc.copy_from_slice(&y[..xc.len()]);
+    }
+}
+
+// The kernels are tested against the scalar reference in `super::level_tests`, one set of
+// tests for every level; only the helpers private to this file are tested here.
 #[cfg(test)]
 mod tests {
-    use super::super::{TEST_LENGTHS, assert_all_close, assert_close, test_data};
     use super::*;
 
-    /// Whether this CPU can run the functions under test; the tests pass vacuously if not.
+    /// Whether this CPU can run the functions under test; the test passes vacuously if not.
     fn supported() -> bool {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
@@ -422,193 +440,6 @@ mod tests {
             };
             assert_eq!(s, -1.0);
             assert_eq!(mx, 64.0);
-        }
-    }
-
-    #[test]
-    fn dot_equals_scalar() {
-        if !supported() {
-            return;
-        }
-        for len in TEST_LENGTHS {
-            let a = test_data(len, 1);
-            let b = test_data(len, 2);
-            // SAFETY: supported() checked AVX2 and FMA.
-            let got = unsafe { dot(&a, &b) };
-            assert_close(got, scalar::dot(&a, &b), 1e-5, &format!("dot len {len}"));
-        }
-    }
-
-    #[test]
-    fn axpy_equals_scalar() {
-        if !supported() {
-            return;
-        }
-        for len in TEST_LENGTHS {
-            let x = test_data(len, 3);
-            let mut y = test_data(len, 4);
-            let mut y_ref = y.clone();
-            // SAFETY: supported() checked AVX2 and FMA.
-            unsafe { axpy(0.75, &x, &mut y) };
-            scalar::axpy(0.75, &x, &mut y_ref);
-            assert_all_close(&y, &y_ref, 1e-6, &format!("axpy len {len}"));
-        }
-    }
-
-    #[test]
-    fn matmul_xwt_equals_scalar() {
-        if !supported() {
-            return;
-        }
-        for m in [1, 2, 3, 5, 8, 9, 16, 17] {
-            for (k, n) in [(1, 1), (3, 2), (7, 5), (17, 7), (33, 9), (100, 4), (1377, 6)] {
-                let x = test_data(m * k, 5);
-                let w = test_data(n * k, 6);
-                let mut out = vec![f32::NAN; n * m];
-                let mut out_ref = vec![f32::NAN; n * m];
-                // SAFETY: supported() checked AVX2 and FMA.
-                unsafe { matmul_xwt(&x, m, k, &w, &mut out) };
-                scalar::matmul_xwt(&x, m, k, &w, &mut out_ref);
-                assert_all_close(&out, &out_ref, 1e-5, &format!("matmul_xwt m={m} k={k} n={n}"));
-            }
-        }
-    }
-
-    #[test]
-    fn exp_is_within_a_few_ulp() {
-        if !supported() {
-            return;
-        }
-        // A dense sweep of the range softmax uses (x <= 0), and some positive values.
-        let xs: Vec<f32> =
-            (0..=87_000).map(|i| -(i as f32) * 1e-3).chain((0..=880).map(|i| i as f32 * 0.1)).collect();
-        for chunk in xs.chunks(W) {
-            let mut buf = [0.0f32; W];
-            buf[..chunk.len()].copy_from_slice(chunk);
-            // SAFETY: supported() checked AVX2 and FMA; buf has 8 elements.
-            let y = unsafe {
-                let mut out = [0.0f32; W];
-                _mm256_storeu_ps(out.as_mut_ptr(), exp(_mm256_loadu_ps(buf.as_ptr())));
-                out
-            };
-            for (&x, &got) in chunk.iter().zip(&y) {
-                let want = (x as f64).exp();
-                let rel = ((got as f64 - want) / want).abs();
-                let tol = if x <= 0.0 { 2.5e-7 } else { 1e-6 };
-                assert!(rel < tol, "exp({x}) = {got}, want {want}, rel err {rel}");
-            }
-        }
-        // The edges: underflow to 0, overflow to inf, NaN stays NaN.
-        let edges = [-88.0, f32::NEG_INFINITY, 89.0, f32::INFINITY, f32::NAN, 0.0, 0.0, 0.0];
-        // SAFETY: as above.
-        let y = unsafe {
-            let mut out = [0.0f32; W];
-            _mm256_storeu_ps(out.as_mut_ptr(), exp(_mm256_loadu_ps(edges.as_ptr())));
-            out
-        };
-        assert_eq!(&y[..4], &[0.0, 0.0, f32::INFINITY, f32::INFINITY]);
-        assert!(y[4].is_nan());
-        assert_eq!(y[5], 1.0);
-    }
-
-    #[test]
-    fn softmax_equals_scalar() {
-        if !supported() {
-            return;
-        }
-        for len in TEST_LENGTHS {
-            let x0: Vec<f32> = test_data(len, 7).iter().map(|v| v * 30.0).collect();
-            let mut x = x0.clone();
-            let mut x_ref = x0.clone();
-            // SAFETY: supported() checked AVX2 and FMA.
-            unsafe { softmax_in_place(&mut x) };
-            scalar::softmax_in_place(&mut x_ref);
-            assert_all_close(&x, &x_ref, 1e-5, &format!("softmax len {len}"));
-            if len > 0 {
-                let total: f64 = x.iter().map(|&v| v as f64).sum();
-                assert!((total - 1.0).abs() < 1e-5, "softmax len {len} sums to {total}");
-            }
-        }
-    }
-
-    #[test]
-    fn softmax_edge_cases() {
-        if !supported() {
-            return;
-        }
-        // Large inputs do not overflow.
-        let mut x = vec![1000.0f32; 33];
-        // SAFETY: supported() checked AVX2 and FMA (here and below).
-        unsafe { softmax_in_place(&mut x) };
-        assert_all_close(&x, &[1.0 / 33.0; 33], 1e-6, "constant 1000");
-        // A masked row: all -inf except one entry, in the main loop and in the tail.
-        for (len, hot) in [(20, 3), (20, 18), (7, 0)] {
-            let mut x = vec![f32::NEG_INFINITY; len];
-            x[hot] = 5.0;
-            unsafe { softmax_in_place(&mut x) };
-            let mut want = vec![0.0; len];
-            want[hot] = 1.0;
-            assert_eq!(x, want, "one-hot len {len} at {hot}");
-        }
-    }
-
-    #[test]
-    fn rmsnorm_equals_scalar() {
-        if !supported() {
-            return;
-        }
-        for len in TEST_LENGTHS {
-            let x = test_data(len, 8);
-            let w = test_data(len, 9);
-            let mut out = vec![0.0; len];
-            let mut out_ref = vec![0.0; len];
-            // SAFETY: supported() checked AVX2 and FMA.
-            let inv = unsafe { rmsnorm(&x, &w, 1e-6, &mut out) };
-            let inv_ref = scalar::rmsnorm(&x, &w, 1e-6, &mut out_ref);
-            assert_close(inv, inv_ref, 1e-5, &format!("inv_rms len {len}"));
-            assert_all_close(&out, &out_ref, 1e-5, &format!("rmsnorm len {len}"));
-        }
-    }
-
-    #[test]
-    fn adamw_equals_scalar() {
-        if !supported() {
-            return;
-        }
-        for len in TEST_LENGTHS {
-            let mut p = test_data(len, 10);
-            let (mut m, mut v) = (vec![0.0; len], vec![0.0; len]);
-            let (mut p_ref, mut m_ref, mut v_ref) = (p.clone(), m.clone(), v.clone());
-            for step in 1..=3 {
-                let h = AdamWStep { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step };
-                let g = test_data(len, 100 + step);
-                // SAFETY: supported() checked AVX2 and FMA.
-                unsafe { adamw_update(&mut p, &g, &mut m, &mut v, &h) };
-                scalar::adamw_update(&mut p_ref, &g, &mut m_ref, &mut v_ref, &h);
-                let what = format!("len {len} step {step}");
-                assert_all_close(&p, &p_ref, 1e-5, &format!("param {what}"));
-                assert_all_close(&m, &m_ref, 1e-5, &format!("m {what}"));
-                assert_all_close(&v, &v_ref, 1e-5, &format!("v {what}"));
-            }
-        }
-    }
-
-    #[test]
-    fn attend_equals_scalar() {
-        if !supported() {
-            return;
-        }
-        for &(hd, stride, count) in &[(1, 1, 1), (7, 9, 5), (16, 48, 33), (32, 256, 77), (33, 40, 1)] {
-            let q = test_data(hd, 5);
-            let keys = test_data((count - 1) * stride + hd, 6);
-            let values = test_data((count - 1) * stride + hd, 7);
-            let (mut s1, mut o1) = (vec![0.0; count], vec![0.0; hd]);
-            let (mut s2, mut o2) = (vec![0.0; count], vec![0.0; hd]);
-            // SAFETY: supported() checked the CPU; the slices are sized as `attend` requires.
-            unsafe { attend(&q, &keys, &values, stride, count, 0.3, &mut s1, &mut o1) };
-            scalar::attend(&q, &keys, &values, stride, count, 0.3, &mut s2, &mut o2);
-            assert_all_close(&s1, &s2, 1e-5, &format!("attend scores hd {hd} count {count}"));
-            assert_all_close(&o1, &o2, 1e-5, &format!("attend out hd {hd} count {count}"));
         }
     }
 }

@@ -33,6 +33,9 @@ pub mod avx2;
 #[cfg(all(feature = "simd", target_arch = "x86_64"))]
 pub mod avx512;
 
+#[cfg(test)]
+mod level_tests;
+
 /// An instruction-set level a kernel can run at, from the most portable to the widest.
 ///
 /// The order (`Scalar < Avx2 < Avx512`) is meaningful: `LEGO_SIMD` can only move *down* it.
