@@ -13,7 +13,7 @@
 //! **The measure** ([`ExitMeasure`]). Above is the spec's: every token pays the exit head (a
 //! `V×D` projection) to learn its confidence, and a token that goes deep then pays the deep
 //! head too. With [`ExitMeasure::Gate`] the confidence is the model's learned
-//! [`ExitGate`](super::ExitGate) instead, `p_exit = sigmoid(w·norm(h) + b)`: a norm and a
+//! [`ExitGate`] instead, `p_exit = sigmoid(w·norm(h) + b)`: a norm and a
 //! `D`-term dot product per token, and only the tokens that exit run the exit head (their
 //! logits are their output):
 //!
@@ -79,7 +79,7 @@ pub enum ExitMeasure {
     /// the hard examples and the calibrated threshold, whatever the measure used to decode.
     #[default]
     MaxSoftmax,
-    /// The model's learned exit gate ([`ExitGate`](super::ExitGate), CALM's "classifier"
+    /// The model's learned exit gate ([`ExitGate`], CALM's "classifier"
     /// measure): `p_exit = sigmoid(w·norm(h) + b)` on the exit hidden state. A token that goes
     /// deep never runs the exit head; one that exits runs it for its output. An error when the
     /// model has no gate.
@@ -115,9 +115,9 @@ impl ExitRule {
         ExitRule { threshold, fill, measure: ExitMeasure::MaxSoftmax }
     }
 
-    /// The learned gate's rule: the model's [`ExitGate`](super::ExitGate) `p_exit` against
+    /// The learned gate's rule: the model's [`ExitGate`] `p_exit` against
     /// `threshold` (usually the gate's calibrated one: see
-    /// [`ExitGate::rule`](super::ExitGate::rule)), with `fill`.
+    /// [`ExitGate::rule`]), with `fill`.
     pub fn gate(threshold: f32, fill: UpperCacheFill) -> ExitRule {
         ExitRule { threshold, fill, measure: ExitMeasure::Gate }
     }

@@ -68,7 +68,11 @@ impl ExitGate {
         }
         check_threshold(threshold)?;
         let d = weight.len();
-        Ok(ExitGate { weight: Tensor::from_vec(weight, &[1, d]), bias: Tensor::from_vec(vec![bias], &[1]), threshold })
+        Ok(ExitGate {
+            weight: Tensor::from_vec(weight, &[1, d]),
+            bias: Tensor::from_vec(vec![bias], &[1]),
+            threshold,
+        })
     }
 
     /// The width `D` it reads.

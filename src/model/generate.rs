@@ -315,7 +315,8 @@ impl LegoTransformer {
             let gate = rule.measure == ExitMeasure::Gate;
             if deep {
                 stats.deep_count += 1;
-                flops.spent += if gate { cost::gate_deep_flops(c, pos + 1) } else { cost::deep_flops(c, pos + 1) };
+                flops.spent +=
+                    if gate { cost::gate_deep_flops(c, pos + 1) } else { cost::deep_flops(c, pos + 1) };
             } else {
                 stats.shallow_count += 1;
                 flops.spent +=

@@ -62,8 +62,8 @@ use crate::data::Tokenizer;
 use crate::error::{Error, Result};
 use crate::io::json::{self, Json};
 use crate::io::safetensors::{self, SafeTensors};
-use crate::model::{ExitGate, LegoTransformer};
 use crate::model::checkpoint::check_finite;
+use crate::model::{ExitGate, LegoTransformer};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::tensor::Tensor;
 
