@@ -58,6 +58,9 @@ fn a_generated_token_allocates_nothing() {
         GenerateOptions { sampling: sampled, profile: true, ..GenerateOptions::greedy(0) }
             .with_exit(ExitRule::gate(0.5, UpperCacheFill::Propagate)),
     ];
+    // Start every rayon worker now: a worker allocates as it starts, and one still starting
+    // after the warm-up below would land its allocations in a count.
+    rayon::broadcast(|_| ());
     let count = |options: &GenerateOptions| {
         let before = ALLOCATIONS.load(Ordering::Relaxed);
         let (out, stats) = m.generate_with(&prompts, options).unwrap();
