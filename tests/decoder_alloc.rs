@@ -9,7 +9,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lego::Tensor;
-use lego::model::{ExitRule, GenerateOptions, LegoConfig, LegoTransformer, Sampling, UpperCacheFill};
+use lego::model::{
+    ExitGate, ExitMeasure, ExitRule, GenerateOptions, LegoConfig, LegoTransformer, Sampling, UpperCacheFill,
+};
 
 /// The system allocator, counting calls to `alloc` and `realloc`.
 struct Counting;
@@ -40,7 +42,10 @@ static GLOBAL: Counting = Counting;
 #[test]
 fn a_generated_token_allocates_nothing() {
     let config = LegoConfig { exit_layer: 2, ..LegoConfig::new(53, 32, 4, 4, 72, 64) };
-    let m = LegoTransformer::new(config, &mut Tensor::rng(1)).unwrap();
+    let mut m = LegoTransformer::new(config, &mut Tensor::rng(1)).unwrap();
+    // An exit gate with fixed weights of both signs, so that its routes mix.
+    let weights = (0..32).map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.5).collect();
+    m.exit_gate = Some(ExitGate::new(weights, 0.0, 0.5).unwrap());
     let prompts: Vec<Vec<usize>> = (0..3).map(|s| (0..5).map(|i| (i * 7 + s * 3) % 53).collect()).collect();
     let sampled = Sampling { temperature: 0.8, top_k: 10, top_p: 0.9, seed: 3 };
     let modes = [
@@ -49,7 +54,13 @@ fn a_generated_token_allocates_nothing() {
         GenerateOptions::greedy(0).with_exit(ExitRule::new(0.03, UpperCacheFill::Skip)),
         GenerateOptions { sampling: sampled, profile: true, ..GenerateOptions::greedy(0) }
             .with_exit(ExitRule::new(0.03, UpperCacheFill::Propagate)),
+        GenerateOptions::greedy(0).with_exit(ExitRule::gate(0.5, UpperCacheFill::Skip)),
+        GenerateOptions { sampling: sampled, profile: true, ..GenerateOptions::greedy(0) }
+            .with_exit(ExitRule::gate(0.5, UpperCacheFill::Propagate)),
     ];
+    // Start every rayon worker now: a worker allocates as it starts, and one still starting
+    // after the warm-up below would land its allocations in a count.
+    rayon::broadcast(|_| ());
     let count = |options: &GenerateOptions| {
         let before = ALLOCATIONS.load(Ordering::Relaxed);
         let (out, stats) = m.generate_with(&prompts, options).unwrap();
@@ -62,6 +73,11 @@ fn a_generated_token_allocates_nothing() {
             (GenerateOptions { max_new_tokens: 4, ..mode }, GenerateOptions { max_new_tokens: 50, ..mode });
         count(&long); // warm-up (rayon's pool, lazily built tables)
         let (a, b) = (count(&short), count(&long));
+        if let Some(rule) = mode.early_exit.filter(|r| r.measure == ExitMeasure::Gate) {
+            let (_, stats) =
+                m.generate_with(&prompts, &GenerateOptions { max_new_tokens: 50, ..mode }).unwrap();
+            assert!(stats.shallow_count > 0 && stats.deep_count > 0, "{rule:?}: routes not mixed");
+        }
         assert_eq!(a, b, "{mode:?}: 4 new tokens made {a} allocations, 50 made {b}");
     }
 }

@@ -13,16 +13,20 @@
 //! | `norm.weight` | `[D]` |
 //! | `output.weight` | `[V, D]` |
 //! | `exit_norm.weight`, `exit_output.weight` (an extended model's frozen exit head) | `[D]`, `[V, D]` |
+//! | `exit_gate.weight`, `exit_gate.bias` (the learned exit gate, [`ExitGate`], if trained) | `[1, D]`, `[1]` |
 //!
 //! The metadata holds `config` (the [`LegoConfig`] as JSON), `frozen` (a comma-separated list
-//! of the parameters that do not train), and any extra entries the caller adds (a tokenizer,
-//! an optimizer's step). In Python:
+//! of the parameters that do not train), `exit_gate.threshold` (the gate's calibrated
+//! threshold, a decimal that reads back to the same f32; only with a gate), and any extra
+//! entries the caller adds (a tokenizer, an optimizer's step). A file without the gate's
+//! tensors loads as a model without a gate. In Python:
 //! `from safetensors.numpy import load_file; load_file("model.safetensors")`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::config::LegoConfig;
+use super::config::{LegoConfig, check_threshold};
+use super::exit_gate::ExitGate;
 use super::transformer::{ExitHead, LegoTransformer};
 use crate::error::{Error, Result};
 use crate::io::safetensors::SafeTensors;
@@ -42,6 +46,9 @@ impl LegoTransformer {
         let frozen: Vec<&str> =
             named.iter().filter(|(_, t)| !t.requires_grad_flag()).map(|(n, _)| n.as_str()).collect();
         meta.insert("frozen".into(), frozen.join(","));
+        if let Some(gate) = &self.exit_gate {
+            meta.insert(ExitGate::THRESHOLD_KEY.into(), gate.threshold.to_string());
+        }
         safetensors::save(path, &entries, &meta)
     }
 
@@ -58,9 +65,9 @@ impl LegoTransformer {
     }
 
     /// Builds the model stored in `st` (its `config` and `frozen` metadata and its named
-    /// tensors), taking those tensors out of `st` and leaving anything else there (a training
-    /// checkpoint keeps its optimizer's moments beside the model). `origin` names the file in
-    /// errors.
+    /// tensors), taking those tensors (and the exit gate's threshold entry) out of `st` and
+    /// leaving anything else there (a training checkpoint keeps its optimizer's moments beside
+    /// the model). `origin` names the file in errors.
     pub fn take_from(st: &mut SafeTensors, origin: &str) -> Result<LegoTransformer> {
         let config_text = st
             .metadata
@@ -72,6 +79,35 @@ impl LegoTransformer {
         })?;
         let config = LegoConfig::from_json(&config_json, origin)?;
         let has_exit_head = st.tensors.contains_key("exit_norm.weight");
+        let has_exit_gate = st.tensors.contains_key("exit_gate.weight");
+        // The gate's threshold: taken out of the metadata (it belongs to the model now).
+        let gate_threshold = match st.metadata.remove(ExitGate::THRESHOLD_KEY) {
+            None if has_exit_gate => {
+                return Err(Error::Format(format!(
+                    "{origin}: the file holds exit_gate.weight but no '{}' in the metadata",
+                    ExitGate::THRESHOLD_KEY
+                )));
+            }
+            None => None,
+            Some(_) if !has_exit_gate => {
+                return Err(Error::Format(format!(
+                    "{origin}: metadata '{}' without the exit gate's tensors",
+                    ExitGate::THRESHOLD_KEY
+                )));
+            }
+            Some(text) => {
+                let t: f32 = text.parse().map_err(|_| {
+                    Error::Format(format!(
+                        "{origin}: metadata '{}' is '{text}', not a number",
+                        ExitGate::THRESHOLD_KEY
+                    ))
+                })?;
+                check_threshold(t).map_err(|e| {
+                    Error::Format(format!("{origin}: metadata '{}': {e}", ExitGate::THRESHOLD_KEY))
+                })?;
+                Some(t)
+            }
+        };
         let frozen: Vec<String> = st
             .metadata
             .get("frozen")
@@ -122,7 +158,19 @@ impl LegoTransformer {
         } else {
             None
         };
-        let model = LegoTransformer::from_parts(config, tok_embeddings, layers, head, exit_head);
+        // The exit gate never trains (no gradient), whatever `frozen` says.
+        let exit_gate = match gate_threshold {
+            Some(threshold) => {
+                let weight = take("exit_gate.weight", &[1, d])?;
+                let bias = take("exit_gate.bias", &[1])?;
+                weight.set_requires_grad(false);
+                bias.set_requires_grad(false);
+                Some(ExitGate { weight, bias, threshold })
+            }
+            None => None,
+        };
+        let mut model = LegoTransformer::from_parts(config, tok_embeddings, layers, head, exit_head);
+        model.exit_gate = exit_gate;
         let names: Vec<String> = model.named_params().into_iter().map(|(n, _)| n).collect();
         if let Some(name) = frozen.iter().find(|f| !names.contains(f)) {
             return Err(Error::Format(format!(

@@ -222,6 +222,13 @@ impl<'m> Decoder<'m> {
         &self.ws.x[..self.step.tokens * self.model.config.dim]
     }
 
+    /// The residual stream of the last new token of step row `i`, `[D]` (what the exit check
+    /// reads after the lower layers).
+    pub fn last_hidden(&self, i: usize) -> &[f32] {
+        let (d, tok) = (self.model.config.dim, self.step.first[i] + self.step.counts[i] - 1);
+        &self.ws.x[tok * d..(tok + 1) * d]
+    }
+
     /// Starts a step: cache row `rows[i]` brings `counts[i]` new tokens, whose ids are
     /// `ids[Σ counts[..i] ..][..counts[i]]`. Their embeddings enter the residual stream, and each
     /// row's position advances by its count (the one place it does). Errors, changing nothing:
@@ -439,6 +446,7 @@ impl<'m> Decoder<'m> {
             Tokens::All => (0..s.tokens).for_each(norm),
         }
         let v = self.model.config.vocab_size;
+        self.model.count_head_rows(head, n);
         let ws = &mut self.ws;
         linear(
             &ws.xn,

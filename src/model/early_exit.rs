@@ -10,6 +10,19 @@
 //! else:                        h = upper layers (upper cache); next token from the deep logits
 //! ```
 //!
+//! **The measure** ([`ExitMeasure`]). Above is the spec's: every token pays the exit head (a
+//! `V×D` projection) to learn its confidence, and a token that goes deep then pays the deep
+//! head too. With [`ExitMeasure::Gate`] the confidence is the model's learned
+//! [`ExitGate`] instead, `p_exit = sigmoid(w·norm(h) + b)`: a norm and a
+//! `D`-term dot product per token, and only the tokens that exit run the exit head (their
+//! logits are their output):
+//!
+//! ```text
+//! p_exit = sigmoid(w·norm(h) + b)
+//! if p_exit >= threshold:      next token from exit head(h)             (upper layers not run)
+//! else:                        h = upper layers (upper cache); next token from the deep logits
+//! ```
+//!
 //! **Per row.** Each row routes on its own confidence (the prototype routed the whole batch one
 //! way). The rows that go deep are gathered into a compact block ([`Decoder::retain`]), run
 //! through the upper layers together, and their logits taken; so a deep row costs what it would
@@ -33,8 +46,10 @@ use std::time::Instant;
 
 use super::config::check_threshold;
 use super::decoder::{Decoder, Tokens};
+use super::exit_gate::ExitGate;
 use super::transformer::LegoTransformer;
 use crate::error::{Error, Result};
+use crate::ops::unary::sigmoid;
 
 /// What happens in the upper cache to a token that exited early.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,15 +75,33 @@ impl std::str::FromStr for UpperCacheFill {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ExitMeasure {
     /// The spec's confidence: the largest probability of the exit head's softmax. The exit
-    /// logits are computed for every token, and are a shallow token's output.
+    /// logits are computed for every token, and are a shallow token's output. It also defines
+    /// the hard examples and the calibrated threshold, whatever the measure used to decode.
     #[default]
     MaxSoftmax,
+    /// The model's learned exit gate ([`ExitGate`], CALM's "classifier"
+    /// measure): `p_exit = sigmoid(w·norm(h) + b)` on the exit hidden state. A token that goes
+    /// deep never runs the exit head; one that exits runs it for its output. An error when the
+    /// model has no gate.
+    Gate,
+}
+
+impl std::str::FromStr for ExitMeasure {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<ExitMeasure> {
+        match s {
+            "softmax" => Ok(ExitMeasure::MaxSoftmax),
+            "gate" => Ok(ExitMeasure::Gate),
+            _ => Err(Error::Input(format!("exit measure must be 'softmax' or 'gate', got '{s}'"))),
+        }
+    }
 }
 
 /// When a token leaves at the exit layer, and what the upper cache does about it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ExitRule {
-    /// A token exits when its confidence is at least this (above 1: never; 0: always).
+    /// A token exits when its confidence (by `measure`: the max softmax, or the gate's
+    /// `p_exit`) is at least this (above 1: never; 0: always).
     pub threshold: f32,
     /// The upper cache for tokens that exited.
     pub fill: UpperCacheFill,
@@ -82,10 +115,48 @@ impl ExitRule {
         ExitRule { threshold, fill, measure: ExitMeasure::MaxSoftmax }
     }
 
+    /// The learned gate's rule: the model's [`ExitGate`] `p_exit` against
+    /// `threshold` (usually the gate's calibrated one: see
+    /// [`ExitGate::rule`]), with `fill`.
+    pub fn gate(threshold: f32, fill: UpperCacheFill) -> ExitRule {
+        ExitRule { threshold, fill, measure: ExitMeasure::Gate }
+    }
+
     /// Checks the rule (its threshold often comes from a flag or a file).
     pub fn validate(&self) -> Result<()> {
         check_threshold(self.threshold)
     }
+
+    /// Checks the rule, and that `model` can route by it (a [`Gate`](ExitMeasure::Gate) rule
+    /// needs a model with an exit gate of its width).
+    pub fn validate_for(&self, model: &LegoTransformer) -> Result<()> {
+        self.validate()?;
+        if self.measure == ExitMeasure::Gate {
+            gate_of(model)?;
+        }
+        Ok(())
+    }
+}
+
+/// The model's exit gate, checked against its width; an error naming the problem if it has
+/// none (the rule came from outside: a flag, a file).
+fn gate_of(model: &LegoTransformer) -> Result<&ExitGate> {
+    let gate = model.exit_gate.as_ref().ok_or_else(|| {
+        Error::Input(
+            "exit measure 'gate': this model has no exit gate (train one with \
+             lego::train::train_exit_gate after phase 1, or load a checkpoint that holds \
+             exit_gate.weight), or route with the max-softmax measure"
+                .into(),
+        )
+    })?;
+    if gate.dim() != model.config.dim {
+        return Err(Error::Input(format!(
+            "exit measure 'gate': the model's exit gate has {} weights, its width is {}",
+            gate.dim(),
+            model.config.dim
+        )));
+    }
+    Ok(gate)
 }
 
 /// Which rows of a routed step go through the upper layers.
@@ -104,11 +175,15 @@ pub enum UpperRows {
 pub struct Routes {
     /// Whether each row's (last) token went deep.
     pub deep: Vec<bool>,
-    /// Each row's confidence at the exit (NaN when there was no exit check).
+    /// Each row's confidence at the exit (NaN when there was no exit check): the max softmax,
+    /// or the gate's `p_exit`, by the rule's measure.
     pub confidence: Vec<f32>,
     /// The step rows whose token exited / went deep, ascending.
     shallow_rows: Vec<usize>,
     deep_rows: Vec<usize>,
+    /// The gate's scratch row, `[D]`: a hidden state normalised by the exit head's norm (sized
+    /// at the first gate check, so later steps allocate nothing).
+    normed: Vec<f32>,
 }
 
 impl Routes {
@@ -119,7 +194,15 @@ impl Routes {
             confidence: Vec::with_capacity(rows),
             shallow_rows: Vec::with_capacity(rows),
             deep_rows: Vec::with_capacity(rows),
+            normed: Vec::new(),
         }
+    }
+
+    /// Records step row `i`'s route.
+    fn push(&mut self, i: usize, confidence: f32, deep: bool) {
+        self.confidence.push(confidence);
+        self.deep.push(deep);
+        if deep { self.deep_rows.push(i) } else { self.shallow_rows.push(i) }
     }
 
     /// How many rows of the last step exited early.
@@ -141,7 +224,9 @@ pub struct EarlyExitStats {
     /// The spec's layer compute cost: `(shallow·exit + deep·N) / (total·N)`.
     pub actual_compute_cost: f64,
     /// FLOPs against full-depth decoding of the same tokens, counting attention over the cache,
-    /// the MLPs, the exit check's vocabulary projection, the head, and the upper-cache fill.
+    /// the MLPs, the exit check (the exit head's vocabulary projection for every token, or the
+    /// gate's norm and dot product and the exit head for exiting tokens only), the head, and
+    /// the upper-cache fill (see [`cost`](super::cost)).
     pub flop_cost: f64,
     /// Wall time of the whole call, seconds.
     pub seconds: f64,
@@ -151,7 +236,8 @@ pub struct EarlyExitStats {
     pub time: TimeSplit,
     /// Per row, per generated token: whether it went deep.
     pub routes: Vec<Vec<bool>>,
-    /// Per row, per generated token: its confidence at the exit (empty at full depth).
+    /// Per row, per generated token: its confidence at the exit (empty at full depth): the max
+    /// softmax, or with [`ExitMeasure::Gate`] the gate's `p_exit`.
     pub confidences: Vec<Vec<f32>>,
 }
 
@@ -162,7 +248,8 @@ pub struct TimeSplit {
     pub prefill: f64,
     /// The lower layers of generated tokens.
     pub lower: f64,
-    /// The exit head and the confidence.
+    /// The exit check: the exit head and the confidence (max softmax), or the gate and the exit
+    /// head of the rows that exit (gate).
     pub exit_check: f64,
     /// Gathering the deep rows and the upper layers.
     pub upper: f64,
@@ -207,11 +294,14 @@ impl Decoder<'_> {
     /// - with no `rule`, every layer and the deep head, for every row (full depth);
     /// - with a rule, the lower layers, the exit check on each row's last token, the upper-cache
     ///   fill of the rows that exit, then the upper layers for `upper` rows and the deep head
-    ///   for the rows that did not exit.
+    ///   for the rows that did not exit. The exit check runs the exit head on every row
+    ///   ([`ExitMeasure::MaxSoftmax`]), or the gate on every row and the exit head on the rows
+    ///   that exit ([`ExitMeasure::Gate`]).
     ///
     /// `emit(cache_row, logits)` is called once per row with the logits its last token ends
     /// with (the exit head's or the deep head's). The routing is left in `routes`; phase times
-    /// are added to `time` when `timer` is on.
+    /// are added to `time` when `timer` is on. Errors: a confidence or gate score that is not
+    /// finite, a non-finite logit, a gate rule for a model without a gate.
     pub fn routed_step(
         &mut self,
         rule: Option<&ExitRule>,
@@ -250,24 +340,52 @@ impl Decoder<'_> {
         self.layers(0..exit);
         time.lower += timer.lap();
 
-        // The exit check: each row's confidence, and its route.
-        self.logits(model.exit(), Tokens::LastOfEach)?;
-        for i in 0..rows {
-            let c = self.confidence(i);
-            if !c.is_finite() {
-                return Err(Error::NonFinite(format!(
-                    "the exit confidence of cache row {} is {c}",
-                    self.step_rows()[i]
-                )));
+        // The exit check: each row's confidence, its route, and the output of the rows that
+        // exit.
+        match rule.measure {
+            ExitMeasure::MaxSoftmax => {
+                // Every row pays the exit head; its softmax maximum is the confidence.
+                self.logits(model.exit(), Tokens::LastOfEach)?;
+                for i in 0..rows {
+                    let c = self.confidence(i);
+                    if !c.is_finite() {
+                        return Err(Error::NonFinite(format!(
+                            "the exit confidence of cache row {} is {c}",
+                            self.step_rows()[i]
+                        )));
+                    }
+                    routes.push(i, c, c < rule.threshold);
+                }
+                time.exit_check += timer.lap();
+                for &i in &routes.shallow_rows {
+                    emit(self.step_rows()[i], self.logits_row(i));
+                }
             }
-            let deep = c < rule.threshold;
-            routes.confidence.push(c);
-            routes.deep.push(deep);
-            if deep { routes.deep_rows.push(i) } else { routes.shallow_rows.push(i) }
-        }
-        time.exit_check += timer.lap();
-        for &i in &routes.shallow_rows {
-            emit(self.step_rows()[i], self.logits_row(i));
+            ExitMeasure::Gate => {
+                // Every row pays a norm and a D-term dot product ...
+                let gate = gate_of(model)?;
+                let norm = &model.exit().norm;
+                routes.normed.resize(gate.dim(), 0.0);
+                for i in 0..rows {
+                    let z = gate.logit(norm, self.last_hidden(i), &mut routes.normed);
+                    if !z.is_finite() {
+                        return Err(Error::NonFinite(format!(
+                            "the exit gate's score of cache row {} is {z}",
+                            self.step_rows()[i]
+                        )));
+                    }
+                    let p = sigmoid(z);
+                    routes.push(i, p, p < rule.threshold);
+                }
+                // ... and only the rows that exit run the exit head: its logits are their output.
+                if !routes.shallow_rows.is_empty() {
+                    self.logits(model.exit(), Tokens::LastOf(&routes.shallow_rows))?;
+                }
+                time.exit_check += timer.lap();
+                for (j, &i) in routes.shallow_rows.iter().enumerate() {
+                    emit(self.step_rows()[i], self.logits_row(j));
+                }
+            }
         }
         time.sampling += timer.lap();
 
@@ -333,7 +451,7 @@ impl LegoTransformer {
         sequences: &[Vec<usize>],
         rule: &ExitRule,
     ) -> Result<TeacherForcedStats> {
-        rule.validate()?;
+        rule.validate_for(self)?;
         let first = sequences.first().ok_or_else(|| Error::Input("no sequences to evaluate".into()))?;
         let len = first.len();
         if len < 2 {

@@ -15,7 +15,9 @@ use rand::{Rng, SeedableRng};
 
 use super::cost;
 use super::decoder::Decoder;
-use super::early_exit::{EarlyExitStats, ExitRule, Routes, TimeSplit, Timer, UpperCacheFill, UpperRows};
+use super::early_exit::{
+    EarlyExitStats, ExitMeasure, ExitRule, Routes, TimeSplit, Timer, UpperCacheFill, UpperRows,
+};
 use super::transformer::LegoTransformer;
 use crate::error::{Error, Result};
 use crate::ops::select::argmax;
@@ -216,7 +218,7 @@ impl LegoTransformer {
         let t_start = std::time::Instant::now();
         options.sampling.validate()?;
         if let Some(rule) = &options.early_exit {
-            rule.validate()?;
+            rule.validate_for(self)?;
         }
         let max_new = options.max_new_tokens;
         let prompt_len = self.check_prompts(prompts, max_new)?;
@@ -310,12 +312,15 @@ impl LegoTransformer {
                 continue;
             };
             stats.confidences[r].push(routes.confidence[r]);
+            let gate = rule.measure == ExitMeasure::Gate;
             if deep {
                 stats.deep_count += 1;
-                flops.spent += cost::deep_flops(c, pos + 1);
+                flops.spent +=
+                    if gate { cost::gate_deep_flops(c, pos + 1) } else { cost::deep_flops(c, pos + 1) };
             } else {
                 stats.shallow_count += 1;
-                flops.spent += cost::shallow_flops(c, pos + 1);
+                flops.spent +=
+                    if gate { cost::gate_shallow_flops(c, pos + 1) } else { cost::shallow_flops(c, pos + 1) };
                 if rule.fill == UpperCacheFill::Propagate {
                     flops.spent += cost::propagate_flops(c);
                 }

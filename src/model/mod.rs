@@ -11,6 +11,8 @@
 //! - [`generate`]: sampling, [`GenerateOptions`] and the one generation loop (`generate`,
 //!   `generate_with_early_exit`);
 //! - [`early_exit`]: the routed step of TRUE early exit, its rule and statistics;
+//! - [`exit_gate`]: [`ExitGate`], the learned exit decision (CALM's classifier) that spares a
+//!   deep token the exit head;
 //! - [`checkpoint`]: safetensors save / load; [`export`]: llama2.c's format, for an
 //!   independent check of our forward pass.
 
@@ -20,6 +22,7 @@ pub mod config;
 pub mod cost;
 pub mod decoder;
 pub mod early_exit;
+pub mod exit_gate;
 pub mod export;
 pub mod generate;
 pub mod transformer;
@@ -28,5 +31,6 @@ pub use cache::KvCache;
 pub use config::LegoConfig;
 pub use decoder::{Decoder, Tokens};
 pub use early_exit::{EarlyExitStats, ExitMeasure, ExitRule, TeacherForcedStats, UpperCacheFill};
+pub use exit_gate::ExitGate;
 pub use generate::{GenerateOptions, Sampling};
 pub use transformer::{ExitHead, LegoTransformer};

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use rand::rngs::StdRng;
 
 use super::config::{LegoConfig, check_threshold};
+use super::exit_gate::ExitGate;
 use crate::error::{Error, Result};
 use crate::nn::{Block, Linear, RmsNorm};
 use crate::tensor::Tensor;
@@ -82,9 +83,17 @@ pub struct LegoTransformer {
     /// A separate, frozen head for the exit confidence, once the model has been extended
     /// (`None`: the exit uses [`head`](LegoTransformer::head), as in a shallow model).
     pub exit_head: Option<ExitHead>,
+    /// The learned exit gate, if one was trained ([`ExitGate`]: `D + 1` frozen weights read by
+    /// [`ExitMeasure::Gate`](super::ExitMeasure::Gate)). `None` until
+    /// [`train_exit_gate`](crate::train::train_exit_gate) gives it one.
+    pub exit_gate: Option<ExitGate>,
     /// How many times each layer has run (both paths), so tests and benches can check which
     /// layers really ran.
     layer_calls: Vec<AtomicUsize>,
+    /// Tokens the decoder turned into logits through the separate exit head / through
+    /// [`head`](LegoTransformer::head) (see [`head_rows`](LegoTransformer::head_rows)).
+    exit_head_rows: AtomicUsize,
+    deep_head_rows: AtomicUsize,
 }
 
 impl Clone for LegoTransformer {
@@ -96,7 +105,10 @@ impl Clone for LegoTransformer {
             layers: self.layers.clone(),
             head: self.head.clone(),
             exit_head: self.exit_head.clone(),
+            exit_gate: self.exit_gate.clone(),
             layer_calls: (0..self.layers.len()).map(|_| AtomicUsize::new(0)).collect(),
+            exit_head_rows: AtomicUsize::new(0),
+            deep_head_rows: AtomicUsize::new(0),
         }
     }
 }
@@ -116,7 +128,8 @@ impl LegoTransformer {
         Ok(LegoTransformer::from_parts(config, tok_embeddings, layers, head, None))
     }
 
-    /// Assembles a model from its parts (used by `new`, `extend` and checkpoint loading).
+    /// Assembles a model from its parts (used by `new`, `extend` and checkpoint loading), with
+    /// no exit gate.
     pub fn from_parts(
         config: LegoConfig,
         tok_embeddings: Tensor,
@@ -131,19 +144,24 @@ impl LegoTransformer {
             layers,
             head,
             exit_head,
+            exit_gate: None,
             layer_calls: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            exit_head_rows: AtomicUsize::new(0),
+            deep_head_rows: AtomicUsize::new(0),
         }
     }
 
     /// A copy with its own parameter buffers.
     pub fn deep_clone(&self) -> LegoTransformer {
-        LegoTransformer::from_parts(
+        let mut copy = LegoTransformer::from_parts(
             self.config.clone(),
             self.tok_embeddings.deep_clone(),
             self.layers.iter().map(Block::deep_clone).collect(),
             self.head.deep_clone(),
             self.exit_head.as_ref().map(ExitHead::deep_clone),
-        )
+        );
+        copy.exit_gate = self.exit_gate.as_ref().map(ExitGate::deep_clone);
+        copy
     }
 
     /// The head that computes the exit confidence and the shallow logits.
@@ -152,7 +170,8 @@ impl LegoTransformer {
     }
 
     /// Every parameter with its checkpoint name (Llama conventions; the separate exit head,
-    /// if any, as `exit_norm.weight` and `exit_output.weight`).
+    /// if any, as `exit_norm.weight` and `exit_output.weight`; the exit gate, if any, as
+    /// `exit_gate.weight` and `exit_gate.bias`).
     pub fn named_params(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("tok_embeddings.weight".to_string(), self.tok_embeddings.clone())];
         for (i, layer) in self.layers.iter().enumerate() {
@@ -163,6 +182,10 @@ impl LegoTransformer {
         if let Some(e) = &self.exit_head {
             out.push(("exit_norm.weight".into(), e.norm.weight.clone()));
             out.push(("exit_output.weight".into(), e.output.weight.clone()));
+        }
+        if let Some(g) = &self.exit_gate {
+            out.push(("exit_gate.weight".into(), g.weight.clone()));
+            out.push(("exit_gate.bias".into(), g.bias.clone()));
         }
         out
     }
@@ -187,13 +210,32 @@ impl LegoTransformer {
         self.layer_calls[i].load(Ordering::Relaxed)
     }
 
-    /// Sets every layer's call counter back to 0.
+    /// Sets every layer's call counter, and both head counters
+    /// ([`head_rows`](LegoTransformer::head_rows)), back to 0.
     pub fn reset_layer_calls(&self) {
         self.layer_calls.iter().for_each(|c| c.store(0, Ordering::Relaxed));
+        self.exit_head_rows.store(0, Ordering::Relaxed);
+        self.deep_head_rows.store(0, Ordering::Relaxed);
     }
 
     pub(crate) fn count_layer_call(&self, i: usize) {
         self.layer_calls[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many tokens the decoder has turned into logits since the model was made (or the
+    /// counters reset), as `(through the separate exit head, through`
+    /// [`head`](LegoTransformer::head)`)`. In a shallow model the exit head *is* `head`, and its
+    /// tokens count in the second number. Tests use this to check that, with an exit gate, a
+    /// token that goes deep never runs the exit head.
+    pub fn head_rows(&self) -> (usize, usize) {
+        (self.exit_head_rows.load(Ordering::Relaxed), self.deep_head_rows.load(Ordering::Relaxed))
+    }
+
+    /// Counts `n` tokens turned into logits by `head` (one of this model's heads).
+    pub(crate) fn count_head_rows(&self, head: &ExitHead, n: usize) {
+        let separate_exit = self.exit_head.as_ref().is_some_and(|e| std::ptr::eq(e, head));
+        let counter = if separate_exit { &self.exit_head_rows } else { &self.deep_head_rows };
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 
     // ----- checking input from outside --------------------------------------------------
@@ -347,7 +389,11 @@ impl LegoTransformer {
                 layer.set_requires_grad(false);
             }
         }
-        Ok(LegoTransformer::from_parts(config, tok_embeddings, layers, head, Some(exit_head)))
+        let mut model = LegoTransformer::from_parts(config, tok_embeddings, layers, head, Some(exit_head));
+        // The gate reads the exit hidden state through the exit head's norm: both are frozen
+        // copies of this model's, so the gate stays valid in the deeper model.
+        model.exit_gate = self.exit_gate.as_ref().map(ExitGate::deep_clone);
+        Ok(model)
     }
 }
 

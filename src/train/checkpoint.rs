@@ -12,7 +12,7 @@
 //!
 //! | name | shape | what |
 //! |---|---|---|
-//! | the model's names (`tok_embeddings.weight`, `layers.{i}.…`, `norm.weight`, `output.weight`, `exit_*`) | as in [`crate::model::checkpoint`] | the weights |
+//! | the model's names (`tok_embeddings.weight`, `layers.{i}.…`, `norm.weight`, `output.weight`, `exit_*`, `exit_gate.*`) | as in [`crate::model::checkpoint`] | the weights |
 //! | `optim.m.<parameter name>` | the parameter's | AdamW's first moment |
 //! | `optim.v.<parameter name>` | the parameter's | AdamW's second moment |
 //!
@@ -22,7 +22,7 @@
 //! | key | value |
 //! |---|---|
 //! | `format` | `lego-training-checkpoint/2` |
-//! | `config`, `frozen` | as in a model checkpoint |
+//! | `config`, `frozen`, `exit_gate.threshold` (with a gate) | as in a model checkpoint |
 //! | `tokenizer` | the tokenizer as compact JSON ([`Tokenizer::to_json`]) |
 //! | `optim.step` | the number of AdamW steps taken (what the learning-rate schedule counts) |
 //! | `optim.params` | the optimizer's parameters by name, comma-separated, in its order |
@@ -62,8 +62,8 @@ use crate::data::Tokenizer;
 use crate::error::{Error, Result};
 use crate::io::json::{self, Json};
 use crate::io::safetensors::{self, SafeTensors};
-use crate::model::LegoTransformer;
 use crate::model::checkpoint::check_finite;
+use crate::model::{ExitGate, LegoTransformer};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::tensor::Tensor;
 
@@ -74,10 +74,11 @@ pub const TRAINING_CHECKPOINT_FORMAT: &str = "lego-training-checkpoint/2";
 const TRAINING_CHECKPOINT_FORMAT_1: &str = "lego-training-checkpoint/1";
 
 /// Metadata keys this module writes itself; `extra` may not use them.
-const RESERVED: [&str; 8] = [
+const RESERVED: [&str; 9] = [
     "format",
     "config",
     "frozen",
+    ExitGate::THRESHOLD_KEY,
     "tokenizer",
     "optim.step",
     "optim.params",
@@ -246,6 +247,9 @@ pub fn save_training_checkpoint(
     let frozen: Vec<&str> =
         named.iter().filter(|(_, t)| !t.requires_grad_flag()).map(|(n, _)| n.as_str()).collect();
     meta.insert("frozen".into(), frozen.join(","));
+    if let Some(gate) = &model.exit_gate {
+        meta.insert(ExitGate::THRESHOLD_KEY.into(), gate.threshold.to_string());
+    }
     meta.insert("tokenizer".into(), tokenizer.to_json().to_string_compact());
     meta.insert("optim.step".into(), state.step.to_string());
     meta.insert("optim.params".into(), state.params.join(","));

@@ -165,7 +165,7 @@ pub(crate) fn check_exit_logits(
     )))
 }
 
-fn check_ratio(target_ratio: f32) -> Result<()> {
+pub(crate) fn check_ratio(target_ratio: f32) -> Result<()> {
     if !(target_ratio > 0.0 && target_ratio < 1.0) {
         return Err(Error::Input(format!("the hard-example ratio must be in (0, 1), got {target_ratio}")));
     }
@@ -190,9 +190,17 @@ pub fn compute_confidence_threshold(
     if all.is_empty() {
         return Err(Error::Input("compute_confidence_threshold: no tokens in the batches".into()));
     }
-    all.sort_by(f32::total_cmp);
-    let k = ((target_ratio as f64 * all.len() as f64).round() as usize).min(all.len());
-    Ok(if k == all.len() { all[k - 1].next_up() } else { all[k] })
+    Ok(quantile_threshold(&mut all, target_ratio))
+}
+
+/// The threshold below which `ratio` of `scores` (non-empty) fall, as an exact quantile (see
+/// [`compute_confidence_threshold`]); sorts `scores`. The exit gate's threshold is calibrated
+/// the same way.
+pub(crate) fn quantile_threshold(scores: &mut [f32], ratio: f32) -> f32 {
+    assert!(!scores.is_empty(), "quantile_threshold: no scores");
+    scores.sort_by(f32::total_cmp);
+    let k = ((ratio as f64 * scores.len() as f64).round() as usize).min(scores.len());
+    if k == scores.len() { scores[k - 1].next_up() } else { scores[k] }
 }
 
 /// **Spec `collect_hard_examples(model, batches, threshold)`**: the tokens of `batches` whose

@@ -5,6 +5,8 @@
 //!           [Trainer::train_with_early_stopping]
 //! calibrate the threshold at which the target share of tokens is "hard" (validation split)
 //!           [compute_confidence_threshold]
+//! gate      (optional) fit the learned exit gate to imitate that routing from the exit state,
+//!           its own threshold calibrated on validation           [train_exit_gate]
 //! collect   the hard examples of the training split: lower hidden states + targets
 //!           [collect_hard_examples, create_hard_example_loader]
 //! phase 2   extend the model, freeze the lower part, train the upper layers on the hard
@@ -14,6 +16,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod exit_gate;
 pub mod hard_examples;
 pub mod trainer;
 pub mod utils;
@@ -21,6 +24,7 @@ pub mod utils;
 pub use checkpoint::{
     OptimizerState, TrainingCheckpoint, load_training_checkpoint, save_training_checkpoint,
 };
+pub use exit_gate::{ExitGateOptions, ExitGateReport, GateAgreement, gate_agreement, train_exit_gate};
 pub use hard_examples::{
     HardBatch, HardExamples, Phase2Mode, collect_hard_examples, compute_confidence_threshold,
     create_hard_example_loader, evaluate_on_hard_examples,

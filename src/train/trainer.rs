@@ -27,7 +27,7 @@ use super::hard_examples::{
 };
 use crate::data::Batch;
 use crate::error::{Error, Result};
-use crate::model::{LegoTransformer, cost};
+use crate::model::{ExitMeasure, ExitRule, LegoTransformer, cost};
 use crate::optim::{AdamW, CosineSchedule, clip_grad_norm};
 use crate::tensor::Tensor;
 
@@ -522,6 +522,22 @@ impl Trainer {
         let cache = ValCache::new(model, batches)?;
         cache.routed(model, routing_threshold.unwrap_or(f32::INFINITY))
     }
+
+    /// [`evaluate`](Trainer::evaluate) routed by `rule`: its threshold and its measure (the
+    /// max softmax, or the model's exit gate, whose FLOPs are then counted as the gate's:
+    /// see [`cost`]). Its fill plays no part: both paths run over whole sequences, so the upper
+    /// layers see every position. `None`: full depth.
+    pub fn evaluate_with_rule(
+        &self,
+        model: &LegoTransformer,
+        batches: &[Batch],
+        rule: Option<&ExitRule>,
+    ) -> Result<EvalStats> {
+        check_batches(model, batches, "evaluation")?;
+        let Some(rule) = rule else { return self.evaluate(model, batches, None) };
+        rule.validate_for(model)?;
+        ValCache::new(model, batches)?.routed_by(model, rule.threshold, rule.measure)
+    }
 }
 
 /// What phase 2's epochs work on, besides the model and the optimizer (the arguments of
@@ -543,6 +559,8 @@ struct ValCache {
     hidden: Vec<(Tensor, Vec<usize>)>,
     /// Per token: exit confidence, shallow loss, whether the shallow prediction is right.
     shallow: Vec<(f32, f64, bool)>,
+    /// Per token: the exit gate's `p_exit` (empty when the model has no gate of its width).
+    gate: Vec<f32>,
     seq: usize,
 }
 
@@ -551,6 +569,9 @@ impl ValCache {
         let v = model.config.vocab_size;
         let mut hidden = Vec::with_capacity(batches.len());
         let mut shallow = Vec::new();
+        let (d, norm) = (model.config.dim, &model.exit().norm);
+        let gate = model.exit_gate.as_ref().filter(|g| g.dim() == d);
+        let (mut gate_p, mut normed) = (Vec::new(), vec![0.0; d]);
         for (bi, b) in batches.iter().enumerate() {
             let h = crate::no_grad(|| model.get_hidden_states(&b.x, b.batch))?;
             let (conf, logits) = model.compute_confidence(&h);
@@ -561,14 +582,37 @@ impl ValCache {
                 let nll = (crate::ops::cross_entropy::logsumexp(row) - row[y]) as f64;
                 shallow.push((c, nll, crate::ops::select::argmax(row) == y));
             }
+            if let Some(gate) = gate {
+                let hd = h.data();
+                gate_p.extend(hd.chunks_exact(d).map(|row| gate.probability(norm, row, &mut normed)));
+            }
             hidden.push((h, b.y.clone()));
         }
-        Ok(ValCache { hidden, shallow, seq: batches[0].seq })
+        Ok(ValCache { hidden, shallow, gate: gate_p, seq: batches[0].seq })
     }
 
-    /// Statistics with routing at `threshold` (infinity: full depth). Deep logits that are not
-    /// finite are an error naming the batch.
+    /// Statistics with max-softmax routing at `threshold` (infinity: full depth).
     fn routed(&self, model: &LegoTransformer, threshold: f32) -> Result<EvalStats> {
+        self.routed_by(model, threshold, ExitMeasure::MaxSoftmax)
+    }
+
+    /// Statistics with routing by `measure` at `threshold`. Deep logits, or gate scores, that
+    /// are not finite are an error naming the batch or token.
+    fn routed_by(&self, model: &LegoTransformer, threshold: f32, measure: ExitMeasure) -> Result<EvalStats> {
+        let by_gate = measure == ExitMeasure::Gate;
+        if by_gate {
+            assert_eq!(
+                self.gate.len(),
+                self.shallow.len(),
+                "ValCache: gate routing without the gate's scores"
+            );
+            if let Some(i) = self.gate.iter().position(|p| !p.is_finite()) {
+                return Err(Error::NonFinite(format!(
+                    "evaluation: the exit gate's score of token {i} is {}",
+                    self.gate[i]
+                )));
+            }
+        }
         let c = &model.config;
         let v = c.vocab_size;
         let has_upper = c.exit_layer < c.num_layers;
@@ -602,11 +646,15 @@ impl ValCache {
                     }
                     None => (s_nll, s_ok),
                 };
-                let exits = !has_upper || conf >= threshold;
+                let score = if by_gate { self.gate[k] } else { conf };
+                let exits = !has_upper || score >= threshold;
                 let (nll, ok) = if exits { (s_nll, s_ok) } else { (d_nll, d_ok) };
                 if exits {
                     shallow_n += 1;
-                    flops += cost::shallow_flops(c, ctx);
+                    flops +=
+                        if by_gate { cost::gate_shallow_flops(c, ctx) } else { cost::shallow_flops(c, ctx) };
+                } else if by_gate {
+                    flops += cost::gate_deep_flops(c, ctx);
                 } else if threshold.is_finite() {
                     flops += cost::deep_flops(c, ctx);
                 } else {
