@@ -30,11 +30,18 @@ fn worst_relative(got: &[f32], want: &[f32]) -> f32 {
     got.iter().zip(want).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0.0, f32::max)
 }
 
-/// Every token's logits, for rows fed to one decoder in steps of `pieces` tokens each.
-fn decoder_logits(m: &LegoTransformer, rows: &[Vec<usize>], pieces: &[usize]) -> Vec<Vec<f32>> {
+/// Every token's logits, for rows fed to one decoder in steps of `pieces` tokens each, its
+/// work split over `threads` threads of the decode team.
+fn decoder_logits(
+    m: &LegoTransformer,
+    rows: &[Vec<usize>],
+    pieces: &[usize],
+    threads: usize,
+) -> Vec<Vec<f32>> {
     let batch = rows.len();
     let v = m.config.vocab_size;
     let mut dec = Decoder::new(m, batch, batch * pieces.iter().max().unwrap());
+    dec.set_threads(threads);
     let mut out = vec![Vec::new(); batch];
     let all: Vec<usize> = (0..batch).collect();
     let mut start = 0;
@@ -65,7 +72,7 @@ fn the_decoder_matches_the_training_graph_whole_and_in_pieces_at_1_and_2_threads
         let per_row = full.len() / batch;
         for threads in [1, 2] {
             for pieces in [vec![30], vec![7, 1, 12, 10], [vec![5], vec![1; 25]].concat()] {
-                let got = with_threads(threads, || decoder_logits(&m, &rows, &pieces));
+                let got = with_threads(threads, || decoder_logits(&m, &rows, &pieces, threads));
                 for (b, g) in got.iter().enumerate() {
                     let w = worst_relative(g, &full[b * per_row..(b + 1) * per_row]);
                     assert!(w <= 1e-5, "batch {batch}, {threads} threads, pieces {pieces:?}, row {b}: {w:e}");
@@ -79,19 +86,23 @@ fn the_decoder_matches_the_training_graph_whole_and_in_pieces_at_1_and_2_threads
 fn a_row_decodes_bit_for_bit_as_it_does_alone_whatever_its_neighbours() {
     let m = model(2);
     let rows: Vec<Vec<usize>> = (0..8).map(|s| tokens(24, s + 3)).collect();
+    let pieces = [9, 1, 1, 13];
     let alone: Vec<Vec<f32>> =
-        rows.iter().map(|r| decoder_logits(&m, std::slice::from_ref(r), &[9, 1, 1, 13]).remove(0)).collect();
-    // In a batch of 8, of 3, and with the rows in another order.
-    assert_eq!(decoder_logits(&m, &rows, &[9, 1, 1, 13]), alone);
-    assert_eq!(decoder_logits(&m, &rows[2..5], &[9, 1, 1, 13]), alone[2..5]);
-    let reversed: Vec<Vec<usize>> = rows.iter().rev().cloned().collect();
-    let mut got = decoder_logits(&m, &reversed, &[9, 1, 1, 13]);
-    got.reverse();
-    assert_eq!(got, alone);
+        rows.iter().map(|r| decoder_logits(&m, std::slice::from_ref(r), &pieces, 1).remove(0)).collect();
+    // In a batch of 8, of 3, and with the rows in another order; on one thread or two.
+    for threads in [1, 2] {
+        assert_eq!(decoder_logits(&m, &rows, &pieces, threads), alone, "{threads} threads");
+        assert_eq!(decoder_logits(&m, &rows[2..5], &pieces, threads), alone[2..5], "{threads} threads");
+        let reversed: Vec<Vec<usize>> = rows.iter().rev().cloned().collect();
+        let mut got = decoder_logits(&m, &reversed, &pieces, threads);
+        got.reverse();
+        assert_eq!(got, alone, "{threads} threads, reversed");
+    }
 
     // Ragged: rows bring different numbers of tokens in one step (here 9, 4, 1 and 6).
     let counts = [9, 4, 1, 6];
     let mut dec = Decoder::new(&m, 4, 20);
+    dec.set_threads(2);
     let ids: Vec<usize> = (0..4).flat_map(|b| rows[b][..counts[b]].iter().copied()).collect();
     dec.begin(&[0, 1, 2, 3], &counts, &ids).unwrap();
     dec.layers(0..4);

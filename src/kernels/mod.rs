@@ -8,9 +8,11 @@
 //! - [`simd`]: the hot inner loops `sgemm` does not cover (dot products, softmax, RMSNorm, the
 //!   AdamW update), with a portable scalar reference and AVX2 / AVX-512 versions;
 //! - [`parallel`]: when a loop is worth splitting across threads;
+//! - [`matvec`]: the decode step's products `x·Wᵀ` for a few rows, split over the team;
 //! - [`team`]: a team of threads that stays awake between the small products of a decode step.
 
 pub mod gemm;
+pub mod matvec;
 pub mod parallel;
 pub mod simd;
 pub mod team;

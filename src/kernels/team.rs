@@ -7,17 +7,22 @@
 //! within bounds:
 //!
 //! ```text
-//! caller                              worker i (1..size)
-//! ──────                              ──────────────────
-//! publish job, generation += 1  ───►  spinning: sees the new generation
-//! run part 0                          run part i
-//! wait until pending == 0       ◄───  pending −= 1; spin again (≈ 200 µs), then park
+//! caller                                   worker (1..size)
+//! ──────                                   ────────────────
+//! publish job, generation += 1      ───►   spinning: sees the new generation
+//! claim and run parts                      claim and run parts
+//! wait until every part is done     ◄───   done += 1 per part; spin again (≈ 200 µs), then park
 //! ```
 //!
+//! A job is a borrowed closure `Fn(part)`, run once for each part `0..parts`. Parts are
+//! *claimed* from a shared counter by whichever thread gets there first, the caller included:
+//! if a worker is slow to start (parked, or its core busy with another process), the caller
+//! simply runs its parts too, so the team is never slower than one thread by more than a few
+//! atomic operations. The call returns only when every part has finished and no worker still
+//! holds the job, which is what makes lending the closure to other threads sound.
+//!
 //! Workers spin for [`SPIN`] after each job, then park on a condition variable, so an idle
-//! process (or `cargo test` running many tests on two cores) does not burn a core. A job is a
-//! borrowed closure `Fn(part)`, run once for each part `0..parts`; the call returns only when
-//! every part has finished, which is what makes lending the closure to other threads sound.
+//! process (or `cargo test` running many tests on two cores) does not burn a core.
 //!
 //! **One job at a time.** The team serves one caller at a time; a second caller that finds it
 //! busy (two models decoding on two threads) runs all its parts itself, in order. Nothing waits
@@ -27,7 +32,7 @@
 //! Outputs are split with [`Chunks`]: a buffer cut into one disjoint piece per part, each piece
 //! taken (moved out) by the part that owns it, so no two threads ever hold the same piece.
 
-use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -39,22 +44,40 @@ pub const MAX_TEAM: usize = 8;
 /// How long a worker spins for the next job before it parks.
 pub const SPIN: Duration = Duration::from_micros(200);
 
-/// A job as the workers see it: the closure and how many parts it has.
+/// A job as the workers see it: the closure, how many parts it has, the next part to claim
+/// and how many have finished.
 struct Job<'a> {
     run: &'a (dyn Fn(usize) + Sync),
     parts: usize,
+    next: AtomicUsize,
+    done: AtomicUsize,
+    panicked: AtomicBool,
+}
+
+impl Job<'_> {
+    /// Claims and runs parts until none is left (a panic is caught and recorded).
+    fn work(&self) {
+        loop {
+            let p = self.next.fetch_add(1, Ordering::AcqRel);
+            if p >= self.parts {
+                return;
+            }
+            if catch_unwind(AssertUnwindSafe(|| (self.run)(p))).is_err() {
+                self.panicked.store(true, Ordering::Release);
+            }
+            self.done.fetch_add(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// What the caller and the workers share.
 struct Shared {
     /// Bumped once per job: a worker runs a job when it sees a generation it has not run.
     generation: AtomicUsize,
-    /// The current job (a `*const Job`), valid while `pending > 0`.
+    /// The current job (a `*const Job`), null when there is none.
     job: AtomicPtr<()>,
-    /// Workers that have not finished the current job.
-    pending: AtomicUsize,
-    /// Set by a worker whose part panicked; the caller then panics too.
-    panicked: AtomicBool,
+    /// Workers holding the current job (they announce themselves before reading `job`).
+    holders: AtomicUsize,
     /// Workers parked on `wake` (the caller notifies only when there are some).
     sleepers: AtomicUsize,
     lock: Mutex<()>,
@@ -77,8 +100,7 @@ impl Team {
         let shared = Arc::new(Shared {
             generation: AtomicUsize::new(0),
             job: AtomicPtr::new(std::ptr::null_mut()),
-            pending: AtomicUsize::new(0),
-            panicked: AtomicBool::new(false),
+            holders: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
             lock: Mutex::new(()),
             wake: Condvar::new(),
@@ -89,7 +111,7 @@ impl Team {
                 let shared = Arc::clone(&shared);
                 std::thread::Builder::new()
                     .name(format!("lego-team-{index}"))
-                    .spawn(move || worker(&shared, index))
+                    .spawn(move || worker(&shared))
                     .expect("cannot start a decode team thread")
             })
             .collect();
@@ -101,10 +123,10 @@ impl Team {
         self.workers.len() + 1
     }
 
-    /// Runs `job(part)` for every part `0..parts` (at most [`size`](Team::size)), part 0 on the
-    /// calling thread and the others on the workers, and returns when all have finished. If
-    /// the team is busy with another caller's job, or `parts == 1`, runs them all here. A panic
-    /// in any part is raised again here, after every part has stopped.
+    /// Runs `job(part)` for every part `0..parts` (at most [`size`](Team::size)) on the calling
+    /// thread and the workers (see the module doc), and returns when all have finished. If the
+    /// team is busy with another caller's job, or `parts == 1`, runs them all here. A panic in
+    /// any part is raised again here, after every part has stopped.
     pub fn run(&self, parts: usize, job: &(dyn Fn(usize) + Sync)) {
         assert!(parts <= self.size(), "Team::run: {parts} parts for a team of {}", self.size());
         let serial = || (0..parts).for_each(job);
@@ -115,28 +137,39 @@ impl Team {
             return serial();
         };
         let s = &*self.shared;
-        let published = Job { run: job, parts };
-        s.job.store(&published as *const Job as *mut (), Ordering::Release);
-        s.pending.store(self.workers.len(), Ordering::Release);
+        let published = Job {
+            run: job,
+            parts,
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+        };
+        s.job.store(&published as *const Job as *mut (), Ordering::SeqCst);
         s.generation.fetch_add(1, Ordering::SeqCst);
         if s.sleepers.load(Ordering::SeqCst) > 0 {
             let _guard = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
-        let own = catch_unwind(AssertUnwindSafe(|| job(0)));
-        // Every worker must be done with `published` (on our stack) before we return.
-        let mut spins = 0u32;
-        while s.pending.load(Ordering::Acquire) != 0 {
-            spins += 1;
-            if spins < 1 << 16 { std::hint::spin_loop() } else { std::thread::yield_now() }
+        published.work();
+        // Parts claimed by workers may still be running: wait for them.
+        spin_until(|| published.done.load(Ordering::Acquire) == parts);
+        // Withdraw the job, then wait for any worker that got hold of it to let go: a worker
+        // announces itself in `holders` before it reads `job`, so once `job` is null and
+        // `holders` is 0, no worker can reach `published` (on our stack) any more.
+        s.job.store(std::ptr::null_mut(), Ordering::SeqCst);
+        spin_until(|| s.holders.load(Ordering::SeqCst) == 0);
+        if published.panicked.load(Ordering::Acquire) {
+            panic!("Team::run: a part of the job panicked");
         }
-        s.job.store(std::ptr::null_mut(), Ordering::Release);
-        if let Err(payload) = own {
-            resume_unwind(payload);
-        }
-        if s.panicked.swap(false, Ordering::AcqRel) {
-            panic!("Team::run: a part of the job panicked on a worker thread");
-        }
+    }
+}
+
+/// Spins (then yields the core) until `done()`.
+fn spin_until(done: impl Fn() -> bool) {
+    let mut spins = 0u32;
+    while !done() {
+        spins += 1;
+        if spins < 1 << 12 { std::hint::spin_loop() } else { std::thread::yield_now() }
     }
 }
 
@@ -155,7 +188,7 @@ impl Drop for Team {
 }
 
 /// A worker's life: wait for a job, run its part, report, again; until shutdown.
-fn worker(s: &Shared, index: usize) {
+fn worker(s: &Shared) {
     // The generation the team was made with (not the current one: a job may have been
     // published before this thread got to run, and it must still take part in it).
     let mut seen = 0;
@@ -173,7 +206,7 @@ fn worker(s: &Shared, index: usize) {
                 break;
             }
             spins += 1;
-            if spins % 256 != 0 {
+            if !spins.is_multiple_of(256) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -194,14 +227,16 @@ fn worker(s: &Shared, index: usize) {
             spun_since = None;
             spins = 0;
         }
-        // SAFETY: the caller published a valid `Job` before bumping the generation (we loaded
-        // it with Acquire) and keeps it alive until `pending` reaches 0, which cannot happen
-        // before our decrement below.
-        let job = unsafe { &*(s.job.load(Ordering::Acquire) as *const Job) };
-        if index < job.parts && catch_unwind(AssertUnwindSafe(|| (job.run)(index))).is_err() {
-            s.panicked.store(true, Ordering::Release);
+        // Announce, then look for the job (see `Team::run` for why in this order).
+        s.holders.fetch_add(1, Ordering::SeqCst);
+        let job = s.job.load(Ordering::SeqCst) as *const Job;
+        if !job.is_null() {
+            // SAFETY: `job` points to the caller's `published`, which stays alive until the
+            // caller has seen `holders` drop to 0 after withdrawing it; we announced ourselves
+            // in `holders` before loading the pointer, and let go only below.
+            unsafe { &*job }.work();
         }
-        s.pending.fetch_sub(1, Ordering::AcqRel);
+        s.holders.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

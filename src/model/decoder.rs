@@ -33,23 +33,25 @@
 //! number of rows, RMSNorm and attention work row by row, and splitting over threads divides
 //! output elements, never a sum. So a batch decodes bit for bit like each of its rows alone.
 //!
-//! **Threads.** Splitting a product pays only if the second thread stays busy: a rayon worker
-//! that sleeps between two small products takes longer to wake than the product takes. Small
-//! models (under [`DECODE_SPLIT_MODEL_WEIGHTS`]) decode on one thread; larger ones split every
-//! product of at least [`SPLIT_MIN_WEIGHTS`] weights over W's rows.
+//! **Threads.** Every product of a step is split over the decode [`Team`] by rows of `W`
+//! ([`crate::kernels::matvec`]), and so is attention (by (token, head) pairs): the team's
+//! workers spin between the products of a step, so each core streams its share of the weights
+//! without waiting to be woken. Whether a model splits at all is a fixed rule from its size
+//! ([`decode_parts`]).
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 
 use super::cache::{KvCache, LayerCache};
+use super::config::LegoConfig;
 use super::transformer::{ExitHead, LegoTransformer, confidence_with_scratch};
 use crate::error::{Error, Result};
-use crate::kernels::gemm::{SMALL_M, SPLIT_MIN_WEIGHTS, matmul_xwt_split_above};
+use crate::kernels::matvec::{BLOCK, Epilogue, products, scratch_len};
 use crate::kernels::parallel::worth_splitting;
 use crate::kernels::simd;
+use crate::kernels::team::{Chunks, Team, decode_team};
 use crate::ops::rope::{rope_tables, rotate};
-use crate::ops::unary::sigmoid;
 use crate::tensor::Tensor;
 
 /// Models with fewer weights than this (64 MiB of f32) decode on one thread (see the module
@@ -78,9 +80,10 @@ struct Workspace {
     up: Vec<f32>,
     /// Attention scores, one `max_seq_len` row per (token, head): `[m·H, max_seq_len]`.
     scores: Vec<f32>,
-    /// A product's output as the streaming kernel writes it, transposed: `[n, SMALL_M]` for the
-    /// widest `n` of `D`, `F`, `V`.
-    transposed: Vec<f32>,
+    /// Products' outputs as the streaming kernel writes them, transposed, `BLOCK` rows of `x`
+    /// at a time: `[n, BLOCK]` for the widest `n` of a hand-off (`3D` for q, k, v; `2F` for
+    /// W1, W3; `V` for a head); see [`crate::kernels::matvec`].
+    scratch: Vec<f32>,
     /// Logits of the tokens asked for, `[rows, V]`.
     logits: Vec<f32>,
     /// One row of probabilities, `[V]` (the exit check's softmax).
@@ -108,7 +111,7 @@ impl Workspace {
             gate: vec![0.0; capacity * f],
             up: vec![0.0; capacity * f],
             scores: vec![0.0; capacity * c.num_heads * c.max_seq_len],
-            transposed: vec![0.0; SMALL_M.min(capacity) * d.max(f).max(v)],
+            scratch: vec![0.0; scratch_len(&[(3 * d).max(2 * f).max(v)], capacity.min(BLOCK))],
             logits: vec![0.0; capacity * v],
             probs: vec![0.0; v],
             rope_cos,
@@ -151,8 +154,10 @@ pub struct Decoder<'m> {
     cache: KvCache,
     ws: Workspace,
     step: StepRows,
-    /// Weight matrices at least this large are split over threads (see the module doc).
-    split_above: usize,
+    /// The decode team, and how many of its threads each product and attention is split over
+    /// (1: all on the calling thread; see [`decode_parts`]).
+    team: &'static Team,
+    parts: usize,
 }
 
 impl<'m> Decoder<'m> {
@@ -172,10 +177,6 @@ impl<'m> Decoder<'m> {
         check_cache(model, &cache)?;
         let c = &model.config;
         let capacity = max_step_tokens.max(1);
-        let weights_per_token =
-            c.num_layers * (4 * c.dim * c.dim + 3 * c.dim * c.ffn_hidden) + c.vocab_size * c.dim;
-        let split_above =
-            if weights_per_token >= DECODE_SPLIT_MODEL_WEIGHTS { SPLIT_MIN_WEIGHTS } else { usize::MAX };
         let step = StepRows {
             rows: Vec::with_capacity(cache.batch),
             counts: Vec::with_capacity(cache.batch),
@@ -184,7 +185,16 @@ impl<'m> Decoder<'m> {
             token_row: vec![0; capacity],
             token_pos: vec![0; capacity],
         };
-        Ok(Decoder { model, ws: Workspace::new(model, capacity), cache, step, split_above })
+        let team = decode_team();
+        let parts = decode_parts(c, team.size().min(rayon::current_num_threads()));
+        Ok(Decoder { model, ws: Workspace::new(model, capacity), cache, step, team, parts })
+    }
+
+    /// Splits this decoder's products and attention over `threads` threads of the decode team
+    /// (clamped to `1..=` the team's size), whatever [`decode_parts`]'s rule says: to measure
+    /// the rule, or to test the split path on a small model. The numbers do not change.
+    pub fn set_threads(&mut self, threads: usize) {
+        self.parts = threads.clamp(1, self.team.size());
     }
 
     /// The model this decoder runs.
@@ -397,26 +407,47 @@ impl<'m> Decoder<'m> {
         let m = self.step.tokens;
         let layer = &model.layers[l];
         let (attn, ffn) = (&layer.attention, &layer.feed_forward);
-        let split = self.split_above;
+        let (team, parts) = (self.team, self.parts);
         let ws = &mut self.ws;
 
-        // Attention: normalise, project, rotate, append to the cache, attend.
+        // Attention: normalise; q, k, v in one hand-off; rotate, append to the cache, attend.
         rmsnorm_rows(&ws.x[..m * d], &layer.attention_norm.weight.data(), c.norm_eps, &mut ws.xn[..m * d], d);
-        linear(&ws.xn, m, d, &attn.wq.weight.data(), d, &mut ws.q, &mut ws.transposed, split);
-        linear(&ws.xn, m, d, &attn.wk.weight.data(), d, &mut ws.k, &mut ws.transposed, split);
-        linear(&ws.xn, m, d, &attn.wv.weight.data(), d, &mut ws.v, &mut ws.transposed, split);
+        let (wq, wk, wv) = (attn.wq.weight.data(), attn.wk.weight.data(), attn.wv.weight.data());
+        let qkv = [&mut ws.q[..m * d], &mut ws.k[..m * d], &mut ws.v[..m * d]];
+        products(team, parts, &ws.xn, m, d, [&wq, &wk, &wv], qkv, &mut ws.scratch, Epilogue::None);
         let cache = self.cache.layer_mut(l);
         rotate_and_append(&self.step, ws, cache, c.num_heads, c.head_dim());
-        attend(&self.step, ws, cache, c.num_heads, c.head_dim());
-        linear(&ws.att, m, d, &attn.wo.weight.data(), d, &mut ws.delta, &mut ws.transposed, split);
+        attend(&self.step, ws, cache, c.num_heads, c.head_dim(), team, parts);
+        let wo = attn.wo.weight.data();
+        products(
+            team,
+            parts,
+            &ws.att,
+            m,
+            d,
+            [&wo],
+            [&mut ws.delta[..m * d]],
+            &mut ws.scratch,
+            Epilogue::None,
+        );
         ws.x[..m * d].iter_mut().zip(&ws.delta[..m * d]).for_each(|(x, y)| *x += y);
 
-        // MLP: x += W2·(silu(W1·xn) ⊙ W3·xn).
+        // MLP: x += W2·(silu(W1·xn) ⊙ W3·xn), W1 and W3 in one hand-off with SwiGLU fused.
         rmsnorm_rows(&ws.x[..m * d], &layer.ffn_norm.weight.data(), c.norm_eps, &mut ws.xn[..m * d], d);
-        linear(&ws.xn, m, d, &ffn.w1.weight.data(), f, &mut ws.gate, &mut ws.transposed, split);
-        linear(&ws.xn, m, d, &ffn.w3.weight.data(), f, &mut ws.up, &mut ws.transposed, split);
-        ws.gate[..m * f].iter_mut().zip(&ws.up[..m * f]).for_each(|(g, u)| *g = *g * sigmoid(*g) * u);
-        linear(&ws.gate, m, f, &ffn.w2.weight.data(), d, &mut ws.delta, &mut ws.transposed, split);
+        let (w1, w3, w2) = (ffn.w1.weight.data(), ffn.w3.weight.data(), ffn.w2.weight.data());
+        let gate_up = [&mut ws.gate[..m * f], &mut ws.up[..m * f]];
+        products(team, parts, &ws.xn, m, d, [&w1, &w3], gate_up, &mut ws.scratch, Epilogue::SwiGlu);
+        products(
+            team,
+            parts,
+            &ws.gate,
+            m,
+            f,
+            [&w2],
+            [&mut ws.delta[..m * d]],
+            &mut ws.scratch,
+            Epilogue::None,
+        );
         ws.x[..m * d].iter_mut().zip(&ws.delta[..m * d]).for_each(|(x, y)| *x += y);
     }
 
@@ -448,16 +479,9 @@ impl<'m> Decoder<'m> {
         let v = self.model.config.vocab_size;
         self.model.count_head_rows(head, n);
         let ws = &mut self.ws;
-        linear(
-            &ws.xn,
-            n,
-            d,
-            &head.output.weight.data(),
-            v,
-            &mut ws.logits,
-            &mut ws.transposed,
-            self.split_above,
-        );
+        let w = head.output.weight.data();
+        let logits = [&mut ws.logits[..n * v]];
+        products(self.team, self.parts, &ws.xn, n, d, [&w], logits, &mut ws.scratch, Epilogue::None);
         if let Some(bad) = ws.logits[..n * v].iter().position(|z| !z.is_finite()) {
             return Err(Error::NonFinite(format!(
                 "logit {} of output row {} is {} (non-finite weights or activations)",
@@ -505,26 +529,9 @@ impl<'m> Decoder<'m> {
                     &mut ws.xn[i * d..(i + 1) * d],
                 );
             }
-            linear(
-                &ws.xn,
-                n,
-                d,
-                &layer.attention.wk.weight.data(),
-                d,
-                &mut ws.k,
-                &mut ws.transposed,
-                self.split_above,
-            );
-            linear(
-                &ws.xn,
-                n,
-                d,
-                &layer.attention.wv.weight.data(),
-                d,
-                &mut ws.v,
-                &mut ws.transposed,
-                self.split_above,
-            );
+            let (wk, wv) = (layer.attention.wk.weight.data(), layer.attention.wv.weight.data());
+            let kv = [&mut ws.k[..n * d], &mut ws.v[..n * d]];
+            products(self.team, self.parts, &ws.xn, n, d, [&wk, &wv], kv, &mut ws.scratch, Epilogue::None);
             let lc = self.cache.layer_mut(l);
             for (i, &r) in rows.iter().enumerate() {
                 let tok = self.step.first[r] + self.step.counts[r] - 1;
@@ -569,38 +576,17 @@ fn set_step(s: &mut StepRows, rows: &[usize], counts: &[usize], start: impl Fn(u
     s.tokens = m;
 }
 
-/// `out = x·Wᵀ` for `m` rows of `x` (`[m, k]`) and `W` (`[n, k]`), through the streaming kernel
-/// for any `m` (in blocks of [`SMALL_M`] rows), so that each output is the same dot product,
-/// summed in the same order, whatever the number of rows (batch invariance). Allocates nothing:
-/// `transposed` holds the kernel's `[n, SMALL_M]` output before it is transposed into `out`.
-#[allow(clippy::too_many_arguments)]
-fn linear(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[f32],
-    n: usize,
-    out: &mut [f32],
-    transposed: &mut [f32],
-    split: usize,
-) {
-    debug_assert_eq!(w.len(), n * k, "linear: W has {} values, not {n}x{k}", w.len());
-    if m == 1 {
-        // One row: the transposed output (n x 1) is the row itself.
-        matmul_xwt_split_above(&x[..k], 1, k, w, &mut out[..n], split);
-        return;
-    }
-    for r0 in (0..m).step_by(SMALL_M) {
-        let rows = SMALL_M.min(m - r0);
-        let t = &mut transposed[..n * rows];
-        matmul_xwt_split_above(&x[r0 * k..(r0 + rows) * k], rows, k, w, t, split);
-        // t is [n, rows]; out is [m, n].
-        for i in 0..rows {
-            let o = &mut out[(r0 + i) * n..(r0 + i + 1) * n];
-            for (j, y) in o.iter_mut().enumerate() {
-                *y = t[j * rows + i];
-            }
-        }
+/// How many threads of the decode team (of `available`) a model's decoder splits its work over:
+/// all of them for a model with at least [`DECODE_SPLIT_MODEL_WEIGHTS`] weights a token, else 1.
+/// `LEGO_DECODE_SPLIT=always|never` overrides the rule (to measure it).
+pub fn decode_parts(c: &LegoConfig, available: usize) -> usize {
+    let weights_per_token =
+        c.num_layers * (4 * c.dim * c.dim + 3 * c.dim * c.ffn_hidden) + c.vocab_size * c.dim;
+    match std::env::var("LEGO_DECODE_SPLIT").as_deref() {
+        Ok("always") => available,
+        Ok("never") => 1,
+        _ if weights_per_token >= DECODE_SPLIT_MODEL_WEIGHTS => available,
+        _ => 1,
     }
 }
 
@@ -634,13 +620,27 @@ fn rotate_and_append(s: &StepRows, ws: &mut Workspace, cache: &mut LayerCache, h
     }
 }
 
+/// Below this much attention work (multiply-adds over the cache, all heads) a step attends on
+/// the calling thread: a hand-off to the team costs about a microsecond.
+const ATTEND_SPLIT_WORK: usize = 1 << 15;
+
 /// Attention of every new token over its row's cache entries up to and including itself
 /// (they were appended in order, so a row's `i`-th new token of `n` sees all but the last
-/// `n − 1 − i` entries), into `ws.att`. One fused kernel call per (token, head).
-fn attend(s: &StepRows, ws: &mut Workspace, cache: &LayerCache, heads: usize, hd: usize) {
+/// `n − 1 − i` entries), into `ws.att`. One fused kernel call per (token, head); the
+/// (token, head) pairs are split over the team's `parts` threads when the work is large enough.
+fn attend(
+    s: &StepRows,
+    ws: &mut Workspace,
+    cache: &LayerCache,
+    heads: usize,
+    hd: usize,
+    team: &Team,
+    parts: usize,
+) {
     let (d, m, max_seq) = (heads * hd, s.tokens, cache.max_seq_len);
     let scale = 1.0 / (hd as f32).sqrt();
     let q = &ws.q;
+    // Pair `idx` = (token, head): its query against the head's slice of the row's cache.
     let one = |idx: usize, out: &mut [f32], scores: &mut [f32]| {
         let (tok, h) = (idx / heads, idx % heads);
         let r = s.token_row[tok];
@@ -662,20 +662,20 @@ fn attend(s: &StepRows, ws: &mut Workspace, cache: &LayerCache, heads: usize, hd
             out,
         );
     };
-    let att = &mut ws.att[..m * d];
-    let scores = &mut ws.scores[..m * heads * max_seq];
+    let pairs = m * heads;
+    let att = &mut ws.att[..pairs * hd];
+    let scores = &mut ws.scores[..pairs * max_seq];
     let context: usize = (0..s.rows.len()).map(|r| cache.len[s.rows[r]]).max().unwrap_or(0);
-    let work = m * heads * context * hd * 4;
-    // Decoding one token attends over a few thousand cached floats per head: microseconds, not
-    // worth waking a second thread for (see `SPLIT_MIN_WEIGHTS`). Long prefills split.
-    if worth_splitting(work) && work >= SPLIT_MIN_WEIGHTS * 4 {
-        att.par_chunks_mut(hd)
-            .zip(scores.par_chunks_mut(max_seq))
-            .enumerate()
-            .for_each(|(i, (o, sc))| one(i, o, sc));
-    } else {
-        att.chunks_mut(hd).zip(scores.chunks_mut(max_seq)).enumerate().for_each(|(i, (o, sc))| one(i, o, sc));
-    }
+    let parts = if pairs * context * hd >= ATTEND_SPLIT_WORK { parts.min(pairs) } else { 1 };
+    // Part p takes pairs p·per.., with the matching pieces of `att` and `scores`.
+    let per = pairs.div_ceil(parts);
+    let (att, scores) = (Chunks::new(att, per * hd), Chunks::new(scores, per * max_seq));
+    team.run(parts, &|p| {
+        let (Some(att), Some(scores)) = (att.take(p), scores.take(p)) else { return };
+        for (i, (o, sc)) in att.chunks_mut(hd).zip(scores.chunks_mut(max_seq)).enumerate() {
+            one(p * per + i, o, sc);
+        }
+    });
 }
 
 /// Checks that a cache was made for this model.
