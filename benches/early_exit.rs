@@ -344,11 +344,13 @@ fn train(train_docs: &[Document], val_docs: &[Document], test_docs: &[Document])
             )
             .expect("phase 2");
         epochs2 += 1;
-        ppl2 = h.epochs[0].val_ppl_routed;
+        // (epochs[0] is the model before this call's epoch; the last is after it.)
+        let last = h.epochs.last().expect("phase 2 ran an epoch");
+        ppl2 = last.val_ppl_routed;
         eprint!(
             "\r  phase 2: epoch {epochs2}, {:.0} s, hard PPL {:.2}, routed val PPL {ppl2:.2}   ",
             start2.elapsed().as_secs_f64(),
-            h.epochs[0].hard_ppl
+            last.hard_ppl
         );
     }
     eprintln!();

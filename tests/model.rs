@@ -203,6 +203,36 @@ fn extend_by_stacking_copies_the_top_lower_layers() {
 }
 
 #[test]
+fn identity_extension_reproduces_the_shallow_models_logits_bit_for_bit() {
+    let shallow = LegoTransformer::new(
+        LegoConfig { exit_layer: 2, ..LegoConfig::new(37, 24, 2, 3, 40, 48) },
+        &mut Tensor::rng(12),
+    )
+    .unwrap();
+    let deep = shallow
+        .extend_with(4, 0.3, true, lego::model::transformer::ExtendInit::Identity, &mut Tensor::rng(13))
+        .unwrap();
+    let seq = tokens(20, 7);
+    let want = no_grad(|| shallow.forward(&seq, 1).unwrap()).to_vec();
+    // The training graph, the cached decoder, and generation all see phase 1's model.
+    assert_eq!(no_grad(|| deep.forward(&seq, 1).unwrap()).to_vec(), want);
+    let mut cache = KvCache::new(&deep.config, 1);
+    let mut shallow_cache = KvCache::new(&shallow.config, 1);
+    assert_eq!(
+        deep.forward_with_cache(&seq, 1, &mut cache, true).unwrap().to_vec(),
+        shallow.forward_with_cache(&seq, 1, &mut shallow_cache, true).unwrap().to_vec()
+    );
+    let prompt = vec![seq[..5].to_vec()];
+    assert_eq!(
+        deep.generate(&prompt, 20, &Sampling::greedy()).unwrap(),
+        shallow.generate(&prompt, 20, &Sampling::greedy()).unwrap()
+    );
+    // The new blocks are not dead weights: their other matrices are random, and they train.
+    assert!(deep.layers[2].attention.wq.weight.to_vec().iter().any(|&w| w != 0.0));
+    assert!(deep.layers[3].feed_forward.w2.weight.requires_grad_flag());
+}
+
+#[test]
 fn checkpoints_round_trip_bit_exactly_and_bad_files_are_errors() {
     let dir = std::env::temp_dir().join(format!("lego-ckpt-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

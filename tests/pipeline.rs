@@ -76,7 +76,7 @@ fn the_pipeline_runs_end_to_end_and_phase_2_moves_only_the_upper_part() {
                 mode,
             )
             .unwrap();
-        assert!(!h2.epochs.is_empty());
+        assert!(h2.epochs.len() >= 2 && h2.epochs[0].epoch == 0 && h2.epochs[0].train_loss.is_nan());
         // The lower layers ran only to cache the validation split's hidden states, once per batch.
         assert_eq!(deep.layer_calls(0), val.len(), "{mode:?}: the lower layers ran inside the epochs");
         assert_eq!(deep.layer_calls(1), val.len());
@@ -150,4 +150,46 @@ fn bad_inputs_are_errors_with_a_message() {
     let e = quiet(1).train_with_early_stopping(&model, &long, &long, &mut opt).unwrap_err().to_string();
     assert!(e.contains("max_seq_len"), "{e}");
     assert!(batches(&[vec![1, 2, 3]], 0, None).unwrap_err().to_string().contains("batch size"));
+}
+
+#[test]
+fn phase_2_starts_from_phase_1_with_identity_blocks_and_keeps_the_start_if_nothing_beats_it() {
+    let (train, val) = corpus_batches(32);
+    let model = shallow_model();
+    let mut opt = AdamW::new(model.params(), AdamWConfig { lr: 3e-3, ..Default::default() });
+    quiet(1).train_with_early_stopping(&model, &train, &val, &mut opt).unwrap();
+    let threshold = compute_confidence_threshold(&model, &val, 0.5).unwrap();
+    let hard = collect_hard_examples(&model, &train, threshold).unwrap();
+    let init = lego::model::transformer::ExtendInit::Identity;
+    let deep = model.extend_with(4, threshold, true, init, &mut Tensor::rng(4)).unwrap();
+    // Epoch 0 is phase 1's model: its routed validation PPL is phase 1's PPL (every token
+    // leaves with phase 1's logits, from the exit or from the identity upper layers).
+    let phase1 = quiet(1).evaluate(&model, &val, None).unwrap();
+    let start: Vec<Vec<f32>> = deep.params().iter().map(|p| p.to_vec()).collect();
+    let hard_batches = create_hard_example_loader(&hard, 8, 5, Phase2Mode::Sequence).unwrap();
+    // A learning rate of 0: no epoch can beat the start, so early stopping must keep it.
+    let mut opt2 = AdamW::new(deep.trainable_params(), AdamWConfig { lr: 0.0, ..Default::default() });
+    let h = quiet(2)
+        .train_upper_layers_with_early_stopping(
+            &deep,
+            &hard_batches,
+            &val,
+            &hard,
+            &mut opt2,
+            2,
+            threshold,
+            Phase2Mode::Sequence,
+        )
+        .unwrap();
+    let e0 = &h.epochs[0];
+    assert_eq!(e0.epoch, 0);
+    assert!(
+        (e0.val_ppl_routed - phase1.ppl).abs() <= 1e-9 * phase1.ppl,
+        "{} vs {}",
+        e0.val_ppl_routed,
+        phase1.ppl
+    );
+    assert_eq!(h.best_epoch, 0);
+    let end: Vec<Vec<f32>> = deep.params().iter().map(|p| p.to_vec()).collect();
+    assert_eq!(start, end, "the starting weights were not kept");
 }

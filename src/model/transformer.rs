@@ -67,6 +67,25 @@ pub enum ExtendInit {
     /// `L−k .. L` (cycling through them again if k > L). "Stacking" starts the new layers from
     /// weights that already compute something useful, instead of noise.
     Stack,
+    /// Random weights, except each new block's two output projections (attention `wo`, MLP
+    /// `w2`), which start at zero. A pre-norm block adds `attention(·)·woᵀ` and `mlp(·)·w2ᵀ` to
+    /// the residual stream, so with both zero it adds exactly nothing: the extended model's deep
+    /// logits equal phase 1's, bit for bit, and phase 2 starts where phase 1 ended instead of
+    /// from a model made worse by random layers. (The gradients still flow: `∂L/∂wo =
+    /// dOutᵀ·att` is not zero, and once `wo` moves, so do the block's other weights.)
+    Identity,
+}
+
+impl std::str::FromStr for ExtendInit {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<ExtendInit> {
+        match s {
+            "random" => Ok(ExtendInit::Random),
+            "stack" => Ok(ExtendInit::Stack),
+            "identity" => Ok(ExtendInit::Identity),
+            _ => Err(Error::Input(format!("extend init must be 'random', 'stack' or 'identity', got '{s}'"))),
+        }
+    }
 }
 
 /// The LEGO early-exit transformer.
@@ -371,6 +390,13 @@ impl LegoTransformer {
                 ExtendInit::Stack => {
                     let new = num_layers - old;
                     self.layers[old - 1 - (new - 1 - i) % old].deep_clone()
+                }
+                ExtendInit::Identity => {
+                    let block = Block::new(&config, rng);
+                    for w in [&block.attention.wo.weight, &block.feed_forward.w2.weight] {
+                        w.set_data(vec![0.0; w.numel()]);
+                    }
+                    block
                 }
             };
             // New layers always train, whatever the copied layer's state.

@@ -100,9 +100,9 @@ pub struct History {
 /// One epoch of phase 2.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Phase2Epoch {
-    /// Epoch number, from 1.
+    /// Epoch number: 0 for the model as phase 2 received it (before any step), then from 1.
     pub epoch: usize,
-    /// Mean training loss on the hard tokens.
+    /// Mean training loss on the hard tokens (NaN at epoch 0: no step was taken).
     pub train_loss: f64,
     /// Perplexity of the deep path on the training hard examples.
     pub hard_ppl: f64,
@@ -458,6 +458,28 @@ impl Trainer {
         let schedule = self.schedule(opt, hard_batches.len());
         let base_step = opt.step_count();
         let mut progress = Progress::new(o.verbose);
+        // Epoch 0: the model as it came, before any step. Early stopping then keeps these
+        // weights if no epoch beats them (with `ExtendInit::Identity` they are phase 1's model,
+        // so phase 2 can only improve on it). It stops on the *routed* validation perplexity:
+        // the quality of what LEGO serves (each token from the exit or from the deep path, as
+        // the calibrated threshold routes it), not of the deep path alone on tokens it would
+        // never see.
+        let (_, hard_ppl) = evaluate_on_hard_examples(model, hard_examples, mode)?;
+        let routed = val_cache.routed(model, routing_threshold)?;
+        history.epochs.push(Phase2Epoch {
+            epoch: 0,
+            train_loss: f64::NAN,
+            hard_ppl,
+            val_ppl_routed: routed.ppl,
+            seconds: 0.0,
+        });
+        stopping.update(model, 0, routed.ppl);
+        if o.verbose {
+            eprintln!(
+                "{}: before phase 2: hard PPL {hard_ppl:.2}, routed val PPL {:.2}",
+                o.label, routed.ppl
+            );
+        }
         for epoch in 1..=o.max_epochs {
             let t0 = Instant::now();
             let (mut loss_sum, mut weight_sum) = (0.0f64, 0usize);
