@@ -38,7 +38,10 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use lego::Tensor;
-use lego::model::{Decoder, LegoConfig, LegoTransformer, Sampling, Tokens};
+use lego::kernels::roofline::read_bandwidth;
+use lego::kernels::team::decode_team;
+use lego::model::decoder::decode_parts;
+use lego::model::{Decoder, LegoConfig, LegoTransformer, Sampling, Tokens, cost};
 use lego::optim::adamw::{AdamW, AdamWConfig};
 use rand::Rng;
 
@@ -189,9 +192,10 @@ impl Row {
         self.extra.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
     }
 
-    /// The machine-readable line `scripts/bench-peers.sh` reads.
+    /// The machine-readable line `scripts/bench-peers.sh` reads (the extra columns follow as
+    /// `key=value`).
     fn result_line(&self) -> String {
-        format!(
+        let mut line = format!(
             "RESULT lego part={} cfg={} batch={} seq={} threads={} reps={} tok_per_s_median={:.1} \
              tok_per_s_best={:.1} median_ms={:.3}",
             self.part,
@@ -203,7 +207,11 @@ impl Row {
             self.tok_s,
             self.tok_s_best,
             self.median_ms
-        )
+        );
+        for (k, v) in &self.extra {
+            let _ = write!(line, " {k}={v:.3}");
+        }
+        line
     }
 }
 
@@ -239,6 +247,12 @@ fn bench_decode(r: &Reference, model: &LegoTransformer, batch: usize, threads: u
     let decode_med = w_med.saturating_sub(p_med);
     let decode_best = w_min.saturating_sub(p_min);
     let rate = |d: Duration| batch as f64 * steps / d.as_secs_f64().max(1e-9);
+    // The batch-1 roofline: the read bandwidth over a buffer of this model's weight size, on
+    // as many threads as the decoder uses, divided by the weight bytes a token reads.
+    let bytes = cost::weight_bytes_per_token(&r.config);
+    let decoder_threads = decode_parts(&r.config, decode_team().size().min(threads));
+    let bandwidth = read_bandwidth(decode_team(), bytes as usize, decoder_threads, reps(15));
+    let roof = bandwidth / bytes;
     Row {
         part: "decode",
         config: r.name,
@@ -253,6 +267,10 @@ fn bench_decode(r: &Reference, model: &LegoTransformer, batch: usize, threads: u
             ("gen1_ms", ms(p_med)),
             ("gen128_ms", ms(w_med)),
             ("e2e_tok_s", batch as f64 * DECODE_NEW as f64 / w_med.as_secs_f64()),
+            ("decode_threads", decoder_threads as f64),
+            ("read_gb_s", bandwidth / 1e9),
+            ("roof_tok_s", roof),
+            ("roof_share", rate(decode_med) / (batch as f64 * roof)),
         ],
     }
 }
@@ -385,7 +403,7 @@ fn print_table(rows: &[Row]) {
             "decode" => format!(
                 "{:<4} {:>5} {:>3} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
                 "cfg", "batch", "thr", "tok/s", "best", "decode ms", "gen1 ms", "gen128 ms", "e2e tok/s"
-            ),
+            ) + &format!(" {:>8} {:>9} {:>7}", "read GB/s", "roof tok/s", "of roof"),
             "prefill" => format!(
                 "{:<4} {:>5} {:>3} {:>10} {:>10} {:>10}",
                 "cfg", "batch", "thr", "tok/s", "best", "ms"
@@ -409,6 +427,11 @@ fn print_table(rows: &[Row]) {
                     fmt(r.extra("gen1_ms")),
                     fmt(r.extra("gen128_ms")),
                     fmt(r.extra("e2e_tok_s")),
+                ) + &format!(
+                    " {:>8} {:>9} {:>7}",
+                    fmt(r.extra("read_gb_s")),
+                    fmt(r.extra("roof_tok_s")),
+                    r.extra("roof_share").map_or("-".into(), |x| format!("{:.0} %", 100.0 * x))
                 ),
                 "prefill" => format!(
                     "{:<4} {:>5} {:>3} {:>10.1} {:>10.1} {:>10.2}",

@@ -9,10 +9,12 @@
 //!   AdamW update), with a portable scalar reference and AVX2 / AVX-512 versions;
 //! - [`parallel`]: when a loop is worth splitting across threads;
 //! - [`matvec`]: the decode step's products `x·Wᵀ` for a few rows, split over the team;
+//! - [`roofline`]: the read bandwidth that bounds decoding, measured;
 //! - [`team`]: a team of threads that stays awake between the small products of a decode step.
 
 pub mod gemm;
 pub mod matvec;
 pub mod parallel;
+pub mod roofline;
 pub mod simd;
 pub mod team;

@@ -88,6 +88,14 @@ pub fn propagate_flops(c: &LegoConfig) -> f64 {
     (c.num_layers - c.exit_layer) as f64 * 2.0 * 2.0 * (c.dim * c.dim) as f64
 }
 
+/// Bytes of weights a full-depth decode step reads for one token: every layer and the deep
+/// head (the embedding table contributes one row, left out). Over the read bandwidth this
+/// gives the batch-1 decode roofline (see [`crate::kernels::roofline`]).
+pub fn weight_bytes_per_token(c: &LegoConfig) -> f64 {
+    let per_layer = 4 * c.dim * c.dim + 3 * c.dim * c.ffn_hidden + 2 * c.dim;
+    ((c.num_layers * per_layer + c.vocab_size * c.dim + c.dim) * 4) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
