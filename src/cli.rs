@@ -88,6 +88,13 @@ impl Flags {
         Ok(Flags { values })
     }
 
+    /// Reads `args` against the flags that `usage` lists: every line of it that starts (after
+    /// its indentation) with `--name` declares `name`. One text then both documents the flags
+    /// and decides which exist, so the two cannot drift apart.
+    pub fn parse_usage(args: impl IntoIterator<Item = String>, usage: &str) -> Result<Flags, FlagError> {
+        Flags::parse(args, &flags_in_usage(usage))
+    }
+
     /// The value of `--name` as given, if it was.
     pub fn text(&self, name: &str) -> Option<&str> {
         self.values.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
@@ -145,6 +152,17 @@ impl Flags {
             }
         }
     }
+}
+
+/// The flags a usage text declares: the `name` of each line that starts with `--name`
+/// (`--help` included, which [`Flags::parse`] answers itself).
+pub fn flags_in_usage(usage: &str) -> Vec<&str> {
+    usage
+        .lines()
+        .filter_map(|line| line.trim_start().strip_prefix("--"))
+        .filter_map(|rest| rest.split([' ', '=']).next())
+        .filter(|name| !name.is_empty())
+        .collect()
 }
 
 /// What a program prints for `error`, and with which exit code: the usage alone on stdout and 0
@@ -208,6 +226,16 @@ mod tests {
         let f = parse(&["--seed", "0"]).unwrap();
         assert_eq!(f.positive("seed", 1), Err(FlagError::Invalid("--seed: must be at least 1".into())));
         assert_eq!(f.optional_positive("lr"), Ok(None));
+    }
+
+    #[test]
+    fn the_usage_text_declares_the_flags() {
+        let usage = "usage: prog [flags]\n  --seed N      the seed (0)\n  --out=DIR     where\n\n  plain text --not-a-flag\n";
+        assert_eq!(flags_in_usage(usage), ["seed", "out"]);
+        let f = Flags::parse_usage(["--out", "x"].map(String::from), usage).unwrap();
+        assert_eq!(f.text("out"), Some("x"));
+        let err = Flags::parse_usage(["--not-a-flag", "1"].map(String::from), usage).unwrap_err();
+        assert_eq!(err, FlagError::Invalid("unknown flag --not-a-flag".into()));
     }
 
     #[test]

@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use super::{Csv, Table, write_into};
 use crate::error::Result;
 use crate::io::json::Json;
-use crate::train::{EvalStats, Phase2Mode, TrainingCheckpoint};
+use crate::model::{LegoConfig, cost};
+use crate::train::{EvalStats, ExitHeadHistory, History, Phase2History, Phase2Mode, TrainingCheckpoint};
 
 /// The name of a phase-2 mode in reports, flags and checkpoints.
 pub fn mode_name(mode: Phase2Mode) -> &'static str {
@@ -57,6 +58,75 @@ pub struct Stage {
 }
 
 impl Stage {
+    /// Phase 1 or the baseline, from its history: every layer and the head of `config`, over
+    /// every training token in windows of `seq_len`.
+    pub fn of_training(history: &History, config: &LegoConfig, seq_len: usize, seconds: f64) -> Stage {
+        Stage {
+            seconds,
+            flops: cost::training_flops(config, config.num_layers, history.tokens as f64, seq_len),
+            epochs_run: history.epochs.len(),
+            best_epoch: history.best_epoch,
+            steps: history.steps,
+            curve: history.epochs.iter().map(|e| (e.train_loss, e.val_ppl)).collect(),
+            loaded: false,
+        }
+    }
+
+    /// Collecting hard examples: the lower layers and the exit head over `tokens` training
+    /// tokens (one forward pass).
+    pub fn of_collection(tokens: usize, config: &LegoConfig, seq_len: usize, seconds: f64) -> Stage {
+        let per_token =
+            config.exit_layer as f64 * cost::mean_layer_flops(config, seq_len) + cost::head_flops(config);
+        Stage { seconds, flops: tokens as f64 * per_token, ..Stage::default() }
+    }
+
+    /// Phase 2 in `mode`: the upper layers and the deep head, forward and backward, over every
+    /// position they ran (whole hard sequences of `hard_seq_len` in `sequence` mode, one
+    /// position per hard token in `token` mode).
+    pub fn of_phase2(
+        history: &Phase2History,
+        config: &LegoConfig,
+        mode: Phase2Mode,
+        hard_seq_len: usize,
+        seconds: f64,
+    ) -> Stage {
+        let upper = (config.num_layers - config.exit_layer) as f64;
+        let layer = match mode {
+            Phase2Mode::Sequence => cost::mean_layer_flops(config, hard_seq_len),
+            Phase2Mode::Token => cost::layer_flops(config, 1),
+        };
+        Stage {
+            seconds,
+            flops: 3.0 * history.positions as f64 * (upper * layer + cost::head_flops(config)),
+            epochs_run: history.epochs.len(),
+            best_epoch: history.best_epoch,
+            steps: history.steps,
+            curve: history.epochs.iter().map(|e| (e.train_loss, e.val_ppl_routed)).collect(),
+            loaded: false,
+        }
+    }
+
+    /// Tuning an exit head: the exit states of `train_tokens` tokens once (the lower layers),
+    /// then a head forward and backward per token trained.
+    pub fn of_exit_head(
+        history: &ExitHeadHistory,
+        config: &LegoConfig,
+        train_tokens: usize,
+        seq_len: usize,
+        seconds: f64,
+    ) -> Stage {
+        let states = train_tokens as f64 * config.exit_layer as f64 * cost::mean_layer_flops(config, seq_len);
+        Stage {
+            seconds,
+            flops: states + 3.0 * history.tokens as f64 * cost::head_flops(config),
+            epochs_run: history.epochs.len(),
+            best_epoch: history.best_epoch,
+            steps: history.steps,
+            curve: history.epochs.iter().map(|e| (e.train_loss, e.val_ppl)).collect(),
+            loaded: false,
+        }
+    }
+
     /// The checkpoint metadata that records this stage (`stage.seconds`, ...).
     pub fn to_metadata(&self) -> BTreeMap<String, String> {
         BTreeMap::from([

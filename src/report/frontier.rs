@@ -138,6 +138,57 @@ pub fn calibrate(
     }
 }
 
+/// What an early-exit sweep runs over: validation hard ratios (each calibrated to a threshold
+/// per measure), measures and fills. A new measure is one more entry in `measures`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SweepGrid {
+    /// Shares of validation tokens that should go deep, one threshold each.
+    pub hard_ratios: Vec<f32>,
+    /// The exit measures.
+    pub measures: Vec<ExitMeasure>,
+    /// The upper-cache fills.
+    pub fills: Vec<UpperCacheFill>,
+}
+
+impl SweepGrid {
+    /// Every point of the grid for `model`, measured on `sequences` (see
+    /// [`FrontierPoint::measure`]), the thresholds calibrated on `val`; one series per measure
+    /// and fill, named `"{name}, {measure}, {fill}"`.
+    pub fn run(
+        &self,
+        model: &LegoTransformer,
+        name: &str,
+        val: &[Batch],
+        sequences: &[Vec<usize>],
+        baseline: &crate::model::LegoConfig,
+    ) -> Result<Vec<FrontierPoint>> {
+        let mut points = Vec::new();
+        for &measure in &self.measures {
+            let thresholds: Vec<(f32, f32)> = self
+                .hard_ratios
+                .iter()
+                .map(|&r| calibrate(model, val, measure, r).map(|t| (r, t)))
+                .collect::<Result<_>>()?;
+            for &fill in &self.fills {
+                let series = format!("{name}, {}, {}", measure_name(measure), fill_name(fill));
+                for &(ratio, threshold) in &thresholds {
+                    let rule = ExitRule { threshold, fill, measure };
+                    let label = format!("{:.0} % hard on val ({threshold:.4})", 100.0 * ratio);
+                    points.push(FrontierPoint::measure(
+                        model,
+                        sequences,
+                        Some(&rule),
+                        baseline,
+                        &series,
+                        &label,
+                    )?);
+                }
+            }
+        }
+        Ok(points)
+    }
+}
+
 /// The straight line in (cost, PPL) through two static points.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StaticLine {
@@ -354,6 +405,49 @@ pub(crate) mod tests {
         assert!(f.line.is_on_or_below(below, 0.0));
         assert!(!f.line.is_on_or_below(above, 0.0));
         assert!(f.line.is_on_or_below(&f.points[0], 0.0) && f.line.is_on_or_below(&f.points[1], 0.0));
+    }
+
+    #[test]
+    fn a_sweep_measures_every_grid_point_on_the_same_sequences() {
+        use crate::model::LegoConfig;
+        use crate::train::set_seed;
+        // An untrained 4-layer model (exit after 2) and its 2-layer lower part as "phase 1".
+        let deep = LegoConfig { exit_layer: 2, ..LegoConfig::new(32, 16, 4, 2, 32, 12) };
+        let model = LegoTransformer::new(deep.clone(), &mut set_seed(1)).unwrap();
+        let shallow = LegoConfig { exit_layer: 2, ..LegoConfig::new(32, 16, 2, 2, 32, 12) };
+        let phase1 = LegoTransformer::new(shallow, &mut set_seed(2)).unwrap();
+        let seqs: Vec<Vec<usize>> = (0..4).map(|r| (0..12).map(|i| (7 * r + 3 * i) % 32).collect()).collect();
+        let val = crate::data::batches(&seqs, 2, None).unwrap();
+
+        let full = FrontierPoint::measure(&model, &seqs, None, &deep, "deep", "full depth").unwrap();
+        assert_eq!(
+            (full.cost, full.kind, full.shallow_ratio, full.threshold),
+            (1.0, PointKind::Static, 0.0, None)
+        );
+        let never = ExitRule::new(NEVER_EXIT, UpperCacheFill::Skip);
+        assert_eq!(full.ppl, model.evaluate_with_early_exit(&seqs, &never).unwrap().ppl);
+        let cheap = FrontierPoint::measure(&phase1, &seqs, None, &deep, "phase 1", "full depth").unwrap();
+        let len = 11; // 12 tokens: 11 predictions
+        let expected = mean_over_window(len, |c| cost::full_depth_flops(&phase1.config, c))
+            / mean_over_window(len, |c| cost::full_depth_flops(&deep, c));
+        assert!((cheap.cost - expected).abs() < 1e-12 && cheap.cost < 0.7);
+
+        let grid = SweepGrid {
+            hard_ratios: vec![0.2, 0.5, 0.8],
+            measures: vec![ExitMeasure::MaxSoftmax],
+            fills: vec![UpperCacheFill::Skip, UpperCacheFill::Propagate],
+        };
+        let points = grid.run(&model, "M", &val, &seqs, &deep).unwrap();
+        assert_eq!(points.len(), 6);
+        assert_eq!(points[0].series, "M, softmax, skip");
+        assert_eq!(points[5].series, "M, softmax, propagate");
+        // More tokens go deep as the hard ratio rises, so the cost rises with it.
+        for w in points[..3].windows(2) {
+            assert!(w[0].shallow_ratio >= w[1].shallow_ratio && w[0].cost <= w[1].cost, "{w:?}");
+        }
+        assert!(
+            points.iter().all(|p| p.ppl.is_finite() && p.kind == PointKind::Sweep && p.us_per_token > 0.0)
+        );
     }
 
     #[test]

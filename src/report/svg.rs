@@ -18,10 +18,10 @@ use super::frontier::{Frontier, PointKind};
 use crate::error::Result;
 
 /// Picture size and margins, in pixels.
-const WIDTH: f64 = 760.0;
+const WIDTH: f64 = 880.0;
 const HEIGHT: f64 = 480.0;
 const LEFT: f64 = 70.0;
-const RIGHT: f64 = 250.0; // room for the legend
+const RIGHT: f64 = 350.0; // room for the legend (series names of ~50 characters)
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 60.0;
 
@@ -254,7 +254,7 @@ mod tests {
         let mut rest = text.strip_prefix("<?xml").map(|r| &r[r.find("?>").unwrap() + 2..]).unwrap_or(text);
         while let Some(open) = rest.find('<') {
             check_text(&rest[..open]);
-            assert!(stack.len() > 0 || rest[..open].trim().is_empty(), "text outside the root");
+            assert!(!stack.is_empty() || rest[..open].trim().is_empty(), "text outside the root");
             let close = rest[open..].find('>').expect("a tag ends with '>'") + open;
             let tag = &rest[open + 1..close];
             rest = &rest[close + 1..];

@@ -226,7 +226,8 @@ mod tests {
         let config = LegoConfig { exit_layer: 2, ..LegoConfig::new(256, 16, 2, 2, 32, 8) };
         let model = LegoTransformer::new(config, &mut set_seed(0)).unwrap();
         let b = Batch { x: vec![1; 8], y: vec![2; 8], batch: 1, seq: 8 };
-        let err = Trainer::default().tune_exit_head_with_early_stopping(&model, &[b.clone()], &[b], 1e-3);
+        let batches = [b];
+        let err = Trainer::default().tune_exit_head_with_early_stopping(&model, &batches, &batches, 1e-3);
         assert!(err.unwrap_err().to_string().contains("nothing to exit from"));
     }
 }
