@@ -42,7 +42,7 @@ fn stage_metadata(
     meta.extend([
         ("phase".into(), phase.into()),
         ("routing_threshold".into(), threshold.to_string()),
-        ("seed".into(), o.seed.to_string()),
+        ("seed".into(), o.run.seed.to_string()),
     ]);
     meta
 }

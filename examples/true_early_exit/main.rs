@@ -88,19 +88,19 @@ fn run(o: &Options) -> Result<()> {
 
     // 1-2. The documents, split; tokens and batches.
     let (docs, source) = load_corpus(o)?;
-    let split = data::split_documents(docs, TEST_DOCS, VAL_DOCS, o.seed)?;
+    let split = data::split_documents(docs, TEST_DOCS, VAL_DOCS, o.run.seed)?;
     eprintln!(
         "test documents: {}\nvalidation documents: {}",
         split.test_names().join(", "),
         split.val_names().join(", ")
     );
     let loaded = o.load.as_deref().map(|path| Loaded::read(path, &split)).transpose()?;
-    let tokenizer = match (&loaded, o.tokenizer.as_str()) {
+    let tokenizer = match (&loaded, o.run.tokenizer.as_str()) {
         (Some(l), _) => l.phase1.tokenizer.clone(),
-        (None, "word") => Tokenizer::word(&split.train, o.vocab_size)?,
+        (None, "word") => Tokenizer::word(&split.train, o.run.vocab_size)?,
         (None, _) => Tokenizer::Byte,
     };
-    let data = Dataset::new(&tokenizer, &split, o.seq_len, o.batch_size, o.seed)?;
+    let data = Dataset::new(&tokenizer, &split, o.run.seq_len, o.run.batch_size, o.run.seed)?;
     let [train_n, val_n, test_n] = data.tokens;
     eprintln!(
         "data: {source}; {train_n} / {val_n} / {test_n} tokens ({}, V = {})",
@@ -166,7 +166,7 @@ fn run(o: &Options) -> Result<()> {
         generation,
         table,
         table_prompts: measure::TABLE_PROMPTS,
-        table_prompt_len: (o.seq_len - o.max_new_tokens).min(16),
+        table_prompt_len: (o.run.seq_len - o.run.max_new_tokens).min(16),
         table_windows: o.eval_sequences.min(data.test_windows.len()),
         prompt: tokenizer.decode(&prompt)?,
         device: device.to_string(),
@@ -200,7 +200,7 @@ fn load_corpus(o: &Options) -> Result<(Vec<Document>, String)> {
 fn trainer(label: &str, epochs: usize, o: &Options) -> Trainer {
     let options = TrainOptions {
         max_epochs: epochs,
-        patience: o.patience,
+        patience: o.run.patience,
         verbose: true,
         label: label.into(),
         ..Default::default()
@@ -211,8 +211,8 @@ fn trainer(label: &str, epochs: usize, o: &Options) -> Trainer {
 /// Phase 1: a shallow model (exit layer = its depth) trained on every training batch, with
 /// AdamW at `--lr` and early stopping on the validation perplexity.
 fn train_phase1(tok: &Tokenizer, data: &Dataset, o: &Options) -> Result<(LegoTransformer, AdamW, Stage)> {
-    eprintln!("\n== phase 1: {} layers on all training data ==", o.phase1_layers);
-    train_from_scratch("phase 1", tok, data, o.phase1_layers, o.seed, o)
+    eprintln!("\n== phase 1: {} layers on all training data ==", o.run.phase1_layers);
+    train_from_scratch("phase 1", tok, data, o.run.phase1_layers, o.run.seed, o)
 }
 
 /// A model of `layers` layers (exit after `--phase1-layers`) trained from scratch on all the
@@ -225,13 +225,18 @@ fn train_from_scratch(
     seed: u64,
     o: &Options,
 ) -> Result<(LegoTransformer, AdamW, Stage)> {
-    let base = LegoConfig::new(tok.vocab_size(), o.dim, layers, o.heads, o.ffn_hidden, o.seq_len);
+    let base =
+        LegoConfig::new(tok.vocab_size(), o.run.dim, layers, o.run.heads, o.run.ffn_hidden, o.run.seq_len);
     let model =
-        LegoTransformer::new(LegoConfig { exit_layer: o.phase1_layers, ..base }, &mut set_seed(seed))?;
-    let mut opt = AdamW::new(model.params(), AdamWConfig { lr: o.lr, ..Default::default() });
+        LegoTransformer::new(LegoConfig { exit_layer: o.run.phase1_layers, ..base }, &mut set_seed(seed))?;
+    let mut opt = AdamW::new(model.params(), AdamWConfig { lr: o.run.lr, ..Default::default() });
     let t0 = Instant::now();
-    let history =
-        trainer(label, o.epochs, o).train_with_early_stopping(&model, &data.train, &data.val, &mut opt)?;
+    let history = trainer(label, o.run.epochs, o).train_with_early_stopping(
+        &model,
+        &data.train,
+        &data.val,
+        &mut opt,
+    )?;
     let stage = Stage::of_training(&history, &model.config, data.seq_len, t0.elapsed().as_secs_f64());
     Ok((model, opt, stage))
 }
@@ -239,8 +244,8 @@ fn train_from_scratch(
 /// The routing threshold: `--hard-ratio` of the **validation** tokens have a lower exit
 /// confidence.
 fn calibrate(phase1: &LegoTransformer, data: &Dataset, o: &Options) -> Result<f32> {
-    let threshold = compute_confidence_threshold(phase1, &data.val, o.hard_ratio)?;
-    let share = 100.0 * o.hard_ratio;
+    let threshold = compute_confidence_threshold(phase1, &data.val, o.run.hard_ratio)?;
+    let share = 100.0 * o.run.hard_ratio;
     eprintln!("\nthreshold: {threshold:.4} (confidence under which {share:.0} % of validation tokens fall)");
     Ok(threshold)
 }
@@ -261,7 +266,7 @@ fn collect_hard(phase1: &LegoTransformer, data: &Dataset, threshold: f32) -> Res
 /// The phase-1 model grown to `--phase2-layers` (new random upper layers, lower part frozen,
 /// a frozen copy of the phase-1 head as the exit head).
 fn extend(phase1: &LegoTransformer, threshold: f32, o: &Options) -> Result<LegoTransformer> {
-    phase1.extend(o.phase2_layers, threshold, true, &mut set_seed(o.seed + 1))
+    phase1.extend(o.run.phase2_layers, threshold, true, &mut set_seed(o.run.seed + 1))
 }
 
 /// A phase-2 model, its optimizer (for `--save`) and how it was made.
@@ -284,12 +289,12 @@ fn train_phase2(
 ) -> Result<Phase2Run> {
     eprintln!("\n== phase 2 ({} mode): upper layers on the hard examples ==", mode_name(mode));
     let model = start.deep_clone();
-    let batch = if mode == Phase2Mode::Token { TOKEN_MODE_BATCH } else { o.batch_size };
-    let hard_batches = create_hard_example_loader(hard, batch, o.seed, mode)?;
-    let mut opt = AdamW::new(model.trainable_params(), AdamWConfig { lr: o.lr2, ..Default::default() });
+    let batch = if mode == Phase2Mode::Token { TOKEN_MODE_BATCH } else { o.run.batch_size };
+    let hard_batches = create_hard_example_loader(hard, batch, o.run.seed, mode)?;
+    let mut opt = AdamW::new(model.trainable_params(), AdamWConfig { lr: o.run.lr2, ..Default::default() });
     let t0 = Instant::now();
     let (label, exit) = (format!("phase 2 ({})", mode_name(mode)), model.config.exit_layer);
-    let history = trainer(&label, o.phase2_epochs, o).train_upper_layers_with_early_stopping(
+    let history = trainer(&label, o.run.phase2_epochs, o).train_upper_layers_with_early_stopping(
         &model,
         &hard_batches,
         &data.val,
@@ -306,8 +311,9 @@ fn train_phase2(
 /// The same depth as phase 2, trained from scratch on all the training data exactly as phase
 /// 1 is (optimizer, learning rate, epochs, early stopping).
 fn train_baseline(tok: &Tokenizer, data: &Dataset, o: &Options) -> Result<(LegoTransformer, Stage)> {
-    eprintln!("\n== baseline: {} layers from scratch on all training data ==", o.phase2_layers);
-    let (model, _, stage) = train_from_scratch("baseline", tok, data, o.phase2_layers, o.seed + 2, o)?;
+    eprintln!("\n== baseline: {} layers from scratch on all training data ==", o.run.phase2_layers);
+    let (model, _, stage) =
+        train_from_scratch("baseline", tok, data, o.run.phase2_layers, o.run.seed + 2, o)?;
     Ok((model, stage))
 }
 
@@ -319,13 +325,16 @@ fn tune_baseline_exit(
     data: &Dataset,
     o: &Options,
 ) -> Result<(LegoTransformer, Stage)> {
-    eprintln!("\n== baseline + tuned exit head: a copy of its head trained at layer {} ==", o.phase1_layers);
+    eprintln!(
+        "\n== baseline + tuned exit head: a copy of its head trained at layer {} ==",
+        o.run.phase1_layers
+    );
     let t0 = Instant::now();
-    let (tuned, h) = trainer("tuned exit head", o.epochs, o).tune_exit_head_with_early_stopping(
+    let (tuned, h) = trainer("tuned exit head", o.run.epochs, o).tune_exit_head_with_early_stopping(
         baseline,
         &data.train,
         &data.val,
-        o.lr,
+        o.run.lr,
     )?;
     let stage =
         Stage::of_exit_head(&h, &tuned.config, data.tokens[0], data.seq_len, t0.elapsed().as_secs_f64());

@@ -109,7 +109,7 @@ fn masked_ppl(model: &LegoTransformer, batches: &[Batch], mask: &[bool]) -> Resu
 /// test document, cut to its first six words and then to as many whole words as leave room
 /// for `--max-new-tokens`.
 pub fn choose_prompt(tok: &Tokenizer, split: &Split, o: &Options) -> Result<Vec<usize>> {
-    let room = o.seq_len - o.max_new_tokens;
+    let room = o.run.seq_len - o.run.max_new_tokens;
     let text = match &o.prompt {
         Some(p) => p.clone(),
         None => {
@@ -127,7 +127,7 @@ pub fn choose_prompt(tok: &Tokenizer, split: &Split, o: &Options) -> Result<Vec<
         return Err(Error::Input(format!("the prompt '{text}' has no tokens")));
     }
     if ids.len() > room && o.prompt.is_some() {
-        let (n, m, s) = (ids.len(), o.max_new_tokens, o.seq_len);
+        let (n, m, s) = (ids.len(), o.run.max_new_tokens, o.run.seq_len);
         let msg = format!(
             "the prompt is {n} tokens; with --max-new-tokens {m} and --seq-len {s} at most {room} fit"
         );
@@ -148,8 +148,8 @@ pub fn true_early_exit_generation(
     threshold: f32,
     o: &Options,
 ) -> Result<Generation> {
-    eprintln!("\n== TRUE early exit: generating {} tokens ==", o.max_new_tokens);
-    let (greedy, prompts, n) = (Sampling::greedy(), vec![prompt.to_vec()], o.max_new_tokens);
+    eprintln!("\n== TRUE early exit: generating {} tokens ==", o.run.max_new_tokens);
+    let (greedy, prompts, n) = (Sampling::greedy(), vec![prompt.to_vec()], o.run.max_new_tokens);
     let best = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
         let mut best = f64::INFINITY;
         for _ in 0..TIMING_REPS {
@@ -214,7 +214,7 @@ fn agreement(a: &[Vec<usize>], b: &[Vec<usize>], prompt_len: usize) -> f64 {
 pub fn early_exit_table(phase2: &[Phase2Run], data: &Dataset, o: &Options) -> Result<Vec<ExitTableRow>> {
     eprintln!("\n== early-exit table ==");
     let greedy = Sampling::greedy();
-    let prompt_len = (o.seq_len - o.max_new_tokens).min(16);
+    let prompt_len = (o.run.seq_len - o.run.max_new_tokens).min(16);
     let step = (data.test_windows.len() / TABLE_PROMPTS).max(1);
     let prompts: Vec<Vec<usize>> = data
         .test_windows
@@ -227,7 +227,7 @@ pub fn early_exit_table(phase2: &[Phase2Run], data: &Dataset, o: &Options) -> Re
     let mut rows = Vec::new();
     for run in phase2 {
         let m = &run.model;
-        let reference = m.generate(&prompts, o.max_new_tokens, &greedy)?;
+        let reference = m.generate(&prompts, o.run.max_new_tokens, &greedy)?;
         // Thresholds at validation quantiles; 2.0 never exits (a confidence is at most 1).
         let mut thresholds: Vec<(Option<f32>, f32)> = vec![(None, 2.0)];
         for r in TABLE_RATIOS {
@@ -236,7 +236,7 @@ pub fn early_exit_table(phase2: &[Phase2Run], data: &Dataset, o: &Options) -> Re
         for fill in FILLS {
             for &(ratio, threshold) in &thresholds {
                 let (out, stats) =
-                    m.generate_with_early_exit(&prompts, o.max_new_tokens, threshold, &greedy, fill)?;
+                    m.generate_with_early_exit(&prompts, o.run.max_new_tokens, threshold, &greedy, fill)?;
                 let tf = m.evaluate_with_early_exit(&windows, &ExitRule::new(threshold, fill))?;
                 rows.push(ExitTableRow {
                     model: run.record.model_name(),

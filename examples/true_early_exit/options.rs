@@ -45,29 +45,14 @@ output
   --help                 this text
 ";
 
-/// Every setting of a run; the defaults are the spec's config T on the synthetic corpus.
+/// Every setting of a run: those the report states (`run`, a `lego::report` record; the
+/// defaults are the spec's config T), and where the data comes from and results go.
 #[derive(Clone, Debug)]
 pub struct Options {
+    pub run: Settings,
     pub data: Option<PathBuf>,
-    pub seed: u64,
-    pub tokenizer: String,
-    pub vocab_size: usize,
-    pub seq_len: usize,
-    pub batch_size: usize,
-    pub dim: usize,
-    pub heads: usize,
-    pub ffn_hidden: usize,
-    pub phase1_layers: usize,
-    pub phase2_layers: usize,
-    pub epochs: usize,
-    pub phase2_epochs: usize,
-    pub patience: usize,
-    pub lr: f32,
-    pub lr2: f32,
-    pub hard_ratio: f32,
     pub modes: Vec<Phase2Mode>,
     pub prompt: Option<String>,
-    pub max_new_tokens: usize,
     pub eval_sequences: usize,
     pub out: PathBuf,
     pub save: Option<PathBuf>,
@@ -80,8 +65,7 @@ impl Options {
         let f = Flags::parse_usage(args, USAGE)?;
         let dim = f.positive("dim", 64)?;
         let epochs = f.positive("epochs", 4)?;
-        let o = Options {
-            data: f.path("data"),
+        let run = Settings {
             seed: f.number("seed", 0)?,
             tokenizer: f.choice("tokenizer", &["byte", "word"], "byte")?.to_string(),
             vocab_size: f.positive("vocab-size", 8192)?,
@@ -99,59 +83,49 @@ impl Options {
             lr: f.positive_real("lr", 1e-3)?,
             lr2: f.positive_real("lr2", 1e-4)?,
             hard_ratio: f.number("hard-ratio", 0.5)?,
+            max_new_tokens: f.positive("max-new-tokens", 32)?,
+        };
+        let o = Options {
+            run,
+            data: f.path("data"),
             modes: match f.choice("phase2-mode", &["both", "sequence", "token"], "both")? {
                 "sequence" => vec![Phase2Mode::Sequence],
                 "token" => vec![Phase2Mode::Token],
                 _ => vec![Phase2Mode::Sequence, Phase2Mode::Token],
             },
             prompt: f.text("prompt").map(String::from),
-            max_new_tokens: f.positive("max-new-tokens", 32)?,
             eval_sequences: f.positive("eval-sequences", 64)?,
             out: f.path("out").unwrap_or_else(|| PathBuf::from("out/true_early_exit")),
             save: f.path("save"),
             load: f.path("load"),
         };
         let bad = |msg: String| Err(FlagError::Invalid(msg));
-        if !(o.hard_ratio > 0.0 && o.hard_ratio < 1.0) {
-            return bad(format!("--hard-ratio: must be in (0, 1), not {}", o.hard_ratio));
+        if !(o.run.hard_ratio > 0.0 && o.run.hard_ratio < 1.0) {
+            return bad(format!("--hard-ratio: must be in (0, 1), not {}", o.run.hard_ratio));
         }
-        if o.phase2_layers <= o.phase1_layers {
-            let (p2, p1) = (o.phase2_layers, o.phase1_layers);
+        if o.run.phase2_layers <= o.run.phase1_layers {
+            let (p2, p1) = (o.run.phase2_layers, o.run.phase1_layers);
             return bad(format!("--phase2-layers ({p2}) must be more than --phase1-layers ({p1})"));
         }
-        if o.max_new_tokens >= o.seq_len {
-            let (n, s) = (o.max_new_tokens, o.seq_len);
+        if o.run.max_new_tokens >= o.run.seq_len {
+            let (n, s) = (o.run.max_new_tokens, o.run.seq_len);
             return bad(format!(
                 "--max-new-tokens ({n}) must be below --seq-len ({s}), to leave room for a prompt"
             ));
         }
-        if o.tokenizer == "word" && o.vocab_size < 2 {
+        if o.run.tokenizer == "word" && o.run.vocab_size < 2 {
             return bad("--vocab-size: must be at least 2 (<unk> and one word)".into());
         }
         Ok(o)
     }
 
-    /// The settings the report states.
+    /// The settings the report states: the flags', with the tokenizer actually used (a
+    /// loaded checkpoint brings its own).
     pub fn settings(&self, tokenizer: &Tokenizer) -> Settings {
-        let o = self;
         Settings {
-            seed: o.seed,
             tokenizer: tokenizer.kind().into(),
             vocab_size: tokenizer.vocab_size(),
-            seq_len: o.seq_len,
-            batch_size: o.batch_size,
-            dim: o.dim,
-            heads: o.heads,
-            ffn_hidden: o.ffn_hidden,
-            phase1_layers: o.phase1_layers,
-            phase2_layers: o.phase2_layers,
-            epochs: o.epochs,
-            phase2_epochs: o.phase2_epochs,
-            patience: o.patience,
-            lr: o.lr,
-            lr2: o.lr2,
-            hard_ratio: o.hard_ratio,
-            max_new_tokens: o.max_new_tokens,
+            ..self.run.clone()
         }
     }
 }
@@ -168,12 +142,22 @@ mod tests {
     fn every_flag_of_the_usage_parses_and_the_defaults_are_config_t() {
         let o = parse(&[]).unwrap();
         assert_eq!(
-            (o.dim, o.heads, o.ffn_hidden, o.seq_len, o.phase1_layers, o.phase2_layers),
+            (
+                o.run.dim,
+                o.run.heads,
+                o.run.ffn_hidden,
+                o.run.seq_len,
+                o.run.phase1_layers,
+                o.run.phase2_layers
+            ),
             (64, 4, 172, 64, 2, 4)
         );
         assert_eq!(lego::cli::flags_in_usage(USAGE).len(), 25); // 24 flags and --help
         let o = parse(&["--dim=32", "--phase2-mode", "token", "--lr", "0.01", "--out", "x"]).unwrap();
-        assert_eq!((o.dim, o.ffn_hidden, o.modes.as_slice(), o.lr), (32, 88, &[Phase2Mode::Token][..], 0.01));
+        assert_eq!(
+            (o.run.dim, o.run.ffn_hidden, o.modes.as_slice(), o.run.lr),
+            (32, 88, &[Phase2Mode::Token][..], 0.01)
+        );
     }
 
     #[test]
