@@ -5,8 +5,7 @@
 //! here, so the example reads as the list of its stages.
 //!
 //! **Training FLOPs** ([`Stage::flops`]) are 3 × the forward FLOPs of every position trained
-//! ([`cost::training_flops`](crate::model::cost::training_flops)): for phase 1 and the baseline
-//! every layer; for phase 2 only the upper layers and the deep head, over every position they
+//! ([`cost::training_flops`]): for phase 1 and the baseline every layer; for phase 2 only the upper layers and the deep head, over every position they
 //! ran, plus the one forward pass of the lower layers and the exit head over the training split
 //! that collected the hard examples. Validation passes for early stopping are not counted.
 
