@@ -1,7 +1,7 @@
 //! **TRUE early exit**: the LEGO experiment from start to finish (the spec's `colab4.py`).
 //!
 //! ```sh
-//! cargo run --release --example true_early_exit                      # synthetic corpus, ~4 min
+//! cargo run --release --example true_early_exit                      # synthetic corpus, ~4.5 min
 //! bash scripts/fetch-shakespeare.sh                                  # Shakespeare, 5 MB
 //! cargo run --release --example true_early_exit -- --data data/shakespeare --epochs 2
 //! cargo run --release --example true_early_exit -- --help
@@ -135,7 +135,7 @@ fn run(o: &Options) -> Result<()> {
     let primary = &phase2[0];
     let generation = measure::true_early_exit_generation(&primary.model, &tokenizer, &prompt, threshold, o)?;
     let table = measure::early_exit_table(&phase2, &data, o)?;
-    let frontier = measure::frontier(&phase1, &primary.model, &baseline, &tuned, &data)?;
+    let frontier = measure::frontier(&phase1, &primary.model, &baseline, &tuned, &data, o)?;
 
     // 13. Checkpoints and the report.
     if let Some(path) = &o.save {

@@ -258,7 +258,7 @@ pub fn early_exit_table(phase2: &[Phase2Run], data: &Dataset, o: &Options) -> Re
 
 // ----- 12. The frontier ----------------------------------------------------------------------------
 
-/// Every point on the whole test split, fed token by token through the early-exit engine (the
+/// Every point on the whole test split (or `--frontier-windows` of it), fed token by token through the early-exit engine (the
 /// same tokens and contexts for all; see `lego::report::frontier`): the phase-1 model, the
 /// baseline and LEGO at full depth, then LEGO and the baseline with a tuned exit head over
 /// every measure, fill and validation-calibrated threshold.
@@ -268,9 +268,10 @@ pub fn frontier(
     baseline: &LegoTransformer,
     tuned: &LegoTransformer,
     data: &Dataset,
+    o: &Options,
 ) -> Result<Frontier> {
     eprintln!("\n== frontier: test PPL against inference cost ==");
-    let (seqs, base) = (data.test_sequences(None), &baseline.config);
+    let (seqs, base) = (data.test_sequences(o.frontier_windows), &baseline.config);
     let mut points = Vec::new();
     for (name, model) in [("phase 1", phase1), ("baseline", baseline), ("LEGO at full depth", lego)] {
         points.push(FrontierPoint::measure(model, &seqs, None, base, name, "full depth")?);
@@ -300,8 +301,10 @@ pub fn print_frontier(
     (baseline, tuned): (&Stage, &Stage),
     o: &Options,
 ) -> Result<()> {
+    let windows =
+        o.frontier_windows.map_or("the whole test split".into(), |n| format!("the first {n} test windows"));
     println!(
-        "\n## Frontier (whole test split, token by token; cost = FLOPs per token / the baseline's)\n\n{}",
+        "\n## Frontier ({windows}, token by token; cost = FLOPs per token / the baseline's)\n\n{}",
         f.table()
     );
     let tuned_total = (baseline.seconds + tuned.seconds, baseline.flops + tuned.flops);

@@ -38,6 +38,7 @@ generation
                          first test document)
   --max-new-tokens N     tokens to generate; must leave room in --seq-len for the prompt (32)
   --eval-sequences N     test windows fed token by token for the early-exit table (64)
+  --frontier-windows N   test windows behind the frontier's points (all: the whole split)
 output
   --out DIR              where report.json, results.csv and frontier.svg go (out/true_early_exit)
   --save PATH            write the phase-2 training checkpoint to PATH, phase 1's beside it
@@ -54,6 +55,7 @@ pub struct Options {
     pub modes: Vec<Phase2Mode>,
     pub prompt: Option<String>,
     pub eval_sequences: usize,
+    pub frontier_windows: Option<usize>,
     pub out: PathBuf,
     pub save: Option<PathBuf>,
     pub load: Option<PathBuf>,
@@ -95,6 +97,7 @@ impl Options {
             },
             prompt: f.text("prompt").map(String::from),
             eval_sequences: f.positive("eval-sequences", 64)?,
+            frontier_windows: f.optional_positive("frontier-windows")?,
             out: f.path("out").unwrap_or_else(|| PathBuf::from("out/true_early_exit")),
             save: f.path("save"),
             load: f.path("load"),
@@ -152,7 +155,7 @@ mod tests {
             ),
             (64, 4, 172, 64, 2, 4)
         );
-        assert_eq!(lego::cli::flags_in_usage(USAGE).len(), 25); // 24 flags and --help
+        assert_eq!(lego::cli::flags_in_usage(USAGE).len(), 26); // 25 flags and --help
         let o = parse(&["--dim=32", "--phase2-mode", "token", "--lr", "0.01", "--out", "x"]).unwrap();
         assert_eq!(
             (o.run.dim, o.run.ffn_hidden, o.modes.as_slice(), o.run.lr),
