@@ -400,10 +400,12 @@ fn print_table(rows: &[Row]) {
             ),
         }
         let header = match part {
-            "decode" => format!(
-                "{:<4} {:>5} {:>3} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
-                "cfg", "batch", "thr", "tok/s", "best", "decode ms", "gen1 ms", "gen128 ms", "e2e tok/s"
-            ) + &format!(" {:>8} {:>9} {:>7}", "read GB/s", "roof tok/s", "of roof"),
+            "decode" => {
+                format!(
+                    "{:<4} {:>5} {:>3} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
+                    "cfg", "batch", "thr", "tok/s", "best", "decode ms", "gen1 ms", "gen128 ms", "e2e tok/s"
+                ) + &format!(" {:>8} {:>9} {:>7}", "read GB/s", "roof tok/s", "of roof")
+            }
             "prefill" => format!(
                 "{:<4} {:>5} {:>3} {:>10} {:>10} {:>10}",
                 "cfg", "batch", "thr", "tok/s", "best", "ms"
@@ -416,23 +418,25 @@ fn print_table(rows: &[Row]) {
         println!("{header}");
         for r in mine {
             let line = match part {
-                "decode" => format!(
-                    "{:<4} {:>5} {:>3} {:>10.1} {:>10.1} {:>10.1} {:>10} {:>10} {:>9}",
-                    r.config,
-                    r.batch,
-                    r.threads,
-                    r.tok_s,
-                    r.tok_s_best,
-                    r.median_ms,
-                    fmt(r.extra("gen1_ms")),
-                    fmt(r.extra("gen128_ms")),
-                    fmt(r.extra("e2e_tok_s")),
-                ) + &format!(
-                    " {:>8} {:>9} {:>7}",
-                    fmt(r.extra("read_gb_s")),
-                    fmt(r.extra("roof_tok_s")),
-                    r.extra("roof_share").map_or("-".into(), |x| format!("{:.0} %", 100.0 * x))
-                ),
+                "decode" => {
+                    format!(
+                        "{:<4} {:>5} {:>3} {:>10.1} {:>10.1} {:>10.1} {:>10} {:>10} {:>9}",
+                        r.config,
+                        r.batch,
+                        r.threads,
+                        r.tok_s,
+                        r.tok_s_best,
+                        r.median_ms,
+                        fmt(r.extra("gen1_ms")),
+                        fmt(r.extra("gen128_ms")),
+                        fmt(r.extra("e2e_tok_s")),
+                    ) + &format!(
+                        " {:>8} {:>9} {:>7}",
+                        fmt(r.extra("read_gb_s")),
+                        fmt(r.extra("roof_tok_s")),
+                        r.extra("roof_share").map_or("-".into(), |x| format!("{:.0} %", 100.0 * x))
+                    )
+                }
                 "prefill" => format!(
                     "{:<4} {:>5} {:>3} {:>10.1} {:>10.1} {:>10.2}",
                     r.config, r.batch, r.threads, r.tok_s, r.tok_s_best, r.median_ms

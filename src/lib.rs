@@ -17,13 +17,16 @@
 //!   cache, the graph-free decoding engine, generation and TRUE early exit, checkpoints;
 //! - [`train`]: the two training phases, hard examples, evaluation;
 //! - [`data`]: text, document splits, tokenizers, batches, the synthetic corpus;
-//! - [`io`]: JSON, safetensors and atomic writes.
+//! - [`io`]: JSON, safetensors and atomic writes;
+//! - [`report`]: tables, CSV, the quality-versus-compute frontier and its SVG picture;
+//! - [`cli`]: the command-line flags of the examples and benches.
 //!
 //! A token's path to its gradient: [`model::LegoTransformer::forward`] → [`nn::Block::forward`]
 //! → the ops in [`ops`] → [`Tensor::backward`] in [`tensor::autograd`].
 
 #![warn(missing_docs)]
 
+pub mod cli;
 pub mod data;
 pub mod error;
 pub mod io;
@@ -32,6 +35,7 @@ pub mod model;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod report;
 pub mod tensor;
 pub mod train;
 

@@ -22,6 +22,8 @@
 //!   *training* split), with JSON serialisation for a checkpoint's metadata;
 //! - [`batches`](mod@batches): [`make_sequences`], [`Batch`], [`batches()`] and the
 //!   specification's random [`create_synthetic_data`];
+//! - [`dataset`]: [`Dataset`], a whole split as training, validation and test batches in one
+//!   call;
 //! - [`synthetic`]: a small generated language with easy and hard tokens, the examples' default
 //!   corpus when no download is wanted.
 //!
@@ -50,12 +52,14 @@
 //! ```
 
 pub mod batches;
+pub mod dataset;
 pub mod split;
 pub mod synthetic;
 pub mod text;
 pub mod tokenizer;
 
 pub use batches::{Batch, batches, create_synthetic_data, make_sequences, sequences_from_documents};
+pub use dataset::Dataset;
 pub use split::{Split, split_documents};
 pub use synthetic::{SyntheticConfig, generate_corpus};
 pub use text::{Document, load_texts, split_blocks};

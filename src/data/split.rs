@@ -7,11 +7,14 @@
 //! then reported; with three disjoint document sets, hard examples and early stopping use
 //! train and validation, and the report uses test.
 
+use std::collections::BTreeMap;
+
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
 use super::text::Document;
+
 use crate::error::{Error, Result};
 use crate::io::json::Json;
 
@@ -40,6 +43,31 @@ impl Split {
     /// The names of the test documents, in order.
     pub fn test_names(&self) -> Vec<&str> {
         names(&self.test)
+    }
+
+    /// The metadata entries that tie a checkpoint to this split: `split.test` and `split.val`,
+    /// each the document names joined by commas.
+    pub fn to_metadata(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("split.test".into(), self.test_names().join(",")),
+            ("split.val".into(), self.val_names().join(",")),
+        ])
+    }
+
+    /// Checks that checkpoint metadata ([`Split::to_metadata`]) names this split's test
+    /// documents: a model trained with other test documents may have trained on this run's
+    /// test text, which would leak into the results. The error names `origin` (the file) and
+    /// both lists.
+    pub fn check_metadata(&self, metadata: &BTreeMap<String, String>, origin: &str) -> Result<()> {
+        let (theirs, ours) =
+            (metadata.get("split.test").map_or("", String::as_str), self.test_names().join(","));
+        if theirs == ours {
+            return Ok(());
+        }
+        Err(Error::Input(format!(
+            "{origin}: trained with test documents [{theirs}], but this run's are [{ours}]; \
+             pass the same --data and --seed (training on test text would leak)"
+        )))
     }
 
     /// The split for a report: `{"train": [names], "val": [names], "test": [names]}`.
@@ -165,5 +193,19 @@ mod tests {
         let json = split.to_json();
         let count = |key: &str| json.get(key).unwrap().as_array().unwrap().len();
         assert_eq!((count("train"), count("val"), count("test")), (1, 1, 1));
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_split_is_refused() {
+        let split = split_documents(corpus(6), 2, 1, 5).unwrap();
+        let meta = split.to_metadata();
+        split.check_metadata(&meta, "a.safetensors").unwrap();
+        let other = split_documents(corpus(6), 2, 1, 6).unwrap();
+        if other.test_names() != split.test_names() {
+            let err = other.check_metadata(&meta, "a.safetensors").unwrap_err().to_string();
+            assert!(err.contains("a.safetensors: trained with test documents ["), "{err}");
+        }
+        let err = split.check_metadata(&BTreeMap::new(), "b").unwrap_err().to_string();
+        assert!(err.contains("test documents []"), "{err}");
     }
 }

@@ -58,6 +58,29 @@ pub enum Json {
 }
 
 impl Json {
+    /// An object from `(key, value)` pairs, in their order.
+    ///
+    /// ```
+    /// use lego::io::json::Json;
+    /// let v = Json::object([("a", Json::from(1usize)), ("b", Json::Null)]);
+    /// assert_eq!(v.to_string_compact(), r#"{"a":1,"b":null}"#);
+    /// ```
+    pub fn object<K: Into<String>>(pairs: impl IntoIterator<Item = (K, Json)>) -> Json {
+        Json::Object(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    }
+
+    /// An `f32` as the shortest decimal that reads back as it (`0.001`), where
+    /// [`From<f32>`](Json#impl-From<f32>-for-Json) keeps the exact binary value widened to
+    /// `f64` (`0.0010000000474974513`).
+    ///
+    /// ```
+    /// use lego::io::json::Json;
+    /// assert_eq!(Json::f32_decimal(0.001).to_string_compact(), "0.001");
+    /// ```
+    pub fn f32_decimal(x: f32) -> Json {
+        Json::Number(x.to_string().parse::<f64>().unwrap_or(f64::NAN))
+    }
+
     /// The value under `key` if this is an object that has it (the first, if it appears twice).
     pub fn get(&self, key: &str) -> Option<&Json> {
         match self {

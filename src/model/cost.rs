@@ -24,6 +24,7 @@
 //! gate and the exit head; one that goes deep pays full depth and the gate, never the exit head.
 
 use super::LegoConfig;
+use super::early_exit::{ExitMeasure, ExitRule, UpperCacheFill};
 
 /// FLOPs of one layer for one token that attends to `ctx` positions.
 pub fn layer_flops(c: &LegoConfig, ctx: usize) -> f64 {
@@ -96,6 +97,53 @@ pub fn weight_bytes_per_token(c: &LegoConfig) -> f64 {
     ((c.num_layers * per_layer + c.vocab_size * c.dim + c.dim) * 4) as f64
 }
 
+/// The mean of `per_context(ctx)` over a window of `len` tokens, whose contexts are `1..=len`
+/// (the token at position `p` attends to `p + 1` positions).
+pub fn mean_over_window(len: usize, per_context: impl Fn(usize) -> f64) -> f64 {
+    (1..=len).map(per_context).sum::<f64>() / len.max(1) as f64
+}
+
+/// The mean FLOPs of one layer for a token of a window of `len` tokens.
+pub fn mean_layer_flops(c: &LegoConfig, len: usize) -> f64 {
+    mean_over_window(len, |ctx| layer_flops(c, ctx))
+}
+
+/// Training FLOPs of `layers` layers and one head over `tokens` tokens in windows of `len`:
+/// 3 × the forward FLOPs (the backward pass costs about twice the forward).
+pub fn training_flops(c: &LegoConfig, layers: usize, tokens: f64, len: usize) -> f64 {
+    3.0 * tokens * (layers as f64 * mean_layer_flops(c, len) + head_flops(c))
+}
+
+/// The mean FLOPs per token of early-exit decoding under `rule` over windows of `len` tokens,
+/// when a share `shallow_ratio` of the tokens exit: a shallow token pays the lower layers and
+/// the exit check (whose logits are its output), plus its upper-cache fill with
+/// [`UpperCacheFill::Propagate`]; a deep token pays the lower layers, the check, the upper
+/// layers and the final head. Exits are taken as spread evenly over the positions (the context
+/// length only changes attention's share, a few per cent of a layer at our sizes).
+///
+/// Each [`ExitMeasure`] states what its check costs here, so a new measure cannot be swept
+/// without saying what it costs.
+pub fn early_exit_flops(c: &LegoConfig, len: usize, shallow_ratio: f64, rule: &ExitRule) -> f64 {
+    let (shallow, deep) = match rule.measure {
+        // The check is the exit head itself: a shallow token's output, paid again by a deep one.
+        ExitMeasure::MaxSoftmax => (
+            mean_over_window(len, |ctx| shallow_flops(c, ctx)),
+            mean_over_window(len, |ctx| deep_flops(c, ctx)),
+        ),
+        // The check is the gate (a norm and a dot product); only a shallow token runs the exit
+        // head, for its output.
+        ExitMeasure::Gate => (
+            mean_over_window(len, |ctx| gate_shallow_flops(c, ctx)),
+            mean_over_window(len, |ctx| gate_deep_flops(c, ctx)),
+        ),
+    };
+    let fill = match rule.fill {
+        UpperCacheFill::Skip => 0.0,
+        UpperCacheFill::Propagate => propagate_flops(c),
+    };
+    shallow_ratio * (shallow + fill) + (1.0 - shallow_ratio) * deep
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +171,21 @@ mod tests {
         assert_eq!(gate_shallow_flops(&c, 32) - shallow_flops(&c, 32), 6.0 * 64.0);
         // The max-softmax check makes a deep token pay a second head; the gate does not.
         assert!(gate_deep_flops(&c, 32) < deep_flops(&c, 32));
+    }
+
+    #[test]
+    fn early_exit_flops_run_from_all_deep_to_all_shallow() {
+        let c = LegoConfig::new(256, 64, 4, 4, 172, 64);
+        let (len, skip) = (64, ExitRule::new(0.5, UpperCacheFill::Skip));
+        let all_deep = mean_over_window(len, |ctx| deep_flops(&c, ctx));
+        let all_shallow = mean_over_window(len, |ctx| shallow_flops(&c, ctx));
+        assert_eq!(early_exit_flops(&c, len, 0.0, &skip), all_deep);
+        assert_eq!(early_exit_flops(&c, len, 1.0, &skip), all_shallow);
+        let propagate = ExitRule::new(0.5, UpperCacheFill::Propagate);
+        let gap = early_exit_flops(&c, len, 0.5, &propagate) - early_exit_flops(&c, len, 0.5, &skip);
+        assert!((gap - 0.5 * propagate_flops(&c)).abs() < 1e-6 * all_deep);
+        // Three contexts: the mean of 1, 2 and 3.
+        assert_eq!(mean_over_window(3, |ctx| ctx as f64), 2.0);
+        assert_eq!(training_flops(&c, 4, 10.0, 8), 30.0 * (4.0 * mean_layer_flops(&c, 8) + head_flops(&c)));
     }
 }

@@ -45,14 +45,16 @@ impl ExitHead {
         self.output.forward(&self.norm.forward(h))
     }
 
-    fn deep_clone(&self) -> ExitHead {
+    /// A copy with its own weight buffers (the same frozen state).
+    pub fn deep_clone(&self) -> ExitHead {
         let mut e = self.clone();
         e.norm.weight = e.norm.weight.deep_clone();
         e.output.weight = e.output.weight.deep_clone();
         e
     }
 
-    fn set_frozen(&self, frozen: bool) {
+    /// Freezes (`true`) or unfreezes both weights.
+    pub fn set_frozen(&self, frozen: bool) {
         self.norm.weight.set_requires_grad(!frozen);
         self.output.weight.set_requires_grad(!frozen);
     }

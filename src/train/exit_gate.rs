@@ -174,6 +174,31 @@ pub fn train_exit_gate(
     Ok((gate, report))
 }
 
+/// The threshold on the model's exit-gate probability under which `hard_ratio` of the tokens
+/// of `batches` fall (so that about `1 − hard_ratio` of them exit): the gate's counterpart of
+/// [`compute_confidence_threshold`](super::compute_confidence_threshold), an exact quantile.
+/// An error if the model has no gate, or on non-finite scores.
+pub fn compute_gate_threshold(model: &LegoTransformer, batches: &[Batch], hard_ratio: f32) -> Result<f32> {
+    check_ratio(hard_ratio)?;
+    let gate = model
+        .exit_gate
+        .as_ref()
+        .ok_or_else(|| Error::Input("compute_gate_threshold: the model has no exit gate".into()))?;
+    let norm = &model.exit().norm;
+    let mut normed = vec![0.0; model.config.dim];
+    let mut p = Vec::new();
+    exit_states(model, batches, "compute_gate_threshold", |h, _| {
+        p.push(gate.probability(norm, h, &mut normed))
+    })?;
+    if p.is_empty() {
+        return Err(Error::Input("compute_gate_threshold: no tokens in the batches".into()));
+    }
+    if let Some(bad) = p.iter().find(|x| !x.is_finite()) {
+        return Err(Error::NonFinite(format!("compute_gate_threshold: a token's gate score is {bad}")));
+    }
+    Ok(quantile_threshold(&mut p, hard_ratio))
+}
+
 /// How the model's exit gate (at its own threshold) and the max-softmax confidence (at
 /// `softmax_threshold`) route the tokens of `batches`: agreement and exit shares. An error if
 /// the model has no gate, or on non-finite exit logits or gate scores.

@@ -14,20 +14,28 @@
 //!           [LegoTransformer::extend, Trainer::train_upper_layers_with_early_stopping]
 //! evaluate  loss, PPL, accuracy and the early-exit statistics   [Trainer::evaluate]
 //! ```
+//!
+//! What LEGO is compared with: the deep baseline trained from scratch, and that baseline with
+//! a tuned exit head ([`tuned_exit_head`]: body frozen, a copy of its head trained at the exit
+//! layer) [Trainer::tune_exit_head_with_early_stopping].
 
 pub mod checkpoint;
 pub mod exit_gate;
 pub mod hard_examples;
 pub mod trainer;
+pub mod tuned_exit_head;
 pub mod utils;
 
 pub use checkpoint::{
     OptimizerState, TrainingCheckpoint, load_training_checkpoint, save_training_checkpoint,
 };
-pub use exit_gate::{ExitGateOptions, ExitGateReport, GateAgreement, gate_agreement, train_exit_gate};
+pub use exit_gate::{
+    ExitGateOptions, ExitGateReport, GateAgreement, compute_gate_threshold, gate_agreement, train_exit_gate,
+};
 pub use hard_examples::{
     HardBatch, HardExamples, Phase2Mode, collect_hard_examples, compute_confidence_threshold,
     create_hard_example_loader, evaluate_on_hard_examples,
 };
 pub use trainer::{EvalStats, History, Phase2History, TrainOptions, Trainer};
+pub use tuned_exit_head::{ExitHeadEpoch, ExitHeadHistory};
 pub use utils::{Device, get_device, set_seed};

@@ -164,7 +164,7 @@ pub struct Trainer {
 /// The snapshot holds the parameters' buffers themselves (shared `Arc`s, no copy); the next
 /// optimizer step then copies each parameter before writing it (copy-on-write), so keeping the
 /// best weights costs one copy of the model per improving epoch.
-struct EarlyStopping {
+pub(super) struct EarlyStopping {
     best: f64,
     /// The epoch the snapshot was taken after (0: the weights the phase started with).
     best_epoch: usize,
@@ -174,7 +174,7 @@ struct EarlyStopping {
 }
 
 impl EarlyStopping {
-    fn new(model: &LegoTransformer, patience: usize) -> EarlyStopping {
+    pub(super) fn new(model: &LegoTransformer, patience: usize) -> EarlyStopping {
         EarlyStopping {
             best: f64::INFINITY,
             best_epoch: 0,
@@ -186,7 +186,7 @@ impl EarlyStopping {
 
     /// Records epoch `epoch`'s validation perplexity; returns (whether it is the best so far,
     /// whether to stop now).
-    fn update(&mut self, model: &LegoTransformer, epoch: usize, ppl: f64) -> (bool, bool) {
+    pub(super) fn update(&mut self, model: &LegoTransformer, epoch: usize, ppl: f64) -> (bool, bool) {
         if ppl < self.best {
             self.best = ppl;
             self.best_epoch = epoch;
@@ -201,7 +201,7 @@ impl EarlyStopping {
 
     /// Puts the best weights back into the model. If the phase ended in `outcome`'s error,
     /// the error's message then says which weights the model was left with.
-    fn restore<T>(self, model: &LegoTransformer, outcome: Result<T>) -> Result<T> {
+    pub(super) fn restore<T>(self, model: &LegoTransformer, outcome: Result<T>) -> Result<T> {
         for (p, v) in model.params().iter().zip(self.snapshot) {
             p.set_data(std::sync::Arc::unwrap_or_clone(v));
         }
@@ -220,7 +220,7 @@ fn snapshot(model: &LegoTransformer) -> Vec<std::sync::Arc<Vec<f32>>> {
     model.params().iter().map(Tensor::data).collect()
 }
 
-fn check_batches(model: &LegoTransformer, batches: &[Batch], what: &str) -> Result<()> {
+pub(super) fn check_batches(model: &LegoTransformer, batches: &[Batch], what: &str) -> Result<()> {
     if batches.is_empty() {
         return Err(Error::Input(format!("{what}: no batches")));
     }
@@ -236,18 +236,18 @@ fn check_batches(model: &LegoTransformer, batches: &[Batch], what: &str) -> Resu
 }
 
 /// Progress on stderr at most every half second.
-struct Progress {
+pub(super) struct Progress {
     start: Instant,
     last: Instant,
     on: bool,
 }
 
 impl Progress {
-    fn new(on: bool) -> Progress {
+    pub(super) fn new(on: bool) -> Progress {
         Progress { start: Instant::now(), last: Instant::now(), on }
     }
     #[allow(clippy::too_many_arguments)]
-    fn tick(
+    pub(super) fn tick(
         &mut self,
         label: &str,
         epoch: usize,
@@ -285,7 +285,7 @@ impl Trainer {
     /// Returns the loss. A loss that is not finite is an error naming the epoch and the step
     /// (both from 1), raised before the backward pass, so that its NaN gradients never reach
     /// the weights.
-    fn backward_and_step(
+    pub(super) fn backward_and_step(
         &self,
         loss: &Tensor,
         opt: &mut AdamW,
@@ -309,7 +309,7 @@ impl Trainer {
         Ok(l)
     }
 
-    fn schedule(&self, opt: &AdamW, steps_per_epoch: usize) -> CosineSchedule {
+    pub(super) fn schedule(&self, opt: &AdamW, steps_per_epoch: usize) -> CosineSchedule {
         let total = (self.options.max_epochs * steps_per_epoch) as u64;
         let lr = opt.config.lr;
         CosineSchedule {
