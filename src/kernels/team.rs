@@ -83,6 +83,9 @@ struct Shared {
     lock: Mutex<()>,
     wake: Condvar,
     shutdown: AtomicBool,
+    /// Workers that have started (a new team waits for all, so none is still starting, and
+    /// allocating as threads do when they start, when the first job runs).
+    started: AtomicUsize,
 }
 
 /// A team of `size − 1` worker threads plus the calling thread (see the module doc).
@@ -105,6 +108,7 @@ impl Team {
             lock: Mutex::new(()),
             wake: Condvar::new(),
             shutdown: AtomicBool::new(false),
+            started: AtomicUsize::new(0),
         });
         let workers = (1..size)
             .map(|index| {
@@ -114,7 +118,8 @@ impl Team {
                     .spawn(move || worker(&shared))
                     .expect("cannot start a decode team thread")
             })
-            .collect();
+            .collect::<Vec<_>>();
+        spin_until(|| shared.started.load(Ordering::Acquire) == workers.len());
         Team { shared, workers, busy: Mutex::new(()) }
     }
 
@@ -189,6 +194,7 @@ impl Drop for Team {
 
 /// A worker's life: wait for a job, run its part, report, again; until shutdown.
 fn worker(s: &Shared) {
+    s.started.fetch_add(1, Ordering::Release);
     // The generation the team was made with (not the current one: a job may have been
     // published before this thread got to run, and it must still take part in it).
     let mut seen = 0;
