@@ -202,17 +202,17 @@ impl LegoTransformer {
     /// let config = LegoConfig { vocab_size: 32, dim: 16, num_heads: 2, ffn_hidden: 32, ..LegoConfig::t() };
     /// let model = LegoTransformer::new(config, &mut Tensor::rng(0)).unwrap(); // 4 layers, exit at 2
     /// let prompts = vec![vec![1, 2, 3], vec![4, 5, 6]];
-    /// let greedy = Sampling::greedy();
+    /// let (greedy, skip) = (Sampling::greedy(), UpperCacheFill::Skip);
     ///
     /// // Threshold 0: every generated token exits; the upper layers ran once, for the prompts.
     /// model.reset_layer_calls();
-    /// let (out, stats) = model.generate_with_early_exit(&prompts, 5, 0.0, &greedy, UpperCacheFill::Skip).unwrap();
+    /// let (out, stats) = model.generate_with_early_exit(&prompts, 5, 0.0, &greedy, skip).unwrap();
     /// assert_eq!(out[0].len(), 3 + 5);
     /// assert_eq!((stats.shallow_count, stats.deep_count, stats.shallow_ratio), (10, 0, 1.0));
     /// assert_eq!((model.layer_calls(1), model.layer_calls(2)), (5, 1));
     ///
     /// // Above 1: no token exits, and the tokens are those of full-depth generation.
-    /// let (out, stats) = model.generate_with_early_exit(&prompts, 5, 1.5, &greedy, UpperCacheFill::Skip).unwrap();
+    /// let (out, stats) = model.generate_with_early_exit(&prompts, 5, 1.5, &greedy, skip).unwrap();
     /// assert_eq!(stats.deep_count, 10);
     /// assert_eq!(out, model.generate(&prompts, 5, &greedy).unwrap());
     /// ```
