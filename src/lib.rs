@@ -23,6 +23,11 @@
 //!
 //! A token's path to its gradient: [`model::LegoTransformer::forward`] → [`nn::Block::forward`]
 //! → the ops in [`ops`] → [`Tensor::backward`] in [`tensor::autograd`].
+//!
+//! **Start with the [`walkthrough`]** (`docs/walkthrough.md`): a guided reading from a token id
+//! to the loss, the backward walk and the AdamW update, then LEGO's two phases, the split KV
+//! caches and TRUE early exit, each stop naming the file and item to read. Its code blocks are
+//! this crate's doctests, so they run under `cargo test`.
 
 #![warn(missing_docs)]
 
@@ -38,6 +43,11 @@ pub mod optim;
 pub mod report;
 pub mod tensor;
 pub mod train;
+
+/// The walkthrough, `docs/walkthrough.md`, included here so that `cargo test` runs its code
+/// blocks and `cargo doc` renders it.
+#[doc = include_str!("../docs/walkthrough.md")]
+pub mod walkthrough {}
 
 pub use error::{Error, Result};
 pub use tensor::{Tensor, is_grad_enabled, no_grad};

@@ -149,6 +149,31 @@ struct StepRows {
 
 /// The graph-free inference engine of a [`LegoTransformer`] for a batch of cache rows: the split
 /// KV cache, the workspace, and the rows of the current step (see the module doc).
+///
+/// A prompt, then one more token, by hand: [`begin`](Decoder::begin) a step,
+/// run [`layers`](Decoder::layers), ask for [`logits`](Decoder::logits).
+///
+/// ```
+/// use lego::{Tensor, no_grad};
+/// use lego::model::{Decoder, LegoConfig, LegoTransformer, Tokens};
+///
+/// let config = LegoConfig { vocab_size: 32, dim: 16, num_heads: 2, ffn_hidden: 32, ..LegoConfig::t() };
+/// let model = LegoTransformer::new(config, &mut Tensor::rng(0)).unwrap();
+/// let n = model.layers.len();
+/// let mut dec = Decoder::new(&model, 1, 4); // one cache row, steps of up to 4 tokens
+/// dec.begin(&[0], &[4], &[3, 1, 4, 1]).unwrap(); // row 0 brings its prompt
+/// dec.layers(0..n);
+/// dec.logits(&model.head, Tokens::LastOfEach).unwrap();
+/// dec.begin(&[0], &[1], &[5]).unwrap(); // then one token, at position 4
+/// dec.layers(0..n);
+/// dec.logits(&model.head, Tokens::LastOfEach).unwrap();
+/// assert_eq!((dec.position(0), dec.cache().lower.len(0)), (5, 5));
+///
+/// // What the training graph computes for the whole sequence, at its last position.
+/// let full = no_grad(|| model.forward(&[3, 1, 4, 1, 5], 1).unwrap()).to_vec();
+/// let want = &full[4 * 32..];
+/// assert!(dec.logits_row(0).iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-4));
+/// ```
 pub struct Decoder<'m> {
     model: &'m LegoTransformer,
     cache: KvCache,

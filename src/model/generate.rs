@@ -194,6 +194,28 @@ impl LegoTransformer {
     /// upper layers when its confidence at the exit is at least `routing_threshold` (a threshold
     /// above 1 never exits; 0 always does). Returns each row's prompt and new tokens, and the
     /// statistics.
+    ///
+    /// ```
+    /// use lego::Tensor;
+    /// use lego::model::{LegoConfig, LegoTransformer, Sampling, UpperCacheFill};
+    ///
+    /// let config = LegoConfig { vocab_size: 32, dim: 16, num_heads: 2, ffn_hidden: 32, ..LegoConfig::t() };
+    /// let model = LegoTransformer::new(config, &mut Tensor::rng(0)).unwrap(); // 4 layers, exit at 2
+    /// let prompts = vec![vec![1, 2, 3], vec![4, 5, 6]];
+    /// let (greedy, skip) = (Sampling::greedy(), UpperCacheFill::Skip);
+    ///
+    /// // Threshold 0: every generated token exits; the upper layers ran once, for the prompts.
+    /// model.reset_layer_calls();
+    /// let (out, stats) = model.generate_with_early_exit(&prompts, 5, 0.0, &greedy, skip).unwrap();
+    /// assert_eq!(out[0].len(), 3 + 5);
+    /// assert_eq!((stats.shallow_count, stats.deep_count, stats.shallow_ratio), (10, 0, 1.0));
+    /// assert_eq!((model.layer_calls(1), model.layer_calls(2)), (5, 1));
+    ///
+    /// // Above 1: no token exits, and the tokens are those of full-depth generation.
+    /// let (out, stats) = model.generate_with_early_exit(&prompts, 5, 1.5, &greedy, skip).unwrap();
+    /// assert_eq!(stats.deep_count, 10);
+    /// assert_eq!(out, model.generate(&prompts, 5, &greedy).unwrap());
+    /// ```
     pub fn generate_with_early_exit(
         &self,
         prompts: &[Vec<usize>],
@@ -210,6 +232,27 @@ impl LegoTransformer {
     /// The generation loop behind every entry point (see the module doc): each row's prompt
     /// followed by its new tokens, and the statistics (at full depth every token counts as
     /// deep).
+    ///
+    /// ```
+    /// use lego::Tensor;
+    /// use lego::model::{ExitRule, GenerateOptions, LegoConfig, LegoTransformer, Sampling, UpperCacheFill};
+    ///
+    /// let config = LegoConfig { vocab_size: 32, dim: 16, num_heads: 2, ffn_hidden: 32, ..LegoConfig::t() };
+    /// let model = LegoTransformer::new(config, &mut Tensor::rng(0)).unwrap();
+    /// let prompts = vec![vec![7, 8, 9]];
+    ///
+    /// // Sampled at temperature 0.8 from the top 5 tokens, seeded: the same call, the same tokens.
+    /// let sampling = Sampling { temperature: 0.8, top_k: 5, top_p: 1.0, seed: 42 };
+    /// let options = GenerateOptions { sampling, ..GenerateOptions::greedy(6) };
+    /// let (a, _) = model.generate_with(&prompts, &options).unwrap();
+    /// assert_eq!(a, model.generate_with(&prompts, &options).unwrap().0);
+    ///
+    /// // The same options with TRUE early exit (here with the upper cache filled for exited tokens).
+    /// let rule = ExitRule::new(0.05, UpperCacheFill::Propagate);
+    /// let (b, stats) = model.generate_with(&prompts, &options.with_exit(rule)).unwrap();
+    /// assert_eq!((b[0].len(), stats.shallow_count + stats.deep_count), (3 + 6, 6));
+    /// assert_eq!(stats.confidences[0].len(), 6); // each token's confidence at the exit
+    /// ```
     pub fn generate_with(
         &self,
         prompts: &[Vec<usize>],

@@ -315,7 +315,24 @@ impl LegoTransformer {
     }
 
     /// **Spec `forward(x)`**: logits `[B, T, V]` for every position, through all layers and the
-    /// deep head.
+    /// deep head. This is the training path: it builds the autodiff graph (unless run under
+    /// [`no_grad`](crate::no_grad)). Ids laid out `[B, T]` row-major; an id outside the
+    /// vocabulary or a sequence longer than `max_seq_len` is an error.
+    ///
+    /// ```
+    /// use lego::Tensor;
+    /// use lego::model::{LegoConfig, LegoTransformer};
+    ///
+    /// let config = LegoConfig { vocab_size: 32, dim: 16, num_heads: 2, ffn_hidden: 32, ..LegoConfig::t() };
+    /// let model = LegoTransformer::new(config, &mut Tensor::rng(0)).unwrap();
+    /// let logits = model.forward(&[1, 2, 3, 4, 5, 6], 2).unwrap(); // [B, T] = [2, 3]
+    /// assert_eq!(logits.shape(), &[2, 3, 32]); // [B, T, V]
+    /// assert_eq!(model.layer_calls(3), 1); // every layer ran
+    /// let loss = logits.cross_entropy(&[2, 3, 4, 5, 6, 7], None); // the next tokens
+    /// loss.backward();
+    /// assert!(model.tok_embeddings.grad().is_some());
+    /// assert!(model.forward(&[1, 32], 1).is_err()); // 32 is outside the vocabulary
+    /// ```
     pub fn forward(&self, ids: &[usize], batch: usize) -> Result<Tensor> {
         let h = self.embed(ids, batch)?;
         let h = self.run_layers(&h, 0..self.layers.len());
@@ -352,6 +369,29 @@ impl LegoTransformer {
     /// the new layers are random ([`ExtendInit::Random`]; see [`extend_with`] for stacking).
     /// With `freeze_lower`, the embedding and the lower layers are frozen.
     ///
+    /// ```
+    /// use lego::Tensor;
+    /// use lego::model::{LegoConfig, LegoTransformer};
+    ///
+    /// let config = LegoConfig {
+    ///     vocab_size: 32, dim: 16, num_layers: 2, num_heads: 2, ffn_hidden: 32, max_seq_len: 16,
+    ///     exit_layer: 2, ..LegoConfig::t()
+    /// };
+    /// let shallow = LegoTransformer::new(config, &mut Tensor::rng(0)).unwrap(); // phase 1's model
+    /// let deep = shallow.extend(4, 0.3, true, &mut Tensor::rng(1)).unwrap();
+    /// assert_eq!((deep.config.num_layers, deep.config.exit_layer), (4, 2));
+    /// assert_eq!(deep.config.routing_threshold, 0.3);
+    /// // The exit head is a frozen copy of the shallow model's head; the deep head trains.
+    /// let exit = deep.exit_head.as_ref().unwrap();
+    /// assert_eq!(exit.output.weight.to_vec(), shallow.head.output.weight.to_vec());
+    /// assert!(!exit.output.weight.requires_grad_flag() && deep.head.output.weight.requires_grad_flag());
+    /// // freeze_lower: the embedding and layers 0..2 are frozen, the new layers train.
+    /// assert!(!deep.tok_embeddings.requires_grad_flag());
+    /// assert!(!deep.layers[0].attention.wq.weight.requires_grad_flag());
+    /// assert!(deep.layers[3].attention.wq.weight.requires_grad_flag());
+    /// assert!(shallow.extend(2, 0.3, true, &mut Tensor::rng(1)).is_err()); // it can only grow
+    /// ```
+    ///
     /// [`extend_with`]: LegoTransformer::extend_with
     pub fn extend(
         &self,
@@ -363,7 +403,29 @@ impl LegoTransformer {
         self.extend_with(num_layers, routing_threshold, freeze_lower, ExtendInit::Random, rng)
     }
 
-    /// [`extend`](LegoTransformer::extend) with a choice of how to initialise the new layers.
+    /// [`extend`](LegoTransformer::extend) with a choice of how to initialise the new layers
+    /// ([`ExtendInit`]). With [`ExtendInit::Identity`] the new blocks add nothing to the
+    /// residual stream, so the deeper model computes exactly the logits of this one:
+    ///
+    /// ```
+    /// use lego::{Tensor, no_grad};
+    /// use lego::model::transformer::ExtendInit;
+    /// use lego::model::{LegoConfig, LegoTransformer};
+    ///
+    /// let config = LegoConfig {
+    ///     vocab_size: 32, dim: 16, num_layers: 2, num_heads: 2, ffn_hidden: 32, max_seq_len: 16,
+    ///     exit_layer: 2, ..LegoConfig::t()
+    /// };
+    /// let shallow = LegoTransformer::new(config, &mut Tensor::rng(0)).unwrap();
+    /// let deep = shallow.extend_with(4, 0.3, true, ExtendInit::Identity, &mut Tensor::rng(1)).unwrap();
+    /// let ids = [1, 5, 9, 13, 17];
+    /// let logits = |m: &LegoTransformer| no_grad(|| m.forward(&ids, 1).unwrap()).to_vec();
+    /// assert_eq!(logits(&deep), logits(&shallow)); // bit for bit
+    /// // Stack: the new layers are copies of the top lower layers (here layers 0 and 1).
+    /// let stacked = shallow.extend_with(4, 0.3, true, ExtendInit::Stack, &mut Tensor::rng(1)).unwrap();
+    /// let wq = |m: &LegoTransformer, l: usize| m.layers[l].attention.wq.weight.to_vec();
+    /// assert_eq!((wq(&stacked, 2), wq(&stacked, 3)), (wq(&shallow, 0), wq(&shallow, 1)));
+    /// ```
     pub fn extend_with(
         &self,
         num_layers: usize,
