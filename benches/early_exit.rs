@@ -919,12 +919,11 @@ fn torch_decode(batch: usize, threads: usize) -> Option<f64> {
     if !want {
         return None;
     }
-    let script = [
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers/torch_bench.py"),
-        PathBuf::from("/work/shared/peers/torch_bench.py"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())?;
+    // The peer scripts sit in ../shared beside the repository, or where LEGO_PEERS points.
+    let peers = std::env::var_os("LEGO_PEERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers"));
+    let script = Some(peers.join("torch_bench.py")).filter(|p| p.exists())?;
     let out = std::process::Command::new("python3")
         .arg(&script)
         .args(["decode", "S", "3", &threads.to_string(), &batch.to_string()])

@@ -119,7 +119,9 @@ fn a_nan_in_the_exit_head_is_an_error_not_confidence_zero() {
 
     let e = compute_confidence_threshold(&model, &data, 0.5).unwrap_err().to_string();
     assert!(
-        e.starts_with("bad input: compute_confidence_threshold: the exit head's logit for id 5 is NaN"),
+        e.starts_with(
+            "non-finite value: compute_confidence_threshold: the exit head's logit for id 5 is NaN"
+        ),
         "{e}"
     );
     assert!(e.contains("at batch 0, row 0, position 0"), "{e}");

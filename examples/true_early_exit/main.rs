@@ -18,6 +18,8 @@
 //! 3. [`train_phase1`]: a **shallow** model (2 layers) on all the training data;
 //! 4. [`calibrate`]: the **threshold**: the exit confidence (max softmax) below which
 //!    `--hard-ratio` of the *validation* tokens fall;
+//!    Then [`train_gate`]: the learned **exit gate**, imitating that routing, so that a deep
+//!    token need not pay the exit head;
 //! 5. [`collect_hard`]: the **hard examples**: the *training* tokens under it, with their
 //!    hidden states after the lower layers;
 //! 6. [`extend`]: 4 layers; embedding and lower layers frozen, a frozen copy of the phase-1
@@ -48,12 +50,13 @@ use std::time::Instant;
 use lego::Result;
 use lego::cli;
 use lego::data::{self, Dataset, Document, SyntheticConfig, Tokenizer};
+use lego::model::exit_gate::ExitGate;
 use lego::model::{LegoConfig, LegoTransformer};
 use lego::optim::{AdamW, AdamWConfig};
 use lego::report::experiment::{ExperimentReport, Phase2Record, Stage, mode_name};
 use lego::train::{
-    HardExamples, Phase2Mode, TrainOptions, Trainer, collect_hard_examples, compute_confidence_threshold,
-    create_hard_example_loader, get_device, set_seed,
+    ExitGateOptions, HardExamples, Phase2Mode, TrainOptions, Trainer, collect_hard_examples,
+    compute_confidence_threshold, create_hard_example_loader, get_device, set_seed, train_exit_gate,
 };
 
 use checkpoints::Loaded;
@@ -109,12 +112,14 @@ fn run(o: &Options) -> Result<()> {
     );
 
     // 3. Phase 1: the shallow model.
-    let (phase1, phase1_opt, phase1_stage) = match &loaded {
+    let (mut phase1, phase1_opt, phase1_stage) = match &loaded {
         Some(l) => l.phase1_model()?,
         None => train_phase1(&tokenizer, &data, o)?,
     };
     // 4. The threshold, on validation.  5. Hard examples, from training.
     let threshold = calibrate(&phase1, &data, o)?;
+    // 4b. The learned exit gate, trained to imitate that routing (kept by `extend`).
+    phase1.exit_gate = Some(train_gate(&phase1, &data, threshold, o)?);
     let (hard, collect_stage) = collect_hard(&phase1, &data, threshold)?;
     // 6. The 4-layer starting point of phase 2.  7. Phase 2, each mode from that same start.
     let start = extend(&phase1, threshold, o)?;
@@ -248,6 +253,31 @@ fn calibrate(phase1: &LegoTransformer, data: &Dataset, o: &Options) -> Result<f3
     let share = 100.0 * o.run.hard_ratio;
     eprintln!("\nthreshold: {threshold:.4} (confidence under which {share:.0} % of validation tokens fall)");
     Ok(threshold)
+}
+
+/// The learned **exit gate** (CALM's classifier, `lego::model::exit_gate`): a logistic
+/// regression from the normalised exit state, fitted on the *training* split to imitate the
+/// max-softmax routing at `threshold`, its own threshold calibrated on *validation* to the same
+/// exit share. With it, a token that goes deep never pays the exit head.
+fn train_gate(phase1: &LegoTransformer, data: &Dataset, threshold: f32, o: &Options) -> Result<ExitGate> {
+    let (gate, report) = train_exit_gate(
+        phase1,
+        &data.train,
+        &data.val,
+        threshold,
+        o.run.hard_ratio,
+        &ExitGateOptions::default(),
+    )?;
+    let v = &report.validation;
+    eprintln!(
+        "exit gate: agrees with the softmax routing on {:.1} % of validation tokens; exits {:.1} % of them \
+         (softmax: {:.1} %), threshold {:.4}",
+        100.0 * v.agreement,
+        100.0 * v.gate_exit_share,
+        100.0 * v.softmax_exit_share,
+        gate.threshold
+    );
+    Ok(gate)
 }
 
 /// The **training** tokens under the threshold, with their lower hidden states: one forward

@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use lego::data::{Batch, Dataset, Split, Tokenizer};
-use lego::model::{ExitMeasure, ExitRule, LegoTransformer, Sampling, UpperCacheFill};
+use lego::model::{ExitMeasure, ExitRule, GenerateOptions, LegoTransformer, Sampling, UpperCacheFill};
 use lego::ops::cross_entropy::logsumexp;
 use lego::report::experiment::{Evals, ExitTableRow, Generation, ModelEval, Stage};
 use lego::report::frontier::{Frontier, FrontierPoint, SweepGrid, fill_name};
@@ -17,14 +17,14 @@ use super::options::Options;
 use super::{Phase2Run, trainer};
 
 /// Timed repetitions of each generation; the best is kept.
-const TIMING_REPS: usize = 7;
+const TIMING_REPS: usize = 31;
 /// Prompts (from the test split) for the agreement column of the early-exit table.
 pub const TABLE_PROMPTS: usize = 8;
 /// Hard ratios whose validation thresholds the early-exit table tries.
 const TABLE_RATIOS: [f32; 3] = [0.25, 0.5, 0.75];
 /// The frontier's sweeps: validation hard ratios (one threshold each), measures and fills.
 const FRONTIER_RATIOS: [f32; 7] = [0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9];
-const MEASURES: [ExitMeasure; 1] = [ExitMeasure::MaxSoftmax];
+const MEASURES: [ExitMeasure; 2] = [ExitMeasure::MaxSoftmax, ExitMeasure::Gate];
 const FILLS: [UpperCacheFill; 2] = [UpperCacheFill::Skip, UpperCacheFill::Propagate];
 
 // ----- 9. Evaluation on the test split -----------------------------------------------------------
@@ -137,10 +137,13 @@ pub fn choose_prompt(tok: &Tokenizer, split: &Split, o: &Options) -> Result<Vec<
     Ok(ids)
 }
 
-/// `generate` (every layer for every token) against `generate_with_early_exit` (a confident
-/// token skips the upper layers, `Skip` fill, as the spec), greedy, from one prompt; each
-/// timed as the best of a few runs. Also ordinary generation without a KV cache (the whole
-/// sequence through every layer at each step), for the prototype's "KV cache alone" figure.
+/// `generate` (every layer for every token) against TRUE early exit (a confident token skips
+/// the upper layers, `Skip` fill, as the spec), greedy, from one prompt. The exit is decided by
+/// the model's learned gate when it has one (a deep token then pays no exit head), else by the
+/// spec's max softmax at `threshold`. The two are timed alternately, `TIMING_REPS` pairs, and
+/// the speed-up is the median of each pair's ratio. Also ordinary generation without a KV cache
+/// (the whole sequence through every layer at each step), for the prototype's "KV cache alone"
+/// figure.
 pub fn true_early_exit_generation(
     model: &LegoTransformer,
     tok: &Tokenizer,
@@ -149,29 +152,33 @@ pub fn true_early_exit_generation(
     o: &Options,
 ) -> Result<Generation> {
     eprintln!("\n== TRUE early exit: generating {} tokens ==", o.run.max_new_tokens);
-    let (greedy, prompts, n) = (Sampling::greedy(), vec![prompt.to_vec()], o.run.max_new_tokens);
-    let best = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        let mut best = f64::INFINITY;
-        for _ in 0..TIMING_REPS {
-            let t0 = Instant::now();
-            f()?;
-            best = best.min(t0.elapsed().as_secs_f64());
-        }
-        Ok(best)
+    let (prompts, n) = (vec![prompt.to_vec()], o.run.max_new_tokens);
+    let (rule, measure) = match &model.exit_gate {
+        Some(gate) => (gate.rule(UpperCacheFill::Skip), "gate"),
+        None => (ExitRule::new(threshold, UpperCacheFill::Skip), "softmax"),
     };
-    let mut full = Vec::new();
-    let seconds_full = best(&mut || {
-        full = model.generate(&prompts, n, &greedy)?.remove(0);
-        Ok(())
-    })?;
-    let (mut early, mut stats) = (Vec::new(), Default::default());
-    let seconds_early = best(&mut || {
-        let (mut out, s) =
-            model.generate_with_early_exit(&prompts, n, threshold, &greedy, UpperCacheFill::Skip)?;
-        (early, stats) = (out.remove(0), s);
-        Ok(())
-    })?;
-    let seconds_no_cache = best(&mut || generate_without_cache(model, prompt, n).map(|_| ()))?;
+    let full_options = GenerateOptions::greedy(n);
+    let early_options = full_options.with_exit(rule);
+    let timed = |options: &GenerateOptions| -> Result<(f64, Vec<usize>, lego::model::EarlyExitStats)> {
+        let t0 = Instant::now();
+        let (mut out, stats) = model.generate_with(&prompts, options)?;
+        Ok((t0.elapsed().as_secs_f64(), out.remove(0), stats))
+    };
+    let (_, full, _) = timed(&full_options)?; // warm-up, and the tokens
+    let (_, early, stats) = timed(&early_options)?;
+    let (mut t_full, mut t_early, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..TIMING_REPS {
+        let (a, b) = (timed(&full_options)?.0, timed(&early_options)?.0);
+        t_full.push(a);
+        t_early.push(b);
+        ratios.push(a / b);
+    }
+    let mut no_cache = Vec::new();
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        generate_without_cache(model, prompt, n)?;
+        no_cache.push(t0.elapsed().as_secs_f64());
+    }
     let p = prompt.len();
     Ok(Generation {
         full_text: tok.decode(&full[p..])?,
@@ -181,10 +188,19 @@ pub fn true_early_exit_generation(
         deep: stats.deep_count,
         layer_cost: stats.actual_compute_cost,
         flop_cost: stats.flop_cost,
-        seconds_full,
-        seconds_early,
-        seconds_no_cache,
+        measure: measure.into(),
+        seconds_full: median(&mut t_full),
+        seconds_early: median(&mut t_early),
+        speedup: median(&mut ratios),
+        ideal_speedup: 1.0 / stats.flop_cost,
+        seconds_no_cache: median(&mut no_cache),
     })
+}
+
+/// The median of some values (sorted in place).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// Greedy generation with no KV cache: at every step the whole sequence so far runs through
@@ -276,16 +292,15 @@ pub fn frontier(
     for (name, model) in [("phase 1", phase1), ("baseline", baseline), ("LEGO at full depth", lego)] {
         points.push(FrontierPoint::measure(model, &seqs, None, base, name, "full depth")?);
     }
-    let grid = SweepGrid {
-        hard_ratios: FRONTIER_RATIOS.to_vec(),
-        measures: MEASURES.to_vec(),
-        fills: FILLS.to_vec(),
-    };
     for (name, model) in [("LEGO", lego), ("baseline + tuned exit head", tuned)] {
+        // The gate measure for the models that have a gate (LEGO's, trained after phase 1).
+        let measures: Vec<ExitMeasure> =
+            MEASURES.into_iter().filter(|&m| m != ExitMeasure::Gate || model.exit_gate.is_some()).collect();
+        let grid = SweepGrid { hard_ratios: FRONTIER_RATIOS.to_vec(), measures, fills: FILLS.to_vec() };
         eprintln!(
             "{name}: {} thresholds × {} measures × {} fills",
             FRONTIER_RATIOS.len(),
-            MEASURES.len(),
+            grid.measures.len(),
             FILLS.len()
         );
         points.extend(grid.run(model, name, &data.val, &seqs, base)?);

@@ -19,7 +19,7 @@
 //! head. The baseline is full-depth inference: all layers and one head. With a large vocabulary
 //! the exit check costs more than a layer (the prototype's weakness 6), and this count shows it.
 //!
-//! **With the exit gate** ([`ExitMeasure::Gate`](super::ExitMeasure::Gate)) the check is a norm
+//! **With the exit gate** ([`ExitMeasure::Gate`]) the check is a norm
 //! and a `D`-term dot product ([`gate_flops`]): a token that exits pays the lower layers, the
 //! gate and the exit head; one that goes deep pays full depth and the gate, never the exit head.
 

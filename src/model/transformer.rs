@@ -366,7 +366,9 @@ impl LegoTransformer {
     /// **Spec `extend(num_layers, routing_threshold, freeze_lower)`**: a deeper model. The
     /// embedding, the layers and the head are copied; the exit stays where this model ends
     /// (`exit_layer` = this model's `num_layers`), with a frozen copy of this model's exit head;
-    /// the new layers are random ([`ExtendInit::Random`]; see [`extend_with`] for stacking).
+    /// the new layers are random ([`ExtendInit::Random`], the spec's; see [`extend_with`] for
+    /// stacking copies of the lower layers, or identity blocks that start phase 2 exactly at
+    /// this model).
     /// With `freeze_lower`, the embedding and the lower layers are frozen.
     ///
     /// ```

@@ -155,7 +155,7 @@ pub(crate) fn check_exit_logits(
 ) -> Result<()> {
     let Some(i) = logits.iter().position(|z| !z.is_finite()) else { return Ok(()) };
     let token = i / vocab;
-    Err(Error::Input(format!(
+    Err(Error::NonFinite(format!(
         "{what}: the exit head's logit for id {} is {} at batch {batch_index}, row {}, position {}, \
          so its confidence is undefined (are the model's weights finite?)",
         i % vocab,
@@ -337,7 +337,7 @@ pub fn evaluate_on_hard_examples(
         let k = b.hard_tokens();
         let batch_loss = logits.cross_entropy(&b.targets, Some(&b.weights)).item();
         if !batch_loss.is_finite() {
-            return Err(Error::Input(format!(
+            return Err(Error::NonFinite(format!(
                 "evaluate_on_hard_examples: the deep path's loss is {batch_loss} on a batch of hard \
                  examples (are the model's weights and the hidden states finite?)"
             )));

@@ -243,6 +243,7 @@ impl EarlyStopping {
         };
         outcome.map_err(|e| match e {
             Error::Input(msg) => Error::Input(format!("{msg}; the model was put back to {left_at}")),
+            Error::NonFinite(msg) => Error::NonFinite(format!("{msg}; the model was put back to {left_at}")),
             other => other,
         })
     }
@@ -327,7 +328,7 @@ impl Trainer {
     ) -> Result<f32> {
         let l = loss.item();
         if !l.is_finite() {
-            return Err(Error::Input(format!(
+            return Err(Error::NonFinite(format!(
                 "{}: the loss became {l} at epoch {epoch}, step {} of {steps} (lower the learning rate?)",
                 self.options.label,
                 step + 1
@@ -679,7 +680,7 @@ impl ValCache {
             if let Some(z) = &deep
                 && let Some(i) = z.iter().position(|x| !x.is_finite())
             {
-                return Err(Error::Input(format!(
+                return Err(Error::NonFinite(format!(
                     "evaluation: the deep path's logit for id {} is {} at batch {bi}, token {} \
                      (are the model's weights finite?)",
                     i % v,
@@ -704,7 +705,9 @@ impl ValCache {
                 let exits = !has_upper || score >= threshold;
                 let (nll, ok) = if exits { (s_nll, s_ok) } else { (d_nll, d_ok) };
                 if exits {
-                    shallow_n += 1;
+                    // A model with nothing above its exit has only one path: its tokens are not
+                    // "shallow", they went the full depth.
+                    shallow_n += has_upper as usize;
                     flops +=
                         if by_gate { cost::gate_shallow_flops(c, ctx) } else { cost::shallow_flops(c, ctx) };
                 } else if by_gate {
