@@ -46,7 +46,9 @@ fn a_generated_token_allocates_nothing() {
     // An exit gate with fixed weights of both signs, so that its routes mix.
     let weights = (0..32).map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.5).collect();
     m.exit_gate = Some(ExitGate::new(weights, 0.0, 0.5).unwrap());
-    let prompts: Vec<Vec<usize>> = (0..3).map(|s| (0..5).map(|i| (i * 7 + s * 3) % 53).collect()).collect();
+    // A ragged batch: prompts of 5, 2 and 8 tokens.
+    let prompts: Vec<Vec<usize>> =
+        [5, 2, 8].iter().enumerate().map(|(s, &n)| (0..n).map(|i| (i * 7 + s * 3) % 53).collect()).collect();
     let sampled = Sampling { temperature: 0.8, top_k: 10, top_p: 0.9, seed: 3 };
     let modes = [
         GenerateOptions::greedy(0),

@@ -2,7 +2,8 @@
 //! `generate_with_early_exit` (TRUE early exit) are both [`LegoTransformer::generate_with`].
 //!
 //! ```text
-//! prefill: the prompts through the decoder in one step     (every layer; early exit: routed)
+//! prefill: the prompts through the decoder in one step     (every layer; early exit: routed;
+//!          prompts of different lengths in one ragged step)
 //! repeat:  each row's sampled token through the decoder    (one token per row per step)
 //! ```
 //!
@@ -76,10 +77,64 @@ impl Sampler {
 
     /// The next token for one row of logits (finite: the decoder checks them).
     pub fn sample(&mut self, logits: &[f32]) -> usize {
-        let s = self.settings;
-        if s.temperature == 0.0 {
+        if self.settings.temperature == 0.0 {
             return argmax(logits);
         }
+        let keep = self.candidates(logits);
+        let (probs, order) = (&self.probs, &self.order[..keep]);
+        let total: f32 = order.iter().map(|&i| probs[i]).sum();
+        let mut u = self.rng.random::<f32>() * total;
+        for &i in order {
+            u -= probs[i];
+            if u <= 0.0 {
+                return i;
+            }
+        }
+        order[keep - 1]
+    }
+
+    /// The distribution [`sample`](Sampler::sample) draws from, written into `out` (`[V]`): the
+    /// softmax of `logits / temperature` over the top-k / top-p candidates, renormalised, 0
+    /// elsewhere; greedy (temperature 0): all the mass on the argmax.
+    pub fn distribution(&mut self, logits: &[f32], out: &mut [f32]) {
+        out.fill(0.0);
+        if self.settings.temperature == 0.0 {
+            out[argmax(logits)] = 1.0;
+            return;
+        }
+        let keep = self.candidates(logits);
+        let (probs, order) = (&self.probs, &self.order[..keep]);
+        let total: f32 = order.iter().map(|&i| probs[i]).sum();
+        for &i in order {
+            out[i] = probs[i] / total;
+        }
+    }
+
+    /// Draws a token from `probs` (non-negative, summing to `total` > 0), in id order.
+    pub fn draw(&mut self, probs: &[f32], total: f32) -> usize {
+        let mut u = self.rng.random::<f32>() * total;
+        let mut last = 0;
+        for (i, &p) in probs.iter().enumerate() {
+            if p > 0.0 {
+                last = i;
+                u -= p;
+                if u <= 0.0 {
+                    return i;
+                }
+            }
+        }
+        last
+    }
+
+    /// A uniform draw from `[0, 1)`, from this row's generator.
+    pub fn uniform(&mut self) -> f32 {
+        self.rng.random::<f32>()
+    }
+
+    /// Puts the softmax of `logits / temperature` in `probs` and the candidate ids, most likely
+    /// first, in `order[..keep]` (the top k, then the top-p nucleus of those); returns `keep`.
+    fn candidates(&mut self, logits: &[f32]) -> usize {
+        let s = self.settings;
         let probs = &mut self.probs[..logits.len()];
         let inv_t = 1.0 / s.temperature;
         probs.iter_mut().zip(logits).for_each(|(p, z)| *p = z * inv_t);
@@ -105,15 +160,7 @@ impl Sampler {
                 }
             }
         }
-        let total: f32 = order[..keep].iter().map(|&i| probs_ref[i]).sum();
-        let mut u = self.rng.random::<f32>() * total;
-        for &i in &order[..keep] {
-            u -= probs_ref[i];
-            if u <= 0.0 {
-                return i;
-            }
-        }
-        order[keep - 1]
+        keep
     }
 }
 
@@ -147,30 +194,32 @@ impl GenerateOptions {
 }
 
 impl LegoTransformer {
-    /// Checks a batch of prompts for generation: at least one, all non-empty and of the same
-    /// length, ids in the vocabulary, and room for `max_new_tokens` more. Returns the prompt
-    /// length.
+    /// Checks a batch of prompts for generation: at least one, none empty, ids in the
+    /// vocabulary, and room for `max_new_tokens` more after the longest. Prompts may differ in
+    /// length (a ragged batch). Returns the longest prompt's length.
     pub fn check_prompts(&self, prompts: &[Vec<usize>], max_new_tokens: usize) -> Result<usize> {
-        let first = prompts.first().ok_or_else(|| Error::Input("no prompt given".into()))?;
-        if first.is_empty() {
-            return Err(Error::Input(
-                "empty prompt: generation needs at least one token to start from".into(),
-            ));
+        if prompts.is_empty() {
+            return Err(Error::Input("no prompt given".into()));
         }
-        if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.len() != first.len()) {
-            return Err(Error::Input(format!(
-                "prompt {i} has {} tokens but prompt 0 has {}: a batch needs prompts of equal length",
-                p.len(),
-                first.len()
-            )));
+        for (i, p) in prompts.iter().enumerate() {
+            if p.is_empty() {
+                return Err(Error::Input(format!(
+                    "empty prompt (row {i} of {}): generation needs at least one token to start from",
+                    prompts.len()
+                )));
+            }
+            if let Some((j, &id)) = p.iter().enumerate().find(|(_, id)| **id >= self.config.vocab_size) {
+                return Err(Error::Input(format!(
+                    "token id {id} (prompt {i}, position {j}) is outside the vocabulary of {}",
+                    self.config.vocab_size
+                )));
+            }
         }
-        let flat: Vec<usize> = prompts.iter().flatten().copied().collect();
-        self.check_tokens(&flat, prompts.len(), 0)?;
-        match first.len().checked_add(max_new_tokens) {
-            Some(total) if total <= self.config.max_seq_len => Ok(first.len()),
+        let longest = prompts.iter().map(Vec::len).max().expect("at least one prompt");
+        match longest.checked_add(max_new_tokens) {
+            Some(total) if total <= self.config.max_seq_len => Ok(longest),
             _ => Err(Error::Input(format!(
-                "prompt of {} tokens + {max_new_tokens} new ones exceeds max_seq_len {}",
-                first.len(),
+                "prompt of {longest} tokens + {max_new_tokens} new ones exceeds max_seq_len {}",
                 self.config.max_seq_len
             ))),
         }
@@ -209,7 +258,7 @@ impl LegoTransformer {
 
     /// The generation loop behind every entry point (see the module doc): each row's prompt
     /// followed by its new tokens, and the statistics (at full depth every token counts as
-    /// deep).
+    /// deep). Prompts may differ in length: each row is computed as it would be alone.
     pub fn generate_with(
         &self,
         prompts: &[Vec<usize>],
@@ -221,7 +270,7 @@ impl LegoTransformer {
             rule.validate_for(self)?;
         }
         let max_new = options.max_new_tokens;
-        let prompt_len = self.check_prompts(prompts, max_new)?;
+        self.check_prompts(prompts, max_new)?;
         let (batch, v) = (prompts.len(), self.config.vocab_size);
         let mut out: Vec<Vec<usize>> = prompts
             .iter()
@@ -242,46 +291,51 @@ impl LegoTransformer {
             return Ok((out, stats));
         }
         let rule = options.early_exit.as_ref();
-        let mut dec = Decoder::new(self, batch, batch * prompt_len);
+        // The prefill holds every prompt token in one step (a ragged one if lengths differ).
+        let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        let mut dec = Decoder::new(self, batch, lens.iter().sum());
         let mut samplers: Vec<Sampler> = (0..batch as u64)
             .map(|r| {
                 Sampler::new(Sampling { seed: options.sampling.seed.wrapping_add(r), ..options.sampling }, v)
             })
             .collect();
-        let rows: Vec<usize> = (0..batch).collect();
-        let mut counts = vec![prompt_len; batch];
+        // The rows still generating, in cache-row order: the rows of every step.
+        let mut active: Vec<usize> = (0..batch).collect();
+        let ones = vec![1usize; batch];
         let mut routes = Routes::with_capacity(batch);
         let mut timer = Timer::new(options.profile);
         let mut time = TimeSplit::default();
         let (mut next, mut current) = (vec![0usize; batch], vec![0usize; batch]);
         let mut flops = Flops::default();
 
-        // The prefill: every prompt token through every layer; the last one routed.
+        // The prefill: every prompt token through every layer; each row's last one routed.
         let flat: Vec<usize> = prompts.iter().flatten().copied().collect();
-        dec.begin(&rows, &counts, &flat)?;
+        dec.begin(&active, &lens, &flat)?;
         dec.routed_step(rule, UpperRows::All, &mut routes, &mut timer, &mut time, |r, logits| {
             next[r] = samplers[r].sample(logits)
         })?;
-        self.count_routes(&routes, rule, prompt_len - 1, &mut stats, &mut flops);
         stats.time.prefill =
             time.lower + time.exit_check + time.upper + time.head + time.upper_fill + time.sampling;
         time = TimeSplit::default();
 
-        // Decoding: one token per row per step.
-        counts.fill(1);
-        for step in 0..max_new {
-            for (o, &n) in out.iter_mut().zip(&next) {
-                o.push(n);
+        // Decoding: each active row's new token is recorded, then fed back, one a row a step.
+        loop {
+            for (i, &r) in active.iter().enumerate() {
+                self.record(r, &routes, i, rule, out[r].len(), &mut stats, &mut flops);
+                out[r].push(next[r]);
             }
-            if step + 1 == max_new {
+            active.retain(|&r| out[r].len() - lens[r] < max_new);
+            if active.is_empty() {
                 break;
             }
-            current.copy_from_slice(&next);
-            dec.begin(&rows, &counts, &current)?;
+            for (c, &r) in current.iter_mut().zip(&active) {
+                *c = next[r];
+            }
+            let n = active.len();
+            dec.begin(&active, &ones[..n], &current[..n])?;
             dec.routed_step(rule, UpperRows::Deep, &mut routes, &mut timer, &mut time, |r, logits| {
                 next[r] = samplers[r].sample(logits)
             })?;
-            self.count_routes(&routes, rule, prompt_len + step, &mut stats, &mut flops);
         }
         let total = stats.shallow_count + stats.deep_count;
         stats.shallow_ratio = stats.shallow_count as f64 / total.max(1) as f64;
@@ -292,38 +346,41 @@ impl LegoTransformer {
         Ok((out, stats))
     }
 
-    /// Records one generated token per row of a step (whose routing is `routes`), at context
-    /// length `pos + 1`: its route, confidence, and FLOPs beside full depth's.
-    fn count_routes(
+    /// Records the token that step row `i` of the last step produced for cache row `row` (whose
+    /// routing is `routes`), at context length `context`: its route, its confidence, and its
+    /// FLOPs beside full depth's.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
         &self,
+        row: usize,
         routes: &Routes,
+        i: usize,
         rule: Option<&ExitRule>,
-        pos: usize,
+        context: usize,
         stats: &mut EarlyExitStats,
         flops: &mut Flops,
     ) {
         let c = &self.config;
-        for (r, &deep) in routes.deep.iter().enumerate() {
-            stats.routes[r].push(deep);
-            flops.full_depth += cost::full_depth_flops(c, pos + 1);
-            let Some(rule) = rule else {
-                stats.deep_count += 1;
-                flops.spent += cost::full_depth_flops(c, pos + 1);
-                continue;
-            };
-            stats.confidences[r].push(routes.confidence[r]);
-            let gate = rule.measure == ExitMeasure::Gate;
-            if deep {
-                stats.deep_count += 1;
-                flops.spent +=
-                    if gate { cost::gate_deep_flops(c, pos + 1) } else { cost::deep_flops(c, pos + 1) };
-            } else {
-                stats.shallow_count += 1;
-                flops.spent +=
-                    if gate { cost::gate_shallow_flops(c, pos + 1) } else { cost::shallow_flops(c, pos + 1) };
-                if rule.fill == UpperCacheFill::Propagate {
-                    flops.spent += cost::propagate_flops(c);
-                }
+        let deep = routes.deep[i];
+        stats.routes[row].push(deep);
+        flops.full_depth += cost::full_depth_flops(c, context);
+        let Some(rule) = rule else {
+            stats.deep_count += 1;
+            flops.spent += cost::full_depth_flops(c, context);
+            return;
+        };
+        stats.confidences[row].push(routes.confidence[i]);
+        let gate = rule.measure == ExitMeasure::Gate;
+        if deep {
+            stats.deep_count += 1;
+            flops.spent +=
+                if gate { cost::gate_deep_flops(c, context) } else { cost::deep_flops(c, context) };
+        } else {
+            stats.shallow_count += 1;
+            flops.spent +=
+                if gate { cost::gate_shallow_flops(c, context) } else { cost::shallow_flops(c, context) };
+            if rule.fill == UpperCacheFill::Propagate {
+                flops.spent += cost::propagate_flops(c);
             }
         }
     }

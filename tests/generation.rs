@@ -1,0 +1,65 @@
+//! Generation as a user calls it: ragged batches, stop tokens, streaming.
+
+use lego::Tensor;
+use lego::model::{ExitRule, GenerateOptions, LegoConfig, LegoTransformer, Sampling, UpperCacheFill};
+
+fn model(seed: u64) -> LegoTransformer {
+    let config = LegoConfig { exit_layer: 2, ..LegoConfig::new(53, 32, 4, 4, 72, 64) };
+    LegoTransformer::new(config, &mut Tensor::rng(seed)).unwrap()
+}
+
+fn tokens(n: usize, seed: usize) -> Vec<usize> {
+    (0..n).map(|i| (i * 13 + seed * 7 + 1) % 53).collect()
+}
+
+/// Every mode a test runs through: full depth and both early-exit fills, greedy and sampled.
+fn modes(new: usize) -> Vec<GenerateOptions> {
+    let sampled = Sampling { temperature: 0.9, top_k: 12, top_p: 0.95, seed: 11 };
+    let mut out = Vec::new();
+    for sampling in [Sampling::greedy(), sampled] {
+        let base = GenerateOptions { sampling, ..GenerateOptions::greedy(new) };
+        out.push(base);
+        for fill in [UpperCacheFill::Skip, UpperCacheFill::Propagate] {
+            out.push(base.with_exit(ExitRule::new(0.09, fill)));
+        }
+    }
+    out
+}
+
+#[test]
+fn ragged_rows_equal_each_row_alone_bit_for_bit() {
+    let m = model(1);
+    let prompts: Vec<Vec<usize>> = [3, 11, 1, 7, 20].iter().enumerate().map(|(s, &n)| tokens(n, s)).collect();
+    for options in modes(17) {
+        let (batched, stats) = m.generate_with(&prompts, &options).unwrap();
+        if options.early_exit.is_some() {
+            assert!(
+                stats.shallow_count > 5 && stats.deep_count > 5,
+                "{options:?}: routes not mixed: {stats:?}"
+            );
+        }
+        for (r, p) in prompts.iter().enumerate() {
+            // Row r alone: with its sampler's seed (seed + row) given to it directly.
+            let seed = options.sampling.seed + r as u64;
+            let alone_options =
+                GenerateOptions { sampling: Sampling { seed, ..options.sampling }, ..options };
+            let (alone, s) = m.generate_with(std::slice::from_ref(p), &alone_options).unwrap();
+            assert_eq!(batched[r], alone[0], "{options:?}: row {r}'s tokens");
+            assert_eq!(batched[r].len(), p.len() + 17);
+            assert_eq!(stats.routes[r], s.routes[0], "{options:?}: row {r}'s routes");
+            let bits = |c: &[f32]| c.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&stats.confidences[r]), bits(&s.confidences[0]), "{options:?}: row {r}");
+        }
+    }
+}
+
+#[test]
+fn a_ragged_batch_checks_its_prompts() {
+    let m = model(2);
+    let err = |p: &[Vec<usize>]| m.generate(p, 4, &Sampling::greedy()).unwrap_err().to_string();
+    assert!(err(&[tokens(3, 0), vec![], tokens(2, 0)]).contains("empty prompt (row 1 of 3)"));
+    assert!(err(&[tokens(3, 0), vec![1, 60]]).contains("token id 60 (prompt 1, position 1)"));
+    // The longest prompt decides whether max_seq_len (64) is reached.
+    assert!(err(&[tokens(3, 0), tokens(61, 0)]).contains("exceeds max_seq_len"));
+    assert!(m.generate(&[tokens(3, 0), tokens(60, 0)], 4, &Sampling::greedy()).is_ok());
+}
