@@ -50,6 +50,13 @@ fn a_generated_token_allocates_nothing() {
     let prompts: Vec<Vec<usize>> =
         [5, 2, 8].iter().enumerate().map(|(s, &n)| (0..n).map(|i| (i * 7 + s * 3) % 53).collect()).collect();
     let sampled = Sampling { temperature: 0.8, top_k: 10, top_p: 0.9, seed: 3 };
+    // A stop token that ends row 0 after its 6th new token, and no row within its first 5.
+    let stop_for = |options: GenerateOptions| {
+        let (free, _) = m.generate_with(&prompts, &options).unwrap();
+        let news: Vec<&[usize]> = free.iter().zip(&prompts).map(|(o, p)| &o[p.len()..]).collect();
+        let stop = *news[0][6..].iter().find(|t| news.iter().all(|n| !n[..5].contains(t))).unwrap();
+        options.with_stop_tokens(&[stop])
+    };
     let modes = [
         GenerateOptions::greedy(0),
         GenerateOptions { sampling: sampled, ..GenerateOptions::greedy(0) },
@@ -59,6 +66,8 @@ fn a_generated_token_allocates_nothing() {
         GenerateOptions::greedy(0).with_exit(ExitRule::gate(0.5, UpperCacheFill::Skip)),
         GenerateOptions { sampling: sampled, profile: true, ..GenerateOptions::greedy(0) }
             .with_exit(ExitRule::gate(0.5, UpperCacheFill::Propagate)),
+        stop_for(GenerateOptions::greedy(50)),
+        stop_for(GenerateOptions::greedy(50).with_exit(ExitRule::new(0.03, UpperCacheFill::Skip))),
     ];
     // Start every rayon worker now: a thread allocates as it starts, and one still starting
     // after the warm-up below would land its allocations in a count.
@@ -74,13 +83,17 @@ fn a_generated_token_allocates_nothing() {
         n
     };
     for mode in modes {
-        let (short, long) =
-            (GenerateOptions { max_new_tokens: 4, ..mode }, GenerateOptions { max_new_tokens: 50, ..mode });
+        let (short, long) = (
+            GenerateOptions { max_new_tokens: 4, ..mode.clone() },
+            GenerateOptions { max_new_tokens: 50, ..mode.clone() },
+        );
         count(&long); // warm-up (rayon's pool, lazily built tables)
         let (a, b) = (count(&short), count(&long));
+        let (_, stats) = m.generate_with(&prompts, &long).unwrap();
+        if !mode.stop_tokens.is_empty() {
+            assert!(stats.stopped[0], "{mode:?}: row 0 should meet its stop token");
+        }
         if let Some(rule) = mode.early_exit.filter(|r| r.measure == ExitMeasure::Gate) {
-            let (_, stats) =
-                m.generate_with(&prompts, &GenerateOptions { max_new_tokens: 50, ..mode }).unwrap();
             assert!(stats.shallow_count > 0 && stats.deep_count > 0, "{rule:?}: routes not mixed");
         }
         assert_eq!(a, b, "{mode:?}: 4 new tokens made {a} allocations, 50 made {b}");

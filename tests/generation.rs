@@ -18,9 +18,9 @@ fn modes(new: usize) -> Vec<GenerateOptions> {
     let mut out = Vec::new();
     for sampling in [Sampling::greedy(), sampled] {
         let base = GenerateOptions { sampling, ..GenerateOptions::greedy(new) };
-        out.push(base);
+        out.push(base.clone());
         for fill in [UpperCacheFill::Skip, UpperCacheFill::Propagate] {
-            out.push(base.with_exit(ExitRule::new(0.09, fill)));
+            out.push(base.clone().with_exit(ExitRule::new(0.09, fill)));
         }
     }
     out
@@ -42,7 +42,7 @@ fn ragged_rows_equal_each_row_alone_bit_for_bit() {
             // Row r alone: with its sampler's seed (seed + row) given to it directly.
             let seed = options.sampling.seed + r as u64;
             let alone_options =
-                GenerateOptions { sampling: Sampling { seed, ..options.sampling }, ..options };
+                GenerateOptions { sampling: Sampling { seed, ..options.sampling }, ..options.clone() };
             let (alone, s) = m.generate_with(std::slice::from_ref(p), &alone_options).unwrap();
             assert_eq!(batched[r], alone[0], "{options:?}: row {r}'s tokens");
             assert_eq!(batched[r].len(), p.len() + 17);
@@ -62,4 +62,33 @@ fn a_ragged_batch_checks_its_prompts() {
     // The longest prompt decides whether max_seq_len (64) is reached.
     assert!(err(&[tokens(3, 0), tokens(61, 0)]).contains("exceeds max_seq_len"));
     assert!(m.generate(&[tokens(3, 0), tokens(60, 0)], 4, &Sampling::greedy()).is_ok());
+}
+
+#[test]
+fn a_stop_token_ends_its_row_while_the_others_go_on() {
+    let m = model(3);
+    let prompts: Vec<Vec<usize>> = [4, 9, 2].iter().enumerate().map(|(s, &n)| tokens(n, s + 5)).collect();
+    for options in modes(30) {
+        let (free, _) = m.generate_with(&prompts, &options).unwrap();
+        // Stop at row 1's 8th new token: row 1 ends there (or earlier, where that id first
+        // appears); each other row ends at its first occurrence, or runs to the end.
+        let stop = free[1][prompts[1].len() + 7];
+        let (got, stats) = m.generate_with(&prompts, &options.clone().with_stop_tokens(&[stop])).unwrap();
+        for (r, p) in prompts.iter().enumerate() {
+            let new = &free[r][p.len()..];
+            let want = match new.iter().position(|&t| t == stop) {
+                Some(i) => &free[r][..p.len() + i + 1],
+                None => &free[r][..],
+            };
+            assert_eq!(got[r], want, "{options:?}: row {r}");
+            assert_eq!(stats.stopped[r], want.len() < free[r].len() || new.last() == Some(&stop));
+            assert_eq!(stats.routes[r].len(), want.len() - p.len(), "{options:?}: row {r}'s routes");
+        }
+        assert!(stats.stopped[1], "{options:?}: row 1 met its stop token");
+        assert!(got[1].len() <= prompts[1].len() + 8);
+    }
+    // Several stop ids; and an id outside the vocabulary is an error naming it.
+    let options = GenerateOptions::greedy(5).with_stop_tokens(&[3, 53]);
+    let e = m.generate_with(&prompts, &options).unwrap_err().to_string();
+    assert!(e.contains("stop token id 53 (stop_tokens[1])"), "{e}");
 }

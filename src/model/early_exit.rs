@@ -239,6 +239,8 @@ pub struct EarlyExitStats {
     /// Per row, per generated token: its confidence at the exit (empty at full depth): the max
     /// softmax, or with [`ExitMeasure::Gate`] the gate's `p_exit`.
     pub confidences: Vec<Vec<f32>>,
+    /// Per row: whether it ended on one of the options' stop tokens (its last token).
+    pub stopped: Vec<bool>,
 }
 
 /// Where a generation's time went, in seconds (measured only when asked, see [`Timer`]).

@@ -167,10 +167,13 @@ impl Sampler {
 /// Everything a generation call can be asked: how many tokens, how to sample them, and
 /// whether (and how) tokens exit early. Every entry point takes it; the spec's `generate` and
 /// `generate_with_early_exit` fill it in from their arguments.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct GenerateOptions {
-    /// Tokens to add to each prompt.
+    /// Tokens to add to each prompt (at most: a row that meets a stop token ends there).
     pub max_new_tokens: usize,
+    /// Token ids that end a row: a row whose new token is one of them keeps it as its last and
+    /// takes no further step (it costs nothing more while the other rows go on).
+    pub stop_tokens: Vec<usize>,
     /// How each token is picked from its logits. Each row samples with its own generator,
     /// seeded `seed + row`.
     pub sampling: Sampling,
@@ -184,7 +187,34 @@ pub struct GenerateOptions {
 impl GenerateOptions {
     /// Greedy, full-depth generation of `max_new_tokens` tokens.
     pub fn greedy(max_new_tokens: usize) -> GenerateOptions {
-        GenerateOptions { max_new_tokens, sampling: Sampling::greedy(), early_exit: None, profile: false }
+        GenerateOptions {
+            max_new_tokens,
+            stop_tokens: Vec::new(),
+            sampling: Sampling::greedy(),
+            early_exit: None,
+            profile: false,
+        }
+    }
+
+    /// The same, ending each row at the first of `stop_tokens` it generates.
+    pub fn with_stop_tokens(self, stop_tokens: &[usize]) -> GenerateOptions {
+        GenerateOptions { stop_tokens: stop_tokens.to_vec(), ..self }
+    }
+
+    /// Checks what can come from outside: the sampling settings, the exit rule, and that each
+    /// stop token is in `model`'s vocabulary.
+    pub fn validate_for(&self, model: &LegoTransformer) -> Result<()> {
+        self.sampling.validate()?;
+        if let Some(rule) = &self.early_exit {
+            rule.validate_for(model)?;
+        }
+        let v = model.config.vocab_size;
+        if let Some((i, id)) = self.stop_tokens.iter().enumerate().find(|(_, id)| **id >= v) {
+            return Err(Error::Input(format!(
+                "stop token id {id} (stop_tokens[{i}]) is outside the vocabulary of {v}"
+            )));
+        }
+        Ok(())
     }
 
     /// The same, with TRUE early exit by `rule`.
@@ -257,18 +287,18 @@ impl LegoTransformer {
     }
 
     /// The generation loop behind every entry point (see the module doc): each row's prompt
-    /// followed by its new tokens, and the statistics (at full depth every token counts as
-    /// deep). Prompts may differ in length: each row is computed as it would be alone.
+    /// followed by its new tokens (up to and including a stop token, if it met one), and the
+    /// statistics (at full depth every token counts as deep). Prompts may differ in length:
+    /// each row is computed as it would be alone. Errors: bad options or prompts (a stop token
+    /// or prompt id outside the vocabulary, an empty prompt, too long a total), non-finite
+    /// logits.
     pub fn generate_with(
         &self,
         prompts: &[Vec<usize>],
         options: &GenerateOptions,
     ) -> Result<(Vec<Vec<usize>>, EarlyExitStats)> {
         let t_start = std::time::Instant::now();
-        options.sampling.validate()?;
-        if let Some(rule) = &options.early_exit {
-            rule.validate_for(self)?;
-        }
+        options.validate_for(self)?;
         let max_new = options.max_new_tokens;
         self.check_prompts(prompts, max_new)?;
         let (batch, v) = (prompts.len(), self.config.vocab_size);
@@ -285,6 +315,7 @@ impl LegoTransformer {
         let mut stats = EarlyExitStats {
             routes: (0..batch).map(|_| Vec::with_capacity(max_new)).collect(),
             confidences: (0..batch).map(|_| Vec::with_capacity(if exits { max_new } else { 0 })).collect(),
+            stopped: vec![false; batch],
             ..Default::default()
         };
         if max_new == 0 {
@@ -323,8 +354,10 @@ impl LegoTransformer {
             for (i, &r) in active.iter().enumerate() {
                 self.record(r, &routes, i, rule, out[r].len(), &mut stats, &mut flops);
                 out[r].push(next[r]);
+                stats.stopped[r] = options.stop_tokens.contains(&next[r]);
             }
-            active.retain(|&r| out[r].len() - lens[r] < max_new);
+            // A row ends at a stop token or at its last new token; it takes no further step.
+            active.retain(|&r| !stats.stopped[r] && out[r].len() - lens[r] < max_new);
             if active.is_empty() {
                 break;
             }
