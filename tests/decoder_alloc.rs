@@ -77,9 +77,12 @@ fn a_generated_token_allocates_nothing() {
     team.run(team.size(), &|_| ());
     let count = |options: &GenerateOptions| {
         let before = ALLOCATIONS.load(Ordering::Relaxed);
-        let (out, stats) = m.generate_with(&prompts, options).unwrap();
+        // Streaming, with a listener that allocates nothing itself.
+        let mut heard = 0usize;
+        let (out, stats) =
+            m.generate_streaming(&prompts, options, |e| heard += e.token + e.exited as usize).unwrap();
         let n = ALLOCATIONS.load(Ordering::Relaxed) - before;
-        drop((out, stats));
+        drop((out, stats, heard));
         n
     };
     for mode in modes {

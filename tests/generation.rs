@@ -1,7 +1,10 @@
 //! Generation as a user calls it: ragged batches, stop tokens, streaming.
 
 use lego::Tensor;
-use lego::model::{ExitRule, GenerateOptions, LegoConfig, LegoTransformer, Sampling, UpperCacheFill};
+use lego::data::{TextStream, Tokenizer};
+use lego::model::{
+    ExitRule, GenerateOptions, LegoConfig, LegoTransformer, Sampling, TokenEvent, UpperCacheFill,
+};
 
 fn model(seed: u64) -> LegoTransformer {
     let config = LegoConfig { exit_layer: 2, ..LegoConfig::new(53, 32, 4, 4, 72, 64) };
@@ -91,4 +94,53 @@ fn a_stop_token_ends_its_row_while_the_others_go_on() {
     let options = GenerateOptions::greedy(5).with_stop_tokens(&[3, 53]);
     let e = m.generate_with(&prompts, &options).unwrap_err().to_string();
     assert!(e.contains("stop token id 53 (stop_tokens[1])"), "{e}");
+}
+
+#[test]
+fn streaming_yields_exactly_the_returned_tokens_in_order() {
+    let m = model(4);
+    let prompts: Vec<Vec<usize>> = [6, 1, 12].iter().enumerate().map(|(s, &n)| tokens(n, s + 2)).collect();
+    for options in modes(25) {
+        let (free, _) = m.generate_with(&prompts, &options).unwrap();
+        let options = options.with_stop_tokens(&[free[0][6 + 9]]);
+        let mut events: Vec<TokenEvent> = Vec::new();
+        let (out, stats) = m.generate_streaming(&prompts, &options, |e| events.push(e)).unwrap();
+        assert_eq!((out.clone(), stats.clone()), {
+            let (o, mut s) = m.generate_with(&prompts, &options).unwrap();
+            s.seconds = stats.seconds;
+            (o, s)
+        });
+        for (r, p) in prompts.iter().enumerate() {
+            let mine: Vec<&TokenEvent> = events.iter().filter(|e| e.row == r).collect();
+            let ids: Vec<usize> = mine.iter().map(|e| e.token).collect();
+            assert_eq!(ids, out[r][p.len()..], "{options:?}: row {r}'s tokens");
+            let exited: Vec<bool> = mine.iter().map(|e| e.exited).collect();
+            let want: Vec<bool> = stats.routes[r].iter().map(|deep| !deep).collect();
+            assert_eq!(exited, want, "{options:?}: row {r}'s exits");
+        }
+    }
+}
+
+#[test]
+fn a_byte_model_streams_whole_characters() {
+    let config = LegoConfig { exit_layer: 1, ..LegoConfig::new(256, 32, 2, 4, 72, 96) };
+    let m = LegoTransformer::new(config, &mut Tensor::rng(5)).unwrap();
+    let tok = Tokenizer::Byte;
+    let prompts: Vec<Vec<usize>> = ["né", "世界 "].iter().map(|t| tok.encode(t)).collect();
+    let options = GenerateOptions {
+        sampling: Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 3 },
+        ..GenerateOptions::greedy(80)
+    };
+    let mut streams = [TextStream::new(&tok), TextStream::new(&tok)];
+    let mut text = [String::new(), String::new()];
+    let (out, _) = m
+        .generate_streaming(&prompts, &options, |e| {
+            text[e.row].push_str(streams[e.row].push(e.token).unwrap())
+        })
+        .unwrap();
+    for r in 0..2 {
+        text[r].push_str(streams[r].finish());
+        let bytes: Vec<u8> = out[r][prompts[r].len()..].iter().map(|&b| b as u8).collect();
+        assert_eq!(text[r], String::from_utf8_lossy(&bytes), "row {r}");
+    }
 }

@@ -9,7 +9,9 @@
 //!
 //! Each step is a [`Decoder::routed_step`]: with no exit rule every layer runs; with one, each
 //! row's token exits or goes deep on its own confidence. Everything is allocated before the
-//! first step, so generating a token allocates nothing.
+//! first step, so generating a token allocates nothing. Each new token is handed to a listener
+//! as soon as it is chosen ([`LegoTransformer::generate_streaming`]); a row that meets a stop
+//! token leaves the steps.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -164,6 +166,18 @@ impl Sampler {
     }
 }
 
+/// One new token, as [`LegoTransformer::generate_streaming`] hands it out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenEvent {
+    /// The row (prompt) it continues.
+    pub row: usize,
+    /// Its id.
+    pub token: usize,
+    /// Whether it came from the exit head without the upper layers (early exit: it exited; a
+    /// self-speculative draft: it was drafted and accepted).
+    pub exited: bool,
+}
+
 /// Everything a generation call can be asked: how many tokens, how to sample them, and
 /// whether (and how) tokens exit early. Every entry point takes it; the spec's `generate` and
 /// `generate_with_early_exit` fill it in from their arguments.
@@ -286,16 +300,46 @@ impl LegoTransformer {
         self.generate_with(prompts, &options)
     }
 
-    /// The generation loop behind every entry point (see the module doc): each row's prompt
+    /// [`generate_streaming`](LegoTransformer::generate_streaming) with nobody listening: each
+    /// row's prompt followed by its new tokens, and the statistics.
+    pub fn generate_with(
+        &self,
+        prompts: &[Vec<usize>],
+        options: &GenerateOptions,
+    ) -> Result<(Vec<Vec<usize>>, EarlyExitStats)> {
+        self.generate_streaming(prompts, options, |_| {})
+    }
+
+    /// The generation loop behind every entry point (see the module doc). `on_token` is called
+    /// with each new token as soon as it is chosen, row by row within a step and in order
+    /// within a row (to print text as it comes: [`TextStream`](crate::data::TextStream));
+    /// the return value holds the same tokens. Returns each row's prompt
     /// followed by its new tokens (up to and including a stop token, if it met one), and the
     /// statistics (at full depth every token counts as deep). Prompts may differ in length:
     /// each row is computed as it would be alone. Errors: bad options or prompts (a stop token
     /// or prompt id outside the vocabulary, an empty prompt, too long a total), non-finite
     /// logits.
-    pub fn generate_with(
+    ///
+    /// ```
+    /// use lego::model::{GenerateOptions, LegoConfig, LegoTransformer};
+    ///
+    /// let model = LegoTransformer::new(LegoConfig::new(50, 16, 2, 2, 32, 32), &mut lego::Tensor::rng(0))?;
+    /// let mut streamed = Vec::new();
+    /// let options = GenerateOptions::greedy(5).with_stop_tokens(&[7]);
+    /// let (out, _) = model.generate_streaming(&[vec![1, 2, 3], vec![4]], &options, |t| {
+    ///     streamed.push((t.row, t.token));
+    /// })?;
+    /// for (row, tokens) in out.iter().enumerate() {
+    ///     let mine: Vec<usize> = streamed.iter().filter(|s| s.0 == row).map(|s| s.1).collect();
+    ///     assert_eq!(mine, tokens[[3, 1][row]..]);
+    /// }
+    /// # Ok::<(), lego::Error>(())
+    /// ```
+    pub fn generate_streaming(
         &self,
         prompts: &[Vec<usize>],
         options: &GenerateOptions,
+        mut on_token: impl FnMut(TokenEvent),
     ) -> Result<(Vec<Vec<usize>>, EarlyExitStats)> {
         let t_start = std::time::Instant::now();
         options.validate_for(self)?;
@@ -354,6 +398,7 @@ impl LegoTransformer {
             for (i, &r) in active.iter().enumerate() {
                 self.record(r, &routes, i, rule, out[r].len(), &mut stats, &mut flops);
                 out[r].push(next[r]);
+                on_token(TokenEvent { row: r, token: next[r], exited: !routes.deep[i] });
                 stats.stopped[r] = options.stop_tokens.contains(&next[r]);
             }
             // A row ends at a stop token or at its last new token; it takes no further step.

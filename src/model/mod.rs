@@ -32,5 +32,5 @@ pub use config::LegoConfig;
 pub use decoder::{Decoder, Tokens};
 pub use early_exit::{EarlyExitStats, ExitMeasure, ExitRule, TeacherForcedStats, UpperCacheFill};
 pub use exit_gate::ExitGate;
-pub use generate::{GenerateOptions, Sampling};
+pub use generate::{GenerateOptions, Sampling, TokenEvent};
 pub use transformer::{ExitHead, LegoTransformer};
