@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lego::Tensor;
 use lego::model::{
-    ExitGate, ExitMeasure, ExitRule, GenerateOptions, LegoConfig, LegoTransformer, Sampling, UpperCacheFill,
+    ExitGate, ExitMeasure, ExitRule, GenerateOptions, LegoConfig, LegoTransformer, Sampling, Speculation,
+    UpperCacheFill,
 };
 
 /// The system allocator, counting calls to `alloc` and `realloc`.
@@ -67,6 +68,12 @@ fn a_generated_token_allocates_nothing() {
         GenerateOptions { sampling: sampled, profile: true, ..GenerateOptions::greedy(0) }
             .with_exit(ExitRule::gate(0.5, UpperCacheFill::Propagate)),
         stop_for(GenerateOptions::greedy(50)),
+        GenerateOptions::greedy(0).with_speculation(Speculation::fixed(3)),
+        GenerateOptions { sampling: sampled, ..GenerateOptions::greedy(0) }
+            .with_speculation(Speculation::fixed(2)),
+        GenerateOptions { sampling: sampled, ..GenerateOptions::greedy(0) }
+            .with_speculation(Speculation::adaptive(4, 0.03)),
+        stop_for(GenerateOptions::greedy(50).with_speculation(Speculation::adaptive(3, 0.02))),
         stop_for(GenerateOptions::greedy(50).with_exit(ExitRule::new(0.03, UpperCacheFill::Skip))),
     ];
     // Start every rayon worker now: a thread allocates as it starts, and one still starting
@@ -96,7 +103,7 @@ fn a_generated_token_allocates_nothing() {
         if !mode.stop_tokens.is_empty() {
             assert!(stats.stopped[0], "{mode:?}: row 0 should meet its stop token");
         }
-        if let Some(rule) = mode.early_exit.filter(|r| r.measure == ExitMeasure::Gate) {
+        if let Some(rule) = mode.exit_rule().filter(|r| r.measure == ExitMeasure::Gate) {
             assert!(stats.shallow_count > 0 && stats.deep_count > 0, "{rule:?}: routes not mixed");
         }
         assert_eq!(a, b, "{mode:?}: 4 new tokens made {a} allocations, 50 made {b}");

@@ -35,7 +35,7 @@ fn ragged_rows_equal_each_row_alone_bit_for_bit() {
     let prompts: Vec<Vec<usize>> = [3, 11, 1, 7, 20].iter().enumerate().map(|(s, &n)| tokens(n, s)).collect();
     for options in modes(17) {
         let (batched, stats) = m.generate_with(&prompts, &options).unwrap();
-        if options.early_exit.is_some() {
+        if options.exit_rule().is_some() {
             assert!(
                 stats.shallow_count > 5 && stats.deep_count > 5,
                 "{options:?}: routes not mixed: {stats:?}"

@@ -47,6 +47,7 @@ use std::time::Instant;
 use super::config::check_threshold;
 use super::decoder::{Decoder, Tokens};
 use super::exit_gate::ExitGate;
+use super::speculative::SpeculationStats;
 use super::transformer::LegoTransformer;
 use crate::error::{Error, Result};
 use crate::ops::unary::sigmoid;
@@ -241,6 +242,10 @@ pub struct EarlyExitStats {
     pub confidences: Vec<Vec<f32>>,
     /// Per row: whether it ended on one of the options' stop tokens (its last token).
     pub stopped: Vec<bool>,
+    /// Self-speculative decoding's counts (zeros in the other modes). In that mode a token
+    /// "exited" (`routes`: not deep; `shallow_count`) when it was drafted and accepted, and
+    /// the layer and FLOP costs count every pass made, rejected drafts included.
+    pub speculation: SpeculationStats,
 }
 
 /// Where a generation's time went, in seconds (measured only when asked, see [`Timer`]).

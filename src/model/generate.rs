@@ -21,6 +21,7 @@ use super::decoder::Decoder;
 use super::early_exit::{
     EarlyExitStats, ExitMeasure, ExitRule, Routes, TimeSplit, Timer, UpperCacheFill, UpperRows,
 };
+use super::speculative::Speculation;
 use super::transformer::LegoTransformer;
 use crate::error::{Error, Result};
 use crate::ops::select::argmax;
@@ -178,6 +179,18 @@ pub struct TokenEvent {
     pub exited: bool,
 }
 
+/// How each generated token goes through the layers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DecodeMode {
+    /// Every token through every layer.
+    Full,
+    /// TRUE early exit by the rule: a confident token skips the upper layers (lossy).
+    EarlyExit(ExitRule),
+    /// The lower layers and the exit head draft tokens, the whole model checks them: the output
+    /// is the full model's (lossless; see [`speculative`](super::speculative)).
+    SelfSpeculative(Speculation),
+}
+
 /// Everything a generation call can be asked: how many tokens, how to sample them, and
 /// whether (and how) tokens exit early. Every entry point takes it; the spec's `generate` and
 /// `generate_with_early_exit` fill it in from their arguments.
@@ -191,8 +204,8 @@ pub struct GenerateOptions {
     /// How each token is picked from its logits. Each row samples with its own generator,
     /// seeded `seed + row`.
     pub sampling: Sampling,
-    /// `None`: every token through every layer. `Some`: TRUE early exit by this rule.
-    pub early_exit: Option<ExitRule>,
+    /// Full depth, TRUE early exit, or lossless self-speculative decoding.
+    pub mode: DecodeMode,
     /// Measure where the time goes ([`EarlyExitStats::time`]); off, the clock is never read
     /// inside the loop.
     pub profile: bool,
@@ -205,7 +218,7 @@ impl GenerateOptions {
             max_new_tokens,
             stop_tokens: Vec::new(),
             sampling: Sampling::greedy(),
-            early_exit: None,
+            mode: DecodeMode::Full,
             profile: false,
         }
     }
@@ -219,8 +232,10 @@ impl GenerateOptions {
     /// stop token is in `model`'s vocabulary.
     pub fn validate_for(&self, model: &LegoTransformer) -> Result<()> {
         self.sampling.validate()?;
-        if let Some(rule) = &self.early_exit {
-            rule.validate_for(model)?;
+        match &self.mode {
+            DecodeMode::Full => {}
+            DecodeMode::EarlyExit(rule) => rule.validate_for(model)?,
+            DecodeMode::SelfSpeculative(spec) => spec.validate()?,
         }
         let v = model.config.vocab_size;
         if let Some((i, id)) = self.stop_tokens.iter().enumerate().find(|(_, id)| **id >= v) {
@@ -233,7 +248,20 @@ impl GenerateOptions {
 
     /// The same, with TRUE early exit by `rule`.
     pub fn with_exit(self, rule: ExitRule) -> GenerateOptions {
-        GenerateOptions { early_exit: Some(rule), ..self }
+        GenerateOptions { mode: DecodeMode::EarlyExit(rule), ..self }
+    }
+
+    /// The same, decoded self-speculatively (lossless: see [`speculative`](super::speculative)).
+    pub fn with_speculation(self, speculation: Speculation) -> GenerateOptions {
+        GenerateOptions { mode: DecodeMode::SelfSpeculative(speculation), ..self }
+    }
+
+    /// The exit rule, in early-exit mode.
+    pub fn exit_rule(&self) -> Option<&ExitRule> {
+        match &self.mode {
+            DecodeMode::EarlyExit(rule) => Some(rule),
+            _ => None,
+        }
     }
 }
 
@@ -354,7 +382,10 @@ impl LegoTransformer {
                 o
             })
             .collect();
-        let exits = options.early_exit.is_some();
+        if let DecodeMode::SelfSpeculative(spec) = &options.mode {
+            return self.generate_self_speculative(prompts, options, spec, on_token);
+        }
+        let exits = options.exit_rule().is_some();
         // (Not `vec![Vec::with_capacity(n); batch]`: its clones would not keep the capacity.)
         let mut stats = EarlyExitStats {
             routes: (0..batch).map(|_| Vec::with_capacity(max_new)).collect(),
@@ -365,7 +396,7 @@ impl LegoTransformer {
         if max_new == 0 {
             return Ok((out, stats));
         }
-        let rule = options.early_exit.as_ref();
+        let rule = options.exit_rule();
         // The prefill holds every prompt token in one step (a ragged one if lengths differ).
         let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
         let mut dec = Decoder::new(self, batch, lens.iter().sum());
