@@ -68,6 +68,9 @@ fn a_generated_token_allocates_nothing() {
         GenerateOptions { sampling: sampled, profile: true, ..GenerateOptions::greedy(0) }
             .with_exit(ExitRule::gate(0.5, UpperCacheFill::Propagate)),
         stop_for(GenerateOptions::greedy(50)),
+        GenerateOptions::greedy(0).with_exit(ExitRule::new(0.03, UpperCacheFill::Deferred)),
+        GenerateOptions { sampling: sampled, profile: true, ..GenerateOptions::greedy(0) }
+            .with_exit(ExitRule::gate(0.5, UpperCacheFill::Deferred)),
         GenerateOptions::greedy(0).with_speculation(Speculation::fixed(3)),
         GenerateOptions { sampling: sampled, ..GenerateOptions::greedy(0) }
             .with_speculation(Speculation::fixed(2)),

@@ -22,7 +22,7 @@ fn modes(new: usize) -> Vec<GenerateOptions> {
     for sampling in [Sampling::greedy(), sampled] {
         let base = GenerateOptions { sampling, ..GenerateOptions::greedy(new) };
         out.push(base.clone());
-        for fill in [UpperCacheFill::Skip, UpperCacheFill::Propagate] {
+        for fill in [UpperCacheFill::Skip, UpperCacheFill::Propagate, UpperCacheFill::Deferred] {
             out.push(base.clone().with_exit(ExitRule::new(0.09, fill)));
         }
     }

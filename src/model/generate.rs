@@ -399,7 +399,11 @@ impl LegoTransformer {
         let rule = options.exit_rule();
         // The prefill holds every prompt token in one step (a ragged one if lengths differ).
         let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-        let mut dec = Decoder::new(self, batch, lens.iter().sum());
+        // (The deferred fill may send a row's owed tokens, up to all its new ones, through the
+        // upper layers in one step.)
+        let deferred = rule.is_some_and(|r| r.fill == UpperCacheFill::Deferred);
+        let capacity = lens.iter().sum::<usize>().max(if deferred { batch * (max_new + 1) } else { 0 });
+        let mut dec = Decoder::new(self, batch, capacity);
         let mut samplers: Vec<Sampler> = (0..batch as u64)
             .map(|r| {
                 Sampler::new(Sampling { seed: options.sampling.seed.wrapping_add(r), ..options.sampling }, v)
@@ -488,8 +492,13 @@ impl LegoTransformer {
             stats.shallow_count += 1;
             flops.spent +=
                 if gate { cost::gate_shallow_flops(c, context) } else { cost::shallow_flops(c, context) };
-            if rule.fill == UpperCacheFill::Propagate {
-                flops.spent += cost::propagate_flops(c);
+            match rule.fill {
+                UpperCacheFill::Skip => {}
+                UpperCacheFill::Propagate => flops.spent += cost::propagate_flops(c),
+                // Counted as paid now; a token still owed at the end never pays it.
+                UpperCacheFill::Deferred => {
+                    flops.spent += (c.num_layers - c.exit_layer) as f64 * cost::layer_flops(c, context)
+                }
             }
         }
     }
