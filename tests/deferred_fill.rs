@@ -85,9 +85,9 @@ fn the_upper_cache_holds_full_depths_entries_for_every_filled_position() {
     let (a, b, d) = (dec.cache(), full.cache(), m.config.dim);
     for l in 2..4 {
         let (x, y) = (a.layer(l), b.layer(l));
-        for row in 0..3 {
+        for (row, last) in last_deep.iter().enumerate() {
             // Every position up to the row's last deep token is there, and nothing else.
-            let want: Vec<usize> = (0..last_deep[row].map_or(0, |p| p + 1)).collect();
+            let want: Vec<usize> = (0..last.map_or(0, |p| p + 1)).collect();
             assert_eq!(x.positions(row), want, "layer {l} row {row}");
             let (at, n) = (row * a.max_seq_len * d, want.len() * d);
             let worst = x.k[at..at + n]
