@@ -1069,6 +1069,7 @@ fn early_exit_table(phase2: &[Phase2Run], data: &Data, o: &Options) -> Result<Ve
                     fill: match fill {
                         UpperCacheFill::Skip => "skip",
                         UpperCacheFill::Propagate => "propagate",
+                        UpperCacheFill::Deferred => "deferred",
                     },
                     ratio,
                     threshold,
