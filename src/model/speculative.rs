@@ -33,7 +33,7 @@
 //! from Transformers via Speculative Decoding" (ICML 2023), and Chen et al., "Accelerating
 //! Large Language Model Decoding with Speculative Sampling" (2023). With `q` the draft's
 //! distribution and `p` the full model's at the same position (both after the temperature,
-//! top-k and top-p of [`Sampling`](super::generate::Sampling)), a draft `d ~ q` is accepted with
+//! top-k and top-p of [`Sampling`]), a draft `d ~ q` is accepted with
 //! probability `min(1, p(d) / q(d))`; at the first rejection the token is drawn from the
 //! residual `max(0, p − q)`, renormalised; after k acceptances a bonus token is drawn from `p`.
 //! Then each token is distributed exactly as `p` (the proof: `P(token = t) = q(t)·min(1,
