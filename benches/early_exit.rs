@@ -786,6 +786,7 @@ fn fill_name(f: UpperCacheFill) -> &'static str {
     match f {
         UpperCacheFill::Skip => "skip",
         UpperCacheFill::Propagate => "propagate",
+        UpperCacheFill::Deferred => "deferred",
     }
 }
 

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lego::Tensor;
 use lego::model::{
-    ExitGate, ExitMeasure, ExitRule, GenerateOptions, LegoConfig, LegoTransformer, Sampling, UpperCacheFill,
+    ExitGate, ExitMeasure, ExitRule, GenerateOptions, LegoConfig, LegoTransformer, Sampling, Speculation,
+    UpperCacheFill,
 };
 
 /// The system allocator, counting calls to `alloc` and `realloc`.
@@ -46,8 +47,17 @@ fn a_generated_token_allocates_nothing() {
     // An exit gate with fixed weights of both signs, so that its routes mix.
     let weights = (0..32).map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.5).collect();
     m.exit_gate = Some(ExitGate::new(weights, 0.0, 0.5).unwrap());
-    let prompts: Vec<Vec<usize>> = (0..3).map(|s| (0..5).map(|i| (i * 7 + s * 3) % 53).collect()).collect();
+    // A ragged batch: prompts of 5, 2 and 8 tokens.
+    let prompts: Vec<Vec<usize>> =
+        [5, 2, 8].iter().enumerate().map(|(s, &n)| (0..n).map(|i| (i * 7 + s * 3) % 53).collect()).collect();
     let sampled = Sampling { temperature: 0.8, top_k: 10, top_p: 0.9, seed: 3 };
+    // A stop token that ends row 0 after its 6th new token, and no row within its first 5.
+    let stop_for = |options: GenerateOptions| {
+        let (free, _) = m.generate_with(&prompts, &options).unwrap();
+        let news: Vec<&[usize]> = free.iter().zip(&prompts).map(|(o, p)| &o[p.len()..]).collect();
+        let stop = *news[0][6..].iter().find(|t| news.iter().all(|n| !n[..5].contains(t))).unwrap();
+        options.with_stop_tokens(&[stop])
+    };
     let modes = [
         GenerateOptions::greedy(0),
         GenerateOptions { sampling: sampled, ..GenerateOptions::greedy(0) },
@@ -57,6 +67,17 @@ fn a_generated_token_allocates_nothing() {
         GenerateOptions::greedy(0).with_exit(ExitRule::gate(0.5, UpperCacheFill::Skip)),
         GenerateOptions { sampling: sampled, profile: true, ..GenerateOptions::greedy(0) }
             .with_exit(ExitRule::gate(0.5, UpperCacheFill::Propagate)),
+        stop_for(GenerateOptions::greedy(50)),
+        GenerateOptions::greedy(0).with_exit(ExitRule::new(0.03, UpperCacheFill::Deferred)),
+        GenerateOptions { sampling: sampled, profile: true, ..GenerateOptions::greedy(0) }
+            .with_exit(ExitRule::gate(0.5, UpperCacheFill::Deferred)),
+        GenerateOptions::greedy(0).with_speculation(Speculation::fixed(3)),
+        GenerateOptions { sampling: sampled, ..GenerateOptions::greedy(0) }
+            .with_speculation(Speculation::fixed(2)),
+        GenerateOptions { sampling: sampled, ..GenerateOptions::greedy(0) }
+            .with_speculation(Speculation::adaptive(4, 0.03)),
+        stop_for(GenerateOptions::greedy(50).with_speculation(Speculation::adaptive(3, 0.02))),
+        stop_for(GenerateOptions::greedy(50).with_exit(ExitRule::new(0.03, UpperCacheFill::Skip))),
     ];
     // Start every rayon worker now: a thread allocates as it starts, and one still starting
     // after the warm-up below would land its allocations in a count.
@@ -65,19 +86,26 @@ fn a_generated_token_allocates_nothing() {
     lego::kernels::team::decode_team();
     let count = |options: &GenerateOptions| {
         let before = ALLOCATIONS.load(Ordering::Relaxed);
-        let (out, stats) = m.generate_with(&prompts, options).unwrap();
+        // Streaming, with a listener that allocates nothing itself.
+        let mut heard = 0usize;
+        let (out, stats) =
+            m.generate_streaming(&prompts, options, |e| heard += e.token + e.exited as usize).unwrap();
         let n = ALLOCATIONS.load(Ordering::Relaxed) - before;
-        drop((out, stats));
+        drop((out, stats, heard));
         n
     };
     for mode in modes {
-        let (short, long) =
-            (GenerateOptions { max_new_tokens: 4, ..mode }, GenerateOptions { max_new_tokens: 50, ..mode });
+        let (short, long) = (
+            GenerateOptions { max_new_tokens: 4, ..mode.clone() },
+            GenerateOptions { max_new_tokens: 50, ..mode.clone() },
+        );
         count(&long); // warm-up (rayon's pool, lazily built tables)
         let (a, b) = (count(&short), count(&long));
-        if let Some(rule) = mode.early_exit.filter(|r| r.measure == ExitMeasure::Gate) {
-            let (_, stats) =
-                m.generate_with(&prompts, &GenerateOptions { max_new_tokens: 50, ..mode }).unwrap();
+        let (_, stats) = m.generate_with(&prompts, &long).unwrap();
+        if !mode.stop_tokens.is_empty() {
+            assert!(stats.stopped[0], "{mode:?}: row 0 should meet its stop token");
+        }
+        if let Some(rule) = mode.exit_rule().filter(|r| r.measure == ExitMeasure::Gate) {
             assert!(stats.shallow_count > 0 && stats.deep_count > 0, "{rule:?}: routes not mixed");
         }
         assert_eq!(a, b, "{mode:?}: 4 new tokens made {a} allocations, 50 made {b}");

@@ -158,7 +158,7 @@ pub fn true_early_exit_generation(
         None => (ExitRule::new(threshold, UpperCacheFill::Skip), "softmax"),
     };
     let full_options = GenerateOptions::greedy(n);
-    let early_options = full_options.with_exit(rule);
+    let early_options = full_options.clone().with_exit(rule);
     let timed = |options: &GenerateOptions| -> Result<(f64, Vec<usize>, lego::model::EarlyExitStats)> {
         let t0 = Instant::now();
         let (mut out, stats) = model.generate_with(&prompts, options)?;

@@ -20,6 +20,8 @@
 //! - [`tokenizer`]: [`Tokenizer`], bytes (vocabulary 256) or the specification's word level
 //!   (lowercased whitespace-separated words, `<unk>` = 0, the most frequent words of the
 //!   *training* split), with JSON serialisation for a checkpoint's metadata;
+//! - [`text_stream`]: [`TextStream`], generated ids back to text as they arrive, a UTF-8
+//!   character split over byte tokens held back until it is whole;
 //! - [`batches`](mod@batches): [`make_sequences`], [`Batch`], [`batches()`] and the
 //!   specification's random [`create_synthetic_data`];
 //! - [`dataset`]: [`Dataset`], a whole split as training, validation and test batches in one
@@ -56,6 +58,7 @@ pub mod dataset;
 pub mod split;
 pub mod synthetic;
 pub mod text;
+pub mod text_stream;
 pub mod tokenizer;
 
 pub use batches::{Batch, batches, create_synthetic_data, make_sequences, sequences_from_documents};
@@ -63,4 +66,5 @@ pub use dataset::Dataset;
 pub use split::{Split, split_documents};
 pub use synthetic::{SyntheticConfig, generate_corpus};
 pub use text::{Document, load_texts, split_blocks};
+pub use text_stream::TextStream;
 pub use tokenizer::{DEFAULT_WORD_VOCAB, Tokenizer, UNK, UNK_ID};

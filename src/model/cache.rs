@@ -115,6 +115,15 @@ pub struct KvCache {
     pub max_seq_len: usize,
     /// Model width.
     pub dim: usize,
+    /// The exit states of tokens that exited and whose upper keys and values are still owed
+    /// (`UpperCacheFill::Deferred`): `[batch, max_seq_len, dim]`, allocated at first use (empty
+    /// until then). Row `r` owes positions `deferred_from[r] .. + deferred_len[r]`: the
+    /// tokens since its last deep one, so always a contiguous run just before its next token.
+    pub deferred: Vec<f32>,
+    /// How many owed states each row holds.
+    pub deferred_len: Vec<usize>,
+    /// The position of each row's first owed state.
+    pub deferred_from: Vec<usize>,
 }
 
 impl KvCache {
@@ -131,6 +140,9 @@ impl KvCache {
             batch,
             max_seq_len: config.max_seq_len,
             dim: config.dim,
+            deferred: Vec::new(),
+            deferred_len: vec![0; batch],
+            deferred_from: vec![0; batch],
         }
     }
 
@@ -161,6 +173,7 @@ impl KvCache {
             }
         }
         self.positions.iter_mut().for_each(|p| *p = 0);
+        self.deferred_len.iter_mut().for_each(|n| *n = 0);
     }
 
     /// Forgets everything `row` saw from absolute position `len` on: its position becomes
@@ -179,13 +192,25 @@ impl KvCache {
         for l in self.lower.layers.iter_mut().chain(&mut self.upper.layers) {
             l.truncate_at(row, len);
         }
+        let owed = &mut self.deferred_len[row];
+        *owed = (*owed).min(len.saturating_sub(self.deferred_from[row]));
         Ok(())
     }
 
     /// A cache of no rows and no layers (a placeholder while a decoder holds the real one).
     pub fn empty() -> KvCache {
         let part = CachePart { first_layer: 0, layers: Vec::new() };
-        KvCache { lower: part.clone(), upper: part, positions: Vec::new(), batch: 0, max_seq_len: 0, dim: 0 }
+        KvCache {
+            lower: part.clone(),
+            upper: part,
+            positions: Vec::new(),
+            batch: 0,
+            max_seq_len: 0,
+            dim: 0,
+            deferred: Vec::new(),
+            deferred_len: Vec::new(),
+            deferred_from: Vec::new(),
+        }
     }
 
     /// The bytes the buffers take.

@@ -140,6 +140,8 @@ pub fn early_exit_flops(c: &LegoConfig, len: usize, shallow_ratio: f64, rule: &E
     let fill = match rule.fill {
         UpperCacheFill::Skip => 0.0,
         UpperCacheFill::Propagate => propagate_flops(c),
+        // The exited token's state goes through the upper layers later, with a deep token.
+        UpperCacheFill::Deferred => (c.num_layers - c.exit_layer) as f64 * mean_layer_flops(c, len),
     };
     shallow_ratio * (shallow + fill) + (1.0 - shallow_ratio) * deep
 }

@@ -580,6 +580,25 @@ impl<'m> Decoder<'m> {
     }
 }
 
+// Two small accessors for the deferred upper-cache fill (`UpperCacheFill::Deferred`, in
+// early_exit.rs): the tokens of one step row, and the cache to keep owed exit states in.
+impl Decoder<'_> {
+    /// The residual stream of step row `i`'s tokens, `[counts[i], D]`, and the absolute
+    /// position of the first.
+    pub fn row_hidden(&self, i: usize) -> (&[f32], usize) {
+        let (d, s) = (self.model.config.dim, &self.step);
+        let first = s.first[i];
+        (&self.ws.x[first * d..(first + s.counts[i]) * d], s.token_pos[first])
+    }
+
+    /// The KV cache, mutably (the deferred fill keeps owed exit states in it). Positions and
+    /// entries are the decoder's to change: [`begin`](Decoder::begin) and
+    /// [`rollback`](Decoder::rollback).
+    pub fn cache_mut(&mut self) -> &mut KvCache {
+        &mut self.cache
+    }
+}
+
 /// Records a step's rows and each token's step row and absolute position (`start(i)`: that of
 /// step row `i`'s first token).
 fn set_step(s: &mut StepRows, rows: &[usize], counts: &[usize], start: impl Fn(usize) -> usize) {

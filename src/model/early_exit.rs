@@ -34,7 +34,14 @@
 //! still rotated by its true absolute position. With [`UpperCacheFill::Propagate`] its exit
 //! hidden state is projected to each upper layer's keys and values (state copying, as in CALM:
 //! `k = rope(Wk·norm(h))`, `v = Wv·norm(h)`, about `2·2·D²` FLOPs a layer), so the upper cache
-//! holds every position.
+//! holds every position, though not with the keys and values full depth would give it. With
+//! [`UpperCacheFill::Deferred`] its exit state is kept in the cache and owed: when a later
+//! token of the row goes deep, the owed tokens go through the upper layers with it, in one
+//! step, at their own positions (`begin_hidden`), so the upper cache holds every position with
+//! its true keys and values. A deep token then computes exactly what full depth computes, and
+//! the teacher-forced perplexity equals [`Trainer::evaluate`](crate::train::Trainer::evaluate)'s
+//! fake early exit. The cost: the upper layers for every token that exited and is followed by a
+//! deep one, batched into the deep token's pass.
 //!
 //! The prompt goes through every layer (the prefill); the first generated token is routed by
 //! the confidence at the exit of the prompt's last position, like every later one.
@@ -47,6 +54,7 @@ use std::time::Instant;
 use super::config::check_threshold;
 use super::decoder::{Decoder, Tokens};
 use super::exit_gate::ExitGate;
+use super::speculative::SpeculationStats;
 use super::transformer::LegoTransformer;
 use crate::error::{Error, Result};
 use crate::ops::unary::sigmoid;
@@ -58,6 +66,11 @@ pub enum UpperCacheFill {
     Skip,
     /// Its exit hidden state is projected into every upper layer's keys and values.
     Propagate,
+    /// Its exit hidden state is kept, and run through the upper layers when a later token of
+    /// its row goes deep, in the same pass just before that token (FREE, Bae et al. 2023;
+    /// EE-LLM, Chen et al. 2024): the upper cache then holds every position's true keys and
+    /// values, as full depth would, and a deep token sees exactly what it would at full depth.
+    Deferred,
 }
 
 impl std::str::FromStr for UpperCacheFill {
@@ -66,7 +79,10 @@ impl std::str::FromStr for UpperCacheFill {
         match s {
             "skip" => Ok(UpperCacheFill::Skip),
             "propagate" => Ok(UpperCacheFill::Propagate),
-            _ => Err(Error::Input(format!("upper-cache fill must be 'skip' or 'propagate', got '{s}'"))),
+            "deferred" => Ok(UpperCacheFill::Deferred),
+            _ => Err(Error::Input(format!(
+                "upper-cache fill must be 'skip', 'propagate' or 'deferred', got '{s}'"
+            ))),
         }
     }
 }
@@ -184,6 +200,12 @@ pub struct Routes {
     /// The gate's scratch row, `[D]`: a hidden state normalised by the exit head's norm (sized
     /// at the first gate check, so later steps allocate nothing).
     normed: Vec<f32>,
+    /// The deferred fill's step: owed and new hidden states `[tokens, D]`, and per row its
+    /// cache row, token count and first position (sized at the first deferred step).
+    gathered: Vec<f32>,
+    flush_rows: Vec<usize>,
+    flush_counts: Vec<usize>,
+    flush_starts: Vec<usize>,
 }
 
 impl Routes {
@@ -195,6 +217,10 @@ impl Routes {
             shallow_rows: Vec::with_capacity(rows),
             deep_rows: Vec::with_capacity(rows),
             normed: Vec::new(),
+            gathered: Vec::new(),
+            flush_rows: Vec::with_capacity(rows),
+            flush_counts: Vec::with_capacity(rows),
+            flush_starts: Vec::with_capacity(rows),
         }
     }
 
@@ -239,6 +265,12 @@ pub struct EarlyExitStats {
     /// Per row, per generated token: its confidence at the exit (empty at full depth): the max
     /// softmax, or with [`ExitMeasure::Gate`] the gate's `p_exit`.
     pub confidences: Vec<Vec<f32>>,
+    /// Per row: whether it ended on one of the options' stop tokens (its last token).
+    pub stopped: Vec<bool>,
+    /// Self-speculative decoding's counts (zeros in the other modes). In that mode a token
+    /// "exited" (`routes`: not deep; `shallow_count`) when it was drafted and accepted, and
+    /// the layer and FLOP costs count every pass made, rejected drafts included.
+    pub speculation: SpeculationStats,
 }
 
 /// Where a generation's time went, in seconds (measured only when asked, see [`Timer`]).
@@ -398,9 +430,19 @@ impl Decoder<'_> {
             time.upper_fill += timer.lap();
         }
 
+        // Tokens that exit under the deferred fill: their exit states are owed to the upper cache.
+        let deferred = rule.fill == UpperCacheFill::Deferred;
+        if deferred {
+            self.owe_upper_entries(routes, upper);
+            time.upper_fill += timer.lap();
+        }
+
         // The upper layers and the deep head.
         if upper == UpperRows::All || !routes.deep_rows.is_empty() {
-            if upper == UpperRows::Deep {
+            if deferred && self.settle_upper_debts(routes, upper)? {
+                // The step now holds, per deep row, its owed tokens and then its own: the
+                // same rows in the same order as `retain` would leave.
+            } else if upper == UpperRows::Deep {
                 self.retain(&routes.deep_rows);
             }
             self.layers(exit..n_layers);
@@ -418,6 +460,83 @@ impl Decoder<'_> {
             time.sampling += timer.lap();
         }
         Ok(())
+    }
+}
+
+impl Decoder<'_> {
+    /// The deferred fill, part 1: keeps the exit states of the step rows that exit (with
+    /// `UpperRows::Deep`) as owed upper-cache entries of their rows.
+    fn owe_upper_entries(&mut self, routes: &mut Routes, upper: UpperRows) {
+        let c = &self.model().config;
+        let (d, per_row) = (c.dim, c.max_seq_len * c.dim);
+        let batch = self.cache().batch;
+        if self.cache().deferred.is_empty() {
+            self.cache_mut().deferred.resize(batch * per_row, 0.0);
+        }
+        if routes.gathered.is_empty() {
+            // Room for every row's whole sequence: a flush never needs more.
+            routes.gathered.resize(batch * per_row, 0.0);
+        }
+        if upper == UpperRows::All {
+            return; // every token goes through the upper layers
+        }
+        for &i in &routes.shallow_rows {
+            let row = self.step_rows()[i];
+            let (h, first) = self.row_hidden(i);
+            let n = h.len() / d;
+            routes.gathered[..n * d].copy_from_slice(h);
+            let cache = self.cache_mut();
+            let owed = cache.deferred_len[row];
+            if owed == 0 {
+                cache.deferred_from[row] = first;
+            }
+            debug_assert_eq!(cache.deferred_from[row] + owed, first, "owed positions are contiguous");
+            let at = row * per_row + owed * d;
+            cache.deferred[at..at + n * d].copy_from_slice(&routes.gathered[..n * d]);
+            cache.deferred_len[row] = owed + n;
+        }
+    }
+
+    /// The deferred fill, part 2: if a row going through the upper layers owes entries,
+    /// restarts the step from hidden states, each such row bringing its owed states (at their
+    /// positions) before its own tokens. Returns whether it did (false: nothing owed, the step
+    /// is untouched). The rows are the deep ones (`Deep`) or all (`All`), in step order.
+    fn settle_upper_debts(&mut self, routes: &mut Routes, upper: UpperRows) -> Result<bool> {
+        let d = self.model().config.dim;
+        let per_row = self.cache().max_seq_len * d;
+        let n_rows = if upper == UpperRows::All { self.step_rows().len() } else { routes.deep_rows.len() };
+        let step_row = |j: usize| if upper == UpperRows::All { j } else { routes.deep_rows[j] };
+        if (0..n_rows).all(|j| self.cache().deferred_len[self.step_rows()[step_row(j)]] == 0) {
+            return Ok(false);
+        }
+        routes.flush_rows.clear();
+        routes.flush_counts.clear();
+        routes.flush_starts.clear();
+        let mut m = 0;
+        for j in 0..n_rows {
+            let i = step_row(j);
+            let row = self.step_rows()[i];
+            let (h, first) = self.row_hidden(i);
+            let (owed, from) = (self.cache().deferred_len[row], self.cache().deferred_from[row]);
+            let src = &self.cache().deferred[row * per_row..row * per_row + owed * d];
+            routes.gathered[m * d..(m + owed) * d].copy_from_slice(src);
+            routes.gathered[(m + owed) * d..(m + owed) * d + h.len()].copy_from_slice(h);
+            let n = owed + h.len() / d;
+            routes.flush_rows.push(row);
+            routes.flush_counts.push(n);
+            routes.flush_starts.push(if owed > 0 { from } else { first });
+            m += n;
+        }
+        for &row in &routes.flush_rows {
+            self.cache_mut().deferred_len[row] = 0;
+        }
+        self.begin_hidden(
+            &routes.flush_rows,
+            &routes.flush_counts,
+            &routes.flush_starts,
+            &routes.gathered[..m * d],
+        )?;
+        Ok(true)
     }
 }
 
@@ -473,7 +592,9 @@ impl LegoTransformer {
             )));
         }
         let batch = sequences.len();
-        let mut dec = Decoder::new(self, batch, batch);
+        // (The deferred fill may send up to a whole sequence of a row through the upper layers.)
+        let capacity = if rule.fill == UpperCacheFill::Deferred { batch * len } else { batch };
+        let mut dec = Decoder::new(self, batch, capacity);
         let rows: Vec<usize> = (0..batch).collect();
         let ones = vec![1; batch];
         let mut routes = Routes::with_capacity(batch);

@@ -2,13 +2,16 @@
 //! `generate_with_early_exit` (TRUE early exit) are both [`LegoTransformer::generate_with`].
 //!
 //! ```text
-//! prefill: the prompts through the decoder in one step     (every layer; early exit: routed)
+//! prefill: the prompts through the decoder in one step     (every layer; early exit: routed;
+//!          prompts of different lengths in one ragged step)
 //! repeat:  each row's sampled token through the decoder    (one token per row per step)
 //! ```
 //!
 //! Each step is a [`Decoder::routed_step`]: with no exit rule every layer runs; with one, each
 //! row's token exits or goes deep on its own confidence. Everything is allocated before the
-//! first step, so generating a token allocates nothing.
+//! first step, so generating a token allocates nothing. Each new token is handed to a listener
+//! as soon as it is chosen ([`LegoTransformer::generate_streaming`]); a row that meets a stop
+//! token leaves the steps.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -18,6 +21,7 @@ use super::decoder::Decoder;
 use super::early_exit::{
     EarlyExitStats, ExitMeasure, ExitRule, Routes, TimeSplit, Timer, UpperCacheFill, UpperRows,
 };
+use super::speculative::Speculation;
 use super::transformer::LegoTransformer;
 use crate::error::{Error, Result};
 use crate::ops::select::argmax;
@@ -76,10 +80,64 @@ impl Sampler {
 
     /// The next token for one row of logits (finite: the decoder checks them).
     pub fn sample(&mut self, logits: &[f32]) -> usize {
-        let s = self.settings;
-        if s.temperature == 0.0 {
+        if self.settings.temperature == 0.0 {
             return argmax(logits);
         }
+        let keep = self.candidates(logits);
+        let (probs, order) = (&self.probs, &self.order[..keep]);
+        let total: f32 = order.iter().map(|&i| probs[i]).sum();
+        let mut u = self.rng.random::<f32>() * total;
+        for &i in order {
+            u -= probs[i];
+            if u <= 0.0 {
+                return i;
+            }
+        }
+        order[keep - 1]
+    }
+
+    /// The distribution [`sample`](Sampler::sample) draws from, written into `out` (`[V]`): the
+    /// softmax of `logits / temperature` over the top-k / top-p candidates, renormalised, 0
+    /// elsewhere; greedy (temperature 0): all the mass on the argmax.
+    pub fn distribution(&mut self, logits: &[f32], out: &mut [f32]) {
+        out.fill(0.0);
+        if self.settings.temperature == 0.0 {
+            out[argmax(logits)] = 1.0;
+            return;
+        }
+        let keep = self.candidates(logits);
+        let (probs, order) = (&self.probs, &self.order[..keep]);
+        let total: f32 = order.iter().map(|&i| probs[i]).sum();
+        for &i in order {
+            out[i] = probs[i] / total;
+        }
+    }
+
+    /// Draws a token from `probs` (non-negative, summing to `total` > 0), in id order.
+    pub fn draw(&mut self, probs: &[f32], total: f32) -> usize {
+        let mut u = self.rng.random::<f32>() * total;
+        let mut last = 0;
+        for (i, &p) in probs.iter().enumerate() {
+            if p > 0.0 {
+                last = i;
+                u -= p;
+                if u <= 0.0 {
+                    return i;
+                }
+            }
+        }
+        last
+    }
+
+    /// A uniform draw from `[0, 1)`, from this row's generator.
+    pub fn uniform(&mut self) -> f32 {
+        self.rng.random::<f32>()
+    }
+
+    /// Puts the softmax of `logits / temperature` in `probs` and the candidate ids, most likely
+    /// first, in `order[..keep]` (the top k, then the top-p nucleus of those); returns `keep`.
+    fn candidates(&mut self, logits: &[f32]) -> usize {
+        let s = self.settings;
         let probs = &mut self.probs[..logits.len()];
         let inv_t = 1.0 / s.temperature;
         probs.iter_mut().zip(logits).for_each(|(p, z)| *p = z * inv_t);
@@ -105,30 +163,49 @@ impl Sampler {
                 }
             }
         }
-        let total: f32 = order[..keep].iter().map(|&i| probs_ref[i]).sum();
-        let mut u = self.rng.random::<f32>() * total;
-        for &i in &order[..keep] {
-            u -= probs_ref[i];
-            if u <= 0.0 {
-                return i;
-            }
-        }
-        order[keep - 1]
+        keep
     }
+}
+
+/// One new token, as [`LegoTransformer::generate_streaming`] hands it out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenEvent {
+    /// The row (prompt) it continues.
+    pub row: usize,
+    /// Its id.
+    pub token: usize,
+    /// Whether it came from the exit head without the upper layers (early exit: it exited; a
+    /// self-speculative draft: it was drafted and accepted).
+    pub exited: bool,
+}
+
+/// How each generated token goes through the layers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DecodeMode {
+    /// Every token through every layer.
+    Full,
+    /// TRUE early exit by the rule: a confident token skips the upper layers (lossy).
+    EarlyExit(ExitRule),
+    /// The lower layers and the exit head draft tokens, the whole model checks them: the output
+    /// is the full model's (lossless; see [`speculative`](super::speculative)).
+    SelfSpeculative(Speculation),
 }
 
 /// Everything a generation call can be asked: how many tokens, how to sample them, and
 /// whether (and how) tokens exit early. Every entry point takes it; the spec's `generate` and
 /// `generate_with_early_exit` fill it in from their arguments.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct GenerateOptions {
-    /// Tokens to add to each prompt.
+    /// Tokens to add to each prompt (at most: a row that meets a stop token ends there).
     pub max_new_tokens: usize,
+    /// Token ids that end a row: a row whose new token is one of them keeps it as its last and
+    /// takes no further step (it costs nothing more while the other rows go on).
+    pub stop_tokens: Vec<usize>,
     /// How each token is picked from its logits. Each row samples with its own generator,
     /// seeded `seed + row`.
     pub sampling: Sampling,
-    /// `None`: every token through every layer. `Some`: TRUE early exit by this rule.
-    pub early_exit: Option<ExitRule>,
+    /// Full depth, TRUE early exit, or lossless self-speculative decoding.
+    pub mode: DecodeMode,
     /// Measure where the time goes ([`EarlyExitStats::time`]); off, the clock is never read
     /// inside the loop.
     pub profile: bool,
@@ -137,40 +214,84 @@ pub struct GenerateOptions {
 impl GenerateOptions {
     /// Greedy, full-depth generation of `max_new_tokens` tokens.
     pub fn greedy(max_new_tokens: usize) -> GenerateOptions {
-        GenerateOptions { max_new_tokens, sampling: Sampling::greedy(), early_exit: None, profile: false }
+        GenerateOptions {
+            max_new_tokens,
+            stop_tokens: Vec::new(),
+            sampling: Sampling::greedy(),
+            mode: DecodeMode::Full,
+            profile: false,
+        }
+    }
+
+    /// The same, ending each row at the first of `stop_tokens` it generates.
+    pub fn with_stop_tokens(self, stop_tokens: &[usize]) -> GenerateOptions {
+        GenerateOptions { stop_tokens: stop_tokens.to_vec(), ..self }
+    }
+
+    /// Checks what can come from outside: the sampling settings, the exit rule, and that each
+    /// stop token is in `model`'s vocabulary.
+    pub fn validate_for(&self, model: &LegoTransformer) -> Result<()> {
+        self.sampling.validate()?;
+        match &self.mode {
+            DecodeMode::Full => {}
+            DecodeMode::EarlyExit(rule) => rule.validate_for(model)?,
+            DecodeMode::SelfSpeculative(spec) => spec.validate()?,
+        }
+        let v = model.config.vocab_size;
+        if let Some((i, id)) = self.stop_tokens.iter().enumerate().find(|(_, id)| **id >= v) {
+            return Err(Error::Input(format!(
+                "stop token id {id} (stop_tokens[{i}]) is outside the vocabulary of {v}"
+            )));
+        }
+        Ok(())
     }
 
     /// The same, with TRUE early exit by `rule`.
     pub fn with_exit(self, rule: ExitRule) -> GenerateOptions {
-        GenerateOptions { early_exit: Some(rule), ..self }
+        GenerateOptions { mode: DecodeMode::EarlyExit(rule), ..self }
+    }
+
+    /// The same, decoded self-speculatively (lossless: see [`speculative`](super::speculative)).
+    pub fn with_speculation(self, speculation: Speculation) -> GenerateOptions {
+        GenerateOptions { mode: DecodeMode::SelfSpeculative(speculation), ..self }
+    }
+
+    /// The exit rule, in early-exit mode.
+    pub fn exit_rule(&self) -> Option<&ExitRule> {
+        match &self.mode {
+            DecodeMode::EarlyExit(rule) => Some(rule),
+            _ => None,
+        }
     }
 }
 
 impl LegoTransformer {
-    /// Checks a batch of prompts for generation: at least one, all non-empty and of the same
-    /// length, ids in the vocabulary, and room for `max_new_tokens` more. Returns the prompt
-    /// length.
+    /// Checks a batch of prompts for generation: at least one, none empty, ids in the
+    /// vocabulary, and room for `max_new_tokens` more after the longest. Prompts may differ in
+    /// length (a ragged batch). Returns the longest prompt's length.
     pub fn check_prompts(&self, prompts: &[Vec<usize>], max_new_tokens: usize) -> Result<usize> {
-        let first = prompts.first().ok_or_else(|| Error::Input("no prompt given".into()))?;
-        if first.is_empty() {
-            return Err(Error::Input(
-                "empty prompt: generation needs at least one token to start from".into(),
-            ));
+        if prompts.is_empty() {
+            return Err(Error::Input("no prompt given".into()));
         }
-        if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.len() != first.len()) {
-            return Err(Error::Input(format!(
-                "prompt {i} has {} tokens but prompt 0 has {}: a batch needs prompts of equal length",
-                p.len(),
-                first.len()
-            )));
+        for (i, p) in prompts.iter().enumerate() {
+            if p.is_empty() {
+                return Err(Error::Input(format!(
+                    "empty prompt (row {i} of {}): generation needs at least one token to start from",
+                    prompts.len()
+                )));
+            }
+            if let Some((j, &id)) = p.iter().enumerate().find(|(_, id)| **id >= self.config.vocab_size) {
+                return Err(Error::Input(format!(
+                    "token id {id} (prompt {i}, position {j}) is outside the vocabulary of {}",
+                    self.config.vocab_size
+                )));
+            }
         }
-        let flat: Vec<usize> = prompts.iter().flatten().copied().collect();
-        self.check_tokens(&flat, prompts.len(), 0)?;
-        match first.len().checked_add(max_new_tokens) {
-            Some(total) if total <= self.config.max_seq_len => Ok(first.len()),
+        let longest = prompts.iter().map(Vec::len).max().expect("at least one prompt");
+        match longest.checked_add(max_new_tokens) {
+            Some(total) if total <= self.config.max_seq_len => Ok(longest),
             _ => Err(Error::Input(format!(
-                "prompt of {} tokens + {max_new_tokens} new ones exceeds max_seq_len {}",
-                first.len(),
+                "prompt of {longest} tokens + {max_new_tokens} new ones exceeds max_seq_len {}",
                 self.config.max_seq_len
             ))),
         }
@@ -229,9 +350,9 @@ impl LegoTransformer {
         self.generate_with(prompts, &options)
     }
 
-    /// The generation loop behind every entry point (see the module doc): each row's prompt
-    /// followed by its new tokens, and the statistics (at full depth every token counts as
-    /// deep).
+    /// [`generate_streaming`](LegoTransformer::generate_streaming) with nobody listening: each
+    /// row's prompt followed by its new tokens, and the statistics (at full depth every token
+    /// counts as deep).
     ///
     /// ```
     /// use lego::Tensor;
@@ -249,7 +370,7 @@ impl LegoTransformer {
     ///
     /// // The same options with TRUE early exit (here with the upper cache filled for exited tokens).
     /// let rule = ExitRule::new(0.05, UpperCacheFill::Propagate);
-    /// let (b, stats) = model.generate_with(&prompts, &options.with_exit(rule)).unwrap();
+    /// let (b, stats) = model.generate_with(&prompts, &options.clone().with_exit(rule)).unwrap();
     /// assert_eq!((b[0].len(), stats.shallow_count + stats.deep_count), (3 + 6, 6));
     /// assert_eq!(stats.confidences[0].len(), 6); // each token's confidence at the exit
     /// ```
@@ -258,13 +379,44 @@ impl LegoTransformer {
         prompts: &[Vec<usize>],
         options: &GenerateOptions,
     ) -> Result<(Vec<Vec<usize>>, EarlyExitStats)> {
+        self.generate_streaming(prompts, options, |_| {})
+    }
+
+    /// The generation loop behind every entry point (see the module doc). `on_token` is called
+    /// with each new token as soon as it is chosen, row by row within a step and in order
+    /// within a row (to print text as it comes: [`TextStream`](crate::data::TextStream));
+    /// the return value holds the same tokens. Returns each row's prompt
+    /// followed by its new tokens (up to and including a stop token, if it met one), and the
+    /// statistics (at full depth every token counts as deep). Prompts may differ in length:
+    /// each row is computed as it would be alone. Errors: bad options or prompts (a stop token
+    /// or prompt id outside the vocabulary, an empty prompt, too long a total), non-finite
+    /// logits.
+    ///
+    /// ```
+    /// use lego::model::{GenerateOptions, LegoConfig, LegoTransformer};
+    ///
+    /// let model = LegoTransformer::new(LegoConfig::new(50, 16, 2, 2, 32, 32), &mut lego::Tensor::rng(0))?;
+    /// let mut streamed = Vec::new();
+    /// let options = GenerateOptions::greedy(5).with_stop_tokens(&[7]);
+    /// let (out, _) = model.generate_streaming(&[vec![1, 2, 3], vec![4]], &options, |t| {
+    ///     streamed.push((t.row, t.token));
+    /// })?;
+    /// for (row, tokens) in out.iter().enumerate() {
+    ///     let mine: Vec<usize> = streamed.iter().filter(|s| s.0 == row).map(|s| s.1).collect();
+    ///     assert_eq!(mine, tokens[[3, 1][row]..]);
+    /// }
+    /// # Ok::<(), lego::Error>(())
+    /// ```
+    pub fn generate_streaming(
+        &self,
+        prompts: &[Vec<usize>],
+        options: &GenerateOptions,
+        mut on_token: impl FnMut(TokenEvent),
+    ) -> Result<(Vec<Vec<usize>>, EarlyExitStats)> {
         let t_start = std::time::Instant::now();
-        options.sampling.validate()?;
-        if let Some(rule) = &options.early_exit {
-            rule.validate_for(self)?;
-        }
+        options.validate_for(self)?;
         let max_new = options.max_new_tokens;
-        let prompt_len = self.check_prompts(prompts, max_new)?;
+        self.check_prompts(prompts, max_new)?;
         let (batch, v) = (prompts.len(), self.config.vocab_size);
         let mut out: Vec<Vec<usize>> = prompts
             .iter()
@@ -274,57 +426,73 @@ impl LegoTransformer {
                 o
             })
             .collect();
-        let exits = options.early_exit.is_some();
+        if let DecodeMode::SelfSpeculative(spec) = &options.mode {
+            return self.generate_self_speculative(prompts, options, spec, on_token);
+        }
+        let exits = options.exit_rule().is_some();
         // (Not `vec![Vec::with_capacity(n); batch]`: its clones would not keep the capacity.)
         let mut stats = EarlyExitStats {
             routes: (0..batch).map(|_| Vec::with_capacity(max_new)).collect(),
             confidences: (0..batch).map(|_| Vec::with_capacity(if exits { max_new } else { 0 })).collect(),
+            stopped: vec![false; batch],
             ..Default::default()
         };
         if max_new == 0 {
             return Ok((out, stats));
         }
-        let rule = options.early_exit.as_ref();
-        let mut dec = Decoder::new(self, batch, batch * prompt_len);
+        let rule = options.exit_rule();
+        // The prefill holds every prompt token in one step (a ragged one if lengths differ).
+        let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        // (The deferred fill may send a row's owed tokens, up to all its new ones, through the
+        // upper layers in one step.)
+        let deferred = rule.is_some_and(|r| r.fill == UpperCacheFill::Deferred);
+        let capacity = lens.iter().sum::<usize>().max(if deferred { batch * (max_new + 1) } else { 0 });
+        let mut dec = Decoder::new(self, batch, capacity);
         let mut samplers: Vec<Sampler> = (0..batch as u64)
             .map(|r| {
                 Sampler::new(Sampling { seed: options.sampling.seed.wrapping_add(r), ..options.sampling }, v)
             })
             .collect();
-        let rows: Vec<usize> = (0..batch).collect();
-        let mut counts = vec![prompt_len; batch];
+        // The rows still generating, in cache-row order: the rows of every step.
+        let mut active: Vec<usize> = (0..batch).collect();
+        let ones = vec![1usize; batch];
         let mut routes = Routes::with_capacity(batch);
         let mut timer = Timer::new(options.profile);
         let mut time = TimeSplit::default();
         let (mut next, mut current) = (vec![0usize; batch], vec![0usize; batch]);
         let mut flops = Flops::default();
 
-        // The prefill: every prompt token through every layer; the last one routed.
+        // The prefill: every prompt token through every layer; each row's last one routed.
         let flat: Vec<usize> = prompts.iter().flatten().copied().collect();
-        dec.begin(&rows, &counts, &flat)?;
+        dec.begin(&active, &lens, &flat)?;
         dec.routed_step(rule, UpperRows::All, &mut routes, &mut timer, &mut time, |r, logits| {
             next[r] = samplers[r].sample(logits)
         })?;
-        self.count_routes(&routes, rule, prompt_len - 1, &mut stats, &mut flops);
         stats.time.prefill =
             time.lower + time.exit_check + time.upper + time.head + time.upper_fill + time.sampling;
         time = TimeSplit::default();
 
-        // Decoding: one token per row per step.
-        counts.fill(1);
-        for step in 0..max_new {
-            for (o, &n) in out.iter_mut().zip(&next) {
-                o.push(n);
+        // Decoding: each active row's new token is recorded, then fed back, one a row a step.
+        loop {
+            for (i, &r) in active.iter().enumerate() {
+                self.record(r, &routes, i, rule, out[r].len(), &mut stats, &mut flops);
+                out[r].push(next[r]);
+                on_token(TokenEvent { row: r, token: next[r], exited: !routes.deep[i] });
+                stats.stopped[r] = options.stop_tokens.contains(&next[r]);
             }
-            if step + 1 == max_new {
+            // A row ends at a stop token or at its last new token; it takes no further step.
+            active.retain(|&r| !stats.stopped[r] && out[r].len() - lens[r] < max_new);
+            if active.is_empty() {
                 break;
             }
-            current.copy_from_slice(&next);
-            dec.begin(&rows, &counts, &current)?;
+            for (c, &r) in current.iter_mut().zip(&active) {
+                *c = next[r];
+            }
+            let n = active.len();
+            dec.begin(&active, &ones[..n], &current[..n])?;
             dec.routed_step(rule, UpperRows::Deep, &mut routes, &mut timer, &mut time, |r, logits| {
                 next[r] = samplers[r].sample(logits)
             })?;
-            self.count_routes(&routes, rule, prompt_len + step, &mut stats, &mut flops);
         }
         let total = stats.shallow_count + stats.deep_count;
         stats.shallow_ratio = stats.shallow_count as f64 / total.max(1) as f64;
@@ -335,37 +503,45 @@ impl LegoTransformer {
         Ok((out, stats))
     }
 
-    /// Records one generated token per row of a step (whose routing is `routes`), at context
-    /// length `pos + 1`: its route, confidence, and FLOPs beside full depth's.
-    fn count_routes(
+    /// Records the token that step row `i` of the last step produced for cache row `row` (whose
+    /// routing is `routes`), at context length `context`: its route, its confidence, and its
+    /// FLOPs beside full depth's.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
         &self,
+        row: usize,
         routes: &Routes,
+        i: usize,
         rule: Option<&ExitRule>,
-        pos: usize,
+        context: usize,
         stats: &mut EarlyExitStats,
         flops: &mut Flops,
     ) {
         let c = &self.config;
-        for (r, &deep) in routes.deep.iter().enumerate() {
-            stats.routes[r].push(deep);
-            flops.full_depth += cost::full_depth_flops(c, pos + 1);
-            let Some(rule) = rule else {
-                stats.deep_count += 1;
-                flops.spent += cost::full_depth_flops(c, pos + 1);
-                continue;
-            };
-            stats.confidences[r].push(routes.confidence[r]);
-            let gate = rule.measure == ExitMeasure::Gate;
-            if deep {
-                stats.deep_count += 1;
-                flops.spent +=
-                    if gate { cost::gate_deep_flops(c, pos + 1) } else { cost::deep_flops(c, pos + 1) };
-            } else {
-                stats.shallow_count += 1;
-                flops.spent +=
-                    if gate { cost::gate_shallow_flops(c, pos + 1) } else { cost::shallow_flops(c, pos + 1) };
-                if rule.fill == UpperCacheFill::Propagate {
-                    flops.spent += cost::propagate_flops(c);
+        let deep = routes.deep[i];
+        stats.routes[row].push(deep);
+        flops.full_depth += cost::full_depth_flops(c, context);
+        let Some(rule) = rule else {
+            stats.deep_count += 1;
+            flops.spent += cost::full_depth_flops(c, context);
+            return;
+        };
+        stats.confidences[row].push(routes.confidence[i]);
+        let gate = rule.measure == ExitMeasure::Gate;
+        if deep {
+            stats.deep_count += 1;
+            flops.spent +=
+                if gate { cost::gate_deep_flops(c, context) } else { cost::deep_flops(c, context) };
+        } else {
+            stats.shallow_count += 1;
+            flops.spent +=
+                if gate { cost::gate_shallow_flops(c, context) } else { cost::shallow_flops(c, context) };
+            match rule.fill {
+                UpperCacheFill::Skip => {}
+                UpperCacheFill::Propagate => flops.spent += cost::propagate_flops(c),
+                // Counted as paid now; a token still owed at the end never pays it.
+                UpperCacheFill::Deferred => {
+                    flops.spent += (c.num_layers - c.exit_layer) as f64 * cost::layer_flops(c, context)
                 }
             }
         }

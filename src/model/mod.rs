@@ -11,6 +11,8 @@
 //! - [`generate`]: sampling, [`GenerateOptions`] and the one generation loop (`generate`,
 //!   `generate_with_early_exit`);
 //! - [`early_exit`]: the routed step of TRUE early exit, its rule and statistics;
+//! - [`speculative`]: lossless self-speculative decoding (the lower layers draft, the whole
+//!   model checks, caches roll back past the first disagreement);
 //! - [`exit_gate`]: [`ExitGate`], the learned exit decision (CALM's classifier) that spares a
 //!   deep token the exit head;
 //! - [`checkpoint`]: safetensors save / load; [`export`]: llama2.c's format, for an
@@ -25,6 +27,7 @@ pub mod early_exit;
 pub mod exit_gate;
 pub mod export;
 pub mod generate;
+pub mod speculative;
 pub mod transformer;
 
 pub use cache::KvCache;
@@ -32,5 +35,6 @@ pub use config::LegoConfig;
 pub use decoder::{Decoder, Tokens};
 pub use early_exit::{EarlyExitStats, ExitMeasure, ExitRule, TeacherForcedStats, UpperCacheFill};
 pub use exit_gate::ExitGate;
-pub use generate::{GenerateOptions, Sampling};
+pub use generate::{DecodeMode, GenerateOptions, Sampling, TokenEvent};
+pub use speculative::{Speculation, SpeculationStats};
 pub use transformer::{ExitHead, LegoTransformer};

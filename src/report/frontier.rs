@@ -122,6 +122,7 @@ pub fn fill_name(fill: UpperCacheFill) -> &'static str {
     match fill {
         UpperCacheFill::Skip => "skip",
         UpperCacheFill::Propagate => "propagate",
+        UpperCacheFill::Deferred => "deferred",
     }
 }
 
