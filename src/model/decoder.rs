@@ -54,9 +54,14 @@ use crate::kernels::team::{Chunks, Team, decode_team};
 use crate::ops::rope::{rope_tables, rotate};
 use crate::tensor::Tensor;
 
-/// Models with fewer weights than this (64 MiB of f32) decode on one thread (see the module
-/// doc: measured, config S decodes 25 % faster unsplit, config M 17-35 % faster split).
-pub const DECODE_SPLIT_MODEL_WEIGHTS: usize = 1 << 24;
+/// Models with fewer weights a token than this (1 Mi weights, 4 MiB) decode on one thread; larger
+/// ones split every product and attention over the decode team. Measured on the 2-core machine
+/// (`LEGO_DECODE_SPLIT=never|always cargo bench --bench model -- decode`, quiet machine, new
+/// tokens/s, one thread → two): config T (0.2 Mi weights, in L2) 17,000 → 14,300 at batch 1 and
+/// 32,200 → 30,600 at batch 8 (the hand-offs cost more than half a tiny product saves); S
+/// (4.2 Mi) 1,250 → 1,720-1,890 and 4,040-4,360 → 5,080-5,500; M (29 Mi) 104 → 178 and
+/// 388 → 661.
+pub const DECODE_SPLIT_MODEL_WEIGHTS: usize = 1 << 20;
 
 /// Every buffer a step needs, allocated once for up to `capacity` new tokens a step.
 /// `m` below is the number of tokens in the current step (`m <= capacity`).
