@@ -52,7 +52,11 @@ const DECODE_NEW: usize = 128;
 /// The decode protocol for a config: prompt 16 + 128 new tokens, or for T (whose
 /// `max_seq_len` is 64) prompt 8 + 56 new tokens.
 fn decode_protocol(c: &LegoConfig) -> (usize, usize) {
-    if c.max_seq_len >= DECODE_PROMPT + DECODE_NEW { (DECODE_PROMPT, DECODE_NEW) } else { (8, c.max_seq_len - 8) }
+    if c.max_seq_len >= DECODE_PROMPT + DECODE_NEW {
+        (DECODE_PROMPT, DECODE_NEW)
+    } else {
+        (8, c.max_seq_len - 8)
+    }
 }
 /// Prompt length of the prefill measurement.
 const PREFILL_PROMPT: usize = 128;

@@ -128,12 +128,13 @@ impl Team {
         self.workers.len() + 1
     }
 
-    /// Runs `job(part)` for every part `0..parts` (at most [`size`](Team::size)) on the calling
-    /// thread and the workers (see the module doc), and returns when all have finished. If the
+    /// Runs `job(part)` for every part `0..parts` (at most [`MAX_TEAM`]; more parts than threads
+    /// balance the load, as each thread claims the next part when it is done with one) on the
+    /// calling thread and the workers (see the module doc), and returns when all have finished. If the
     /// team is busy with another caller's job, or `parts == 1`, runs them all here. A panic in
     /// any part is raised again here, after every part has stopped.
     pub fn run(&self, parts: usize, job: &(dyn Fn(usize) + Sync)) {
-        assert!(parts <= self.size(), "Team::run: {parts} parts for a team of {}", self.size());
+        assert!(parts <= MAX_TEAM, "Team::run: {parts} parts, at most {MAX_TEAM}");
         let serial = || (0..parts).for_each(job);
         if parts <= 1 {
             return serial();

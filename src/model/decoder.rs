@@ -670,8 +670,10 @@ fn rotate_and_append(s: &StepRows, ws: &mut Workspace, cache: &mut LayerCache, h
 }
 
 /// Below this much attention work (multiply-adds over the cache, all heads) a step attends on
-/// the calling thread: a hand-off to the team costs about a microsecond.
-const ATTEND_SPLIT_WORK: usize = 1 << 15;
+/// the calling thread: a hand-off to the team costs about a microsecond. (Measured at S, batch
+/// 1: splitting from 4 Ki multiply-adds on, i.e. from the first decode steps, is as fast or
+/// faster than from 32 Ki; more parts than threads, claimed dynamically, was slower.)
+const ATTEND_SPLIT_WORK: usize = 1 << 12;
 
 /// Attention of every new token over its row's cache entries up to and including itself
 /// (they were appended in order, so a row's `i`-th new token of `n` sees all but the last
