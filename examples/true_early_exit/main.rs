@@ -51,6 +51,7 @@ use lego::Result;
 use lego::cli;
 use lego::data::{self, Dataset, Document, SyntheticConfig, Tokenizer};
 use lego::model::exit_gate::ExitGate;
+use lego::model::transformer::ExtendInit;
 use lego::model::{LegoConfig, LegoTransformer};
 use lego::optim::{AdamW, AdamWConfig};
 use lego::report::experiment::{ExperimentReport, Phase2Record, Stage, mode_name};
@@ -296,7 +297,8 @@ fn collect_hard(phase1: &LegoTransformer, data: &Dataset, threshold: f32) -> Res
 /// The phase-1 model grown to `--phase2-layers` (new random upper layers, lower part frozen,
 /// a frozen copy of the phase-1 head as the exit head).
 fn extend(phase1: &LegoTransformer, threshold: f32, o: &Options) -> Result<LegoTransformer> {
-    phase1.extend(o.run.phase2_layers, threshold, true, &mut set_seed(o.run.seed + 1))
+    let init: ExtendInit = o.run.init.parse()?;
+    phase1.extend_with(o.run.phase2_layers, threshold, true, init, &mut set_seed(o.run.seed + 1))
 }
 
 /// A phase-2 model, its optimizer (for `--save`) and how it was made.

@@ -202,6 +202,8 @@ pub struct Settings {
     pub lr: f32,
     /// Learning rate of phase 2.
     pub lr2: f32,
+    /// How `extend` initialises the new layers: `random` (the spec's), `stack` or `identity`.
+    pub init: String,
     /// Target share of validation tokens under the threshold.
     pub hard_ratio: f32,
     /// Tokens generated in the TRUE early-exit run.
@@ -505,6 +507,7 @@ impl ExperimentReport {
             ("patience", o.patience.into()),
             ("lr", Json::f32_decimal(o.lr)),
             ("lr2", Json::f32_decimal(o.lr2)),
+            ("init", o.init.as_str().into()),
             ("hard_ratio", Json::f32_decimal(o.hard_ratio)),
             ("max_new_tokens", o.max_new_tokens.into()),
         ]);
