@@ -14,6 +14,9 @@
 //! - `op matmul_t`: the Tensor op `x.matmul_t(&w)` on the same operands (no gradient
 //!   recorded), so its distance from `sgemm x·Wᵀ` is the op's own overhead (allocating and
 //!   zeroing the output, building the tensor);
+//! - `kernel x·Wᵀ` and `decode products` (few rows only): the SIMD kernel alone on one thread,
+//!   and the decoder's products ([`lego::kernels::matvec::products`]) on the decode team split
+//!   over the threads, output in place: the gap is what a call costs beyond its kernel;
 //! - `attention` and `rms_norm` at config S (batch 16, seq 128, dim 256, 8 heads of 32), the
 //!   forward alone (recording the graph, as in training) and forward + backward.
 //!
@@ -28,15 +31,20 @@ use std::time::{Duration, Instant};
 
 use lego::Tensor;
 use lego::kernels::gemm::sgemm;
+use lego::kernels::team::decode_team;
+use lego::kernels::{matvec, simd};
 
 /// Matrix product shapes (M, K, N): training shapes of configs S/M, two decode shapes (one
 /// row, eight rows) and the classic 1024³.
-const SHAPES: [(usize, usize, usize); 7] = [
+const SHAPES: [(usize, usize, usize); 10] = [
     (2048, 256, 256),
     (2048, 256, 688),
     (2048, 256, 4096),
     (2048, 512, 512),
     (1, 512, 512),
+    (1, 512, 1376),
+    (2, 512, 1376),
+    (4, 512, 1376),
     (8, 512, 1376),
     (1024, 1024, 1024),
 ];
@@ -157,7 +165,27 @@ fn bench_matmul(m: usize, k: usize, n: usize, threads: usize, rows: &mut Vec<Row
     let timing = time_it(|| {
         black_box(x.matmul_t(&w));
     });
-    rows.push(Row { name: "op matmul_t".into(), shape, threads, timing, flops });
+    rows.push(Row { name: "op matmul_t".into(), shape: shape.clone(), threads, timing, flops });
+
+    // The decode path for few rows: the SIMD kernel alone (one thread, no hand-off, the output
+    // left transposed), and the decoder's products on the decode team, split over `threads`
+    // threads by rows of W, output back in [m, n]. Their gap is the per-call overhead.
+    if small_m {
+        let mut out_t = vec![0.0f32; n * m];
+        let timing = time_it(|| {
+            simd::matmul_xwt(&a, m, k, &b, &mut out_t);
+            black_box(&mut out_t);
+        });
+        rows.push(Row { name: "kernel x·Wᵀ".into(), shape: shape.clone(), threads: 1, timing, flops });
+        let team = decode_team();
+        let mut scratch = vec![0.0f32; matvec::scratch_len(&[n], m)];
+        let parts = threads.min(team.size());
+        let timing = time_it(|| {
+            matvec::products(team, parts, &a, m, k, [&b], [&mut c], &mut scratch, matvec::Epilogue::None);
+            black_box(&mut c);
+        });
+        rows.push(Row { name: "decode products".into(), shape, threads: parts, timing, flops });
+    }
 }
 
 /// Attention and RMSNorm at config S, forward and forward + backward, inside the current pool.
