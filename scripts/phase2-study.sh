@@ -6,7 +6,8 @@
 #
 #   bash scripts/fetch-shakespeare.sh
 #   bash scripts/phase2-study.sh                      # Shakespeare, config T, 2 epochs a phase
-#   DATA="" EPOCHS=4 bash scripts/phase2-study.sh      # the synthetic corpus instead (minutes)
+#   DATA="" EPOCHS=4 bash scripts/phase2-study.sh      # the synthetic corpus instead
+#   INITS="random identity" LRS="1e-4 1e-3" MODES=sequence bash scripts/phase2-study.sh   # a subset
 #
 # Each configuration is one run of the main example with --load of the same phase-1
 # checkpoint (so phase 1, the threshold and the hard examples are shared) and a small
@@ -19,7 +20,10 @@ cd "$(dirname "$0")/.."
 
 DATA=${DATA-data/shakespeare}
 EPOCHS=${EPOCHS:-2}
-OUT=target/phase2-study
+OUT=${OUT:-target/phase2-study}
+INITS=${INITS:-random stack identity}
+LRS=${LRS:-1e-4 3e-4 1e-3}
+MODES=${MODES:-sequence token}
 mkdir -p "$OUT"
 common=(--tokenizer byte --seq-len 64 --batch-size 32 --epochs "$EPOCHS" --frontier-windows 4)
 [ -n "$DATA" ] && common+=(--data "$DATA")
@@ -33,9 +37,9 @@ if [ ! -f "$OUT/base.phase1.safetensors" ]; then
 fi
 
 echo "init,lr2,mode,best_val_ppl_routed,best_epoch,test_ppl_full_depth,test_ppl_early_exit" >"$OUT/study.csv"
-for init in random stack identity; do
-  for lr2 in 1e-4 3e-4 1e-3; do
-    for mode in sequence token; do
+for init in $INITS; do
+  for lr2 in $LRS; do
+    for mode in $MODES; do
       dir="$OUT/$init-$lr2-$mode"
       [ -f "$dir/report.json" ] ||
         "$BIN" "${common[@]}" --load "$OUT/base.phase1.safetensors" --init "$init" --lr2 "$lr2" \

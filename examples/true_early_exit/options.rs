@@ -157,7 +157,7 @@ mod tests {
             ),
             (64, 4, 172, 64, 2, 4)
         );
-        assert_eq!(lego::cli::flags_in_usage(USAGE).len(), 26); // 25 flags and --help
+        assert_eq!(lego::cli::flags_in_usage(USAGE).len(), 27); // 26 flags and --help
         let o = parse(&["--dim=32", "--phase2-mode", "token", "--lr", "0.01", "--out", "x"]).unwrap();
         assert_eq!(
             (o.run.dim, o.run.ffn_hidden, o.modes.as_slice(), o.run.lr),
