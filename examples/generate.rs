@@ -11,18 +11,18 @@
 //! each token as it is chosen (`TokenEvent { row, token, exited }`), a [`TextStream`] per row
 //! turns the ids into whole characters, and the exited ones are printed between marks. After
 //! it, the same prompts are decoded again, timed in pairs against full depth, for an honest
-//! speed-up. The flags become a `GenerateOptions` in [`lego::cli::decode`], where any other
-//! program can take them too.
+//! speed-up. [`lego::cli::decode`] turns the flags into a `GenerateOptions` (any program can).
 //!
 //! Several prompts are one ragged batch, and the model's step hands out a token of every row
 //! in turn. Printing them as they come would interleave the rows mid-word, so row 0 is
 //! streamed live and the other rows, kept as they grew, are printed whole after it.
 
 use std::io::{IsTerminal, Write};
+use std::time::Instant;
 
 use lego::cli::{self, FlagError, Flags, decode};
 use lego::data::{TextStream, Tokenizer};
-use lego::model::{DecodeMode, EarlyExitStats, GenerateOptions, LegoTransformer};
+use lego::model::{DecodeMode, ExitMeasure, GenerateOptions, LegoTransformer};
 use lego::train::load_training_checkpoint;
 
 const HEAD: &str = "\
@@ -57,7 +57,7 @@ fn main() {
         Ok("auto") if std::io::stdout().is_terminal() => ("\x1b[2m", "\x1b[0m"),
         Ok("auto" | "brackets") => ("[", "]"),
         Ok("dim") => ("\x1b[2m", "\x1b[0m"),
-        Ok(_) => ("", ""),
+        Ok(_) => ("", ""), // none
         Err(e) => fail_flags(e),
     };
     let pairs: usize = flags.number("pairs", 5).unwrap_or_else(|e| fail_flags(e));
@@ -66,13 +66,7 @@ fn main() {
         prompts.push("once upon a time");
     }
     let (model, tokenizer) = (&ckpt.model, &ckpt.tokenizer);
-    eprintln!(
-        "{}: {} layers, exit after {}; {}",
-        path.display(),
-        model.config.num_layers,
-        model.config.exit_layer,
-        describe(&options.mode)
-    );
+    eprintln!("{}: {}", path.display(), describe(&options.mode));
     if let Err(e) = run(model, tokenizer, &prompts, &options, marks, pairs) {
         fail(&e)
     }
@@ -96,7 +90,7 @@ fn run(
     let mut failed = None;
     write!(stdout, "{}{}", if texts.len() > 1 { "row 0: " } else { "" }, texts[0])?;
     stdout.flush()?;
-    let (out, stats) = model.generate_streaming(&prompts, options, |t| {
+    let (_, stats) = model.generate_streaming(&prompts, options, |t| {
         let row = &mut rows[t.row];
         let shown = row.text.len();
         if let Err(e) = row.push(t.token, t.exited, marks) {
@@ -120,8 +114,26 @@ fn run(
     }
 
     // The statistics of the call, then the speed against full depth on the same prompts.
-    let new_tokens: usize = out.iter().zip(&prompts).map(|(o, p)| o.len() - p.len()).sum();
-    writeln!(stdout, "\n{}", summary(&options.mode, &stats, new_tokens))?;
+    let (s, sp) = (&stats, &stats.speculation);
+    writeln!(
+        stdout,
+        "\n{} new tokens: {} exited (shallow), {} deep ({:.0} % exited); FLOPs {:.2} of full depth",
+        s.shallow_count + s.deep_count,
+        s.shallow_count,
+        s.deep_count,
+        100.0 * s.shallow_ratio,
+        s.flop_cost
+    )?;
+    if let DecodeMode::SelfSpeculative(_) = options.mode {
+        writeln!(
+            stdout,
+            "drafted {}, accepted {} (acceptance rate {:.0} %) in {} check passes",
+            sp.drafted,
+            sp.accepted,
+            100.0 * sp.acceptance_rate,
+            sp.rounds
+        )?;
+    }
     if pairs > 0 {
         writeln!(stdout, "{}", speed(model, &prompts, options, pairs)?)?;
     }
@@ -160,7 +172,6 @@ impl<'t> RowText<'t> {
         self.text.push_str(self.stream.finish());
         if self.in_exit_run {
             self.text.push_str(close);
-            self.in_exit_run = false;
         }
     }
 }
@@ -168,41 +179,23 @@ impl<'t> RowText<'t> {
 fn describe(mode: &DecodeMode) -> String {
     match mode {
         DecodeMode::Full => "full depth".into(),
-        DecodeMode::EarlyExit(r) => {
-            format!("early exit: {:?} >= {}, upper cache {:?}", r.measure, r.threshold, r.fill)
-        }
+        DecodeMode::EarlyExit(r) => format!(
+            "early exit: {} >= {:.3}, upper cache: {}",
+            if r.measure == ExitMeasure::Gate { "gate" } else { "max softmax" },
+            r.threshold,
+            format!("{:?}", r.fill).to_lowercase()
+        ),
         DecodeMode::SelfSpeculative(s) => match s.stop_below {
             None => format!("self-speculative: {} drafts a round", s.k),
-            Some(t) => format!("self-speculative: up to {} drafts a round, while confidence >= {t}", s.k),
+            Some(t) => format!("self-speculative: up to {} drafts a round, while confidence >= {t:.3}", s.k),
         },
     }
 }
 
-/// Routes, acceptance (speculative) and FLOPs of one call.
-fn summary(mode: &DecodeMode, s: &EarlyExitStats, new_tokens: usize) -> String {
-    let mut text = format!(
-        "{new_tokens} new tokens: {} exited (shallow), {} deep ({:.0} % exited); FLOPs {:.2} of full depth",
-        s.shallow_count,
-        s.deep_count,
-        100.0 * s.shallow_ratio,
-        s.flop_cost
-    );
-    if let DecodeMode::SelfSpeculative(_) = mode {
-        let sp = &s.speculation;
-        text += &format!(
-            "\ndrafted {}, accepted {} (acceptance rate {:.0} %) in {} check passes",
-            sp.drafted,
-            sp.accepted,
-            100.0 * sp.acceptance_rate,
-            sp.rounds
-        );
-    }
-    text
-}
-
 /// Tokens a second of `options` against full depth, on the same prompts and sampling: `pairs`
 /// pairs of runs, each pair timed back to back (so a busy moment of the machine hits both), the
-/// order alternating between pairs; the median of the pairs' ratios.
+/// order alternating between pairs; the median of the pairs' ratios. A small model decodes in
+/// microseconds, so each run repeats the call for about 50 ms (the count set by a first call).
 fn speed(
     model: &LegoTransformer,
     prompts: &[Vec<usize>],
@@ -210,29 +203,36 @@ fn speed(
     pairs: usize,
 ) -> lego::Result<String> {
     let full = GenerateOptions { mode: DecodeMode::Full, ..options.clone() };
-    let tokens_per_second = |o: &GenerateOptions| -> lego::Result<f64> {
+    let new_tokens = |o: &GenerateOptions| -> lego::Result<(usize, f64)> {
         let (out, stats) = model.generate_with(prompts, o)?;
-        let new: usize = out.iter().zip(prompts).map(|(o, p)| o.len() - p.len()).sum();
-        Ok(new as f64 / stats.seconds.max(1e-9))
+        Ok((out.iter().zip(prompts).map(|(o, p)| o.len() - p.len()).sum(), stats.seconds))
     };
-    let (mut ratios, mut rates, mut full_rates) = (Vec::new(), Vec::new(), Vec::new());
+    let ((mine_n, first), (full_n, _)) = (new_tokens(options)?, new_tokens(&full)?);
+    let reps = ((0.05 / first.max(1e-9)).ceil() as usize).clamp(1, 10_000);
+    let rate = |o: &GenerateOptions, n: usize| -> lego::Result<f64> {
+        let t = Instant::now();
+        for _ in 0..reps {
+            model.generate_with(prompts, o)?;
+        }
+        Ok((n * reps) as f64 / t.elapsed().as_secs_f64())
+    };
+    let (mut ratios, mut full_rates) = (Vec::new(), Vec::new());
     for pair in 0..pairs {
         let (mine, deep) = if pair % 2 == 0 {
-            let m = tokens_per_second(options)?;
-            (m, tokens_per_second(&full)?)
+            let m = rate(options, mine_n)?;
+            (m, rate(&full, full_n)?)
         } else {
-            let d = tokens_per_second(&full)?;
-            (tokens_per_second(options)?, d)
+            let d = rate(&full, full_n)?;
+            (rate(options, mine_n)?, d)
         };
         ratios.push(mine / deep);
-        rates.push(mine);
         full_rates.push(deep);
     }
-    let (ratio, rate, full_rate) = (median(&mut ratios), median(&mut rates), median(&mut full_rates));
+    let (ratio, full_rate) = (median(&mut ratios), median(&mut full_rates));
     Ok(match options.mode {
         DecodeMode::Full => format!("speed: {full_rate:.0} tokens/s at full depth (median of {pairs} runs)"),
         _ => format!(
-            "speed: {ratio:.2}x full depth ({rate:.0} vs {full_rate:.0} tokens/s; medians of {pairs} paired runs)"
+            "speed: {ratio:.2}x full depth (median of {pairs} paired runs; full depth: {full_rate:.0} tokens/s)"
         ),
     })
 }
