@@ -27,6 +27,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+pub mod decode;
+
 /// Why the flags could not be read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FlagError {
@@ -52,7 +54,9 @@ fn invalid<T>(msg: String) -> Result<T, FlagError> {
     Err(FlagError::Invalid(msg))
 }
 
-/// The flags given, each with its value (a flag given twice keeps the last value).
+/// The flags given, each with its value, in order. A flag given twice reads as its last value
+/// ([`text`](Flags::text) and the typed getters), or as all of them ([`all`](Flags::all): a
+/// repeatable flag such as `--prompt`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Flags {
     values: Vec<(String, String)>,
@@ -82,7 +86,6 @@ impl Flags {
                 Some(v) => v,
                 None => return invalid(format!("--{name} needs a value")),
             };
-            values.retain(|(n, _)| n != name);
             values.push((name.to_string(), value));
         }
         Ok(Flags { values })
@@ -95,9 +98,25 @@ impl Flags {
         Flags::parse(args, &flags_in_usage(usage))
     }
 
-    /// The value of `--name` as given, if it was.
+    /// The value of `--name` as given (the last one, if given more than once), if it was.
     pub fn text(&self, name: &str) -> Option<&str> {
-        self.values.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.values.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of a repeatable `--name`, in the order given (empty if it was not).
+    ///
+    /// ```
+    /// let args = ["--prompt", "a", "--seed", "1", "--prompt=b"].map(String::from);
+    /// let flags = lego::cli::Flags::parse(args, &["prompt", "seed"]).unwrap();
+    /// assert_eq!(flags.all("prompt"), ["a", "b"]);
+    /// ```
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.values.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str()).collect()
+    }
+
+    /// Whether `--name` was given.
+    pub fn given(&self, name: &str) -> bool {
+        self.values.iter().any(|(n, _)| n == name)
     }
 
     /// The value of `--name` as a path, if it was given.
