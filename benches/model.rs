@@ -18,6 +18,9 @@
 //!   `zero_grad` at T, S and M with the DEVELOPERS guide's batch × seq, random token ids and
 //!   targets (drawn outside the timing). The split: forward (with the cross-entropy),
 //!   backward, optimizer (step and zero_grad); the total also holds dropping the graph.
+//!   Beside it: buffers a timed step still had to allocate (`miss/step`, 0 once the buffer
+//!   pool covers a step), the most the pool has held (`pool MiB`) and the process's peak
+//!   resident memory so far (`RSS MiB`, `VmHWM`; run one config alone to read its own).
 //!
 //! Every figure is the median over several reps after warm-up (the best rep is shown too: on
 //! a shared 2-core machine the best is often the better estimate of what the code can do).
@@ -43,6 +46,7 @@ use lego::kernels::team::decode_team;
 use lego::model::decoder::decode_parts;
 use lego::model::{Decoder, LegoConfig, LegoTransformer, Sampling, Tokens, cost};
 use lego::optim::adamw::{AdamW, AdamWConfig};
+use lego::tensor::pool;
 use rand::Rng;
 
 /// Prompt length and new tokens of the decode measurement (as PEERS.md's table).
@@ -193,7 +197,8 @@ struct Row {
     tok_s_best: f64,
     /// The median time of the measured unit (decode part, prefill, training step), ms.
     median_ms: f64,
-    /// Extra columns: decode's end-to-end rate; train's forward / backward / optimizer split.
+    /// Extra columns: decode's end-to-end rate; train's forward / backward / optimizer split,
+    /// the buffer pool's misses a step and peak size, and the process's peak RSS.
     extra: Vec<(&'static str, f64)>,
 }
 
@@ -351,9 +356,13 @@ fn bench_train(r: &Reference, model: &LegoTransformer, threads: usize) -> Row {
     let n = reps(r.train_reps);
     let warm = if quick() { 1 } else { 2 };
     let mut samples: [Vec<Duration>; 4] = Default::default();
+    let mut misses_after_warmup = 0;
     for i in 0..warm + n {
         let ids = random_ids(b * t, v, &mut rng);
         let targets = random_ids(b * t, v, &mut rng);
+        if i == warm {
+            misses_after_warmup = pool::stats().misses;
+        }
         let times = step(&ids, &targets);
         if i >= warm {
             for (s, d) in samples.iter_mut().zip(times) {
@@ -363,6 +372,11 @@ fn bench_train(r: &Reference, model: &LegoTransformer, threads: usize) -> Row {
     }
     let [fwd, bwd, optim, total] = samples.map(|s| median_min(&s));
     let tokens = (b * t) as f64;
+    // Buffers the timed steps had to allocate (0 once the pool covers a step), the most the
+    // pool ever held, and the process's peak resident memory so far (all parts and configs
+    // run before this one count too).
+    let pool = pool::stats();
+    let misses_per_step = (pool.misses - misses_after_warmup) as f64 / n as f64;
     Row {
         part: "train",
         config: r.name,
@@ -373,8 +387,23 @@ fn bench_train(r: &Reference, model: &LegoTransformer, threads: usize) -> Row {
         tok_s: tokens / total.0.as_secs_f64(),
         tok_s_best: tokens / total.1.as_secs_f64(),
         median_ms: ms(total.0),
-        extra: vec![("fwd_ms", ms(fwd.0)), ("bwd_ms", ms(bwd.0)), ("opt_ms", ms(optim.0))],
+        extra: vec![
+            ("fwd_ms", ms(fwd.0)),
+            ("bwd_ms", ms(bwd.0)),
+            ("opt_ms", ms(optim.0)),
+            ("pool_misses_per_step", misses_per_step),
+            ("pool_peak_mib", pool.peak_held_bytes as f64 / (1 << 20) as f64),
+            ("peak_rss_mib", peak_rss_mib().unwrap_or(f64::NAN)),
+        ],
     }
+}
+
+/// The process's peak resident set (`VmHWM` in `/proc/self/status`, Linux), MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 // ----- main --------------------------------------------------------------------------------
@@ -420,8 +449,19 @@ fn print_table(rows: &[Row]) {
                 "cfg", "batch", "thr", "tok/s", "best", "ms"
             ),
             _ => format!(
-                "{:<4} {:>9} {:>3} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}",
-                "cfg", "batch×seq", "thr", "tok/s", "best", "step ms", "fwd ms", "bwd ms", "opt ms"
+                "{:<4} {:>9} {:>3} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                "cfg",
+                "batch×seq",
+                "thr",
+                "tok/s",
+                "best",
+                "step ms",
+                "fwd ms",
+                "bwd ms",
+                "opt ms",
+                "miss/step",
+                "pool MiB",
+                "RSS MiB"
             ),
         };
         println!("{header}");
@@ -451,7 +491,7 @@ fn print_table(rows: &[Row]) {
                     r.config, r.batch, r.threads, r.tok_s, r.tok_s_best, r.median_ms
                 ),
                 _ => format!(
-                    "{:<4} {:>9} {:>3} {:>10.1} {:>10.1} {:>10.1} {:>9} {:>9} {:>9}",
+                    "{:<4} {:>9} {:>3} {:>10.1} {:>10.1} {:>10.1} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
                     r.config,
                     format!("{}×{}", r.batch, r.seq),
                     r.threads,
@@ -461,6 +501,9 @@ fn print_table(rows: &[Row]) {
                     fmt(r.extra("fwd_ms")),
                     fmt(r.extra("bwd_ms")),
                     fmt(r.extra("opt_ms")),
+                    fmt(r.extra("pool_misses_per_step")),
+                    fmt(r.extra("pool_peak_mib")),
+                    fmt(r.extra("peak_rss_mib")),
                 ),
             };
             println!("{line}");
@@ -471,13 +514,14 @@ fn print_table(rows: &[Row]) {
 fn write_csv(rows: &[Row]) {
     let mut csv = String::from(
         "part,config,batch,seq,threads,reps,tok_per_s_median,tok_per_s_best,median_ms,\
-         fwd_ms,bwd_ms,opt_ms,gen1_ms,gen128_ms,e2e_tok_per_s\n",
+         fwd_ms,bwd_ms,opt_ms,gen1_ms,gen128_ms,e2e_tok_per_s,pool_misses_per_step,pool_peak_mib,\
+         peak_rss_mib\n",
     );
     for r in rows {
         let col = |k: &str| r.extra(k).map_or(String::new(), |x| format!("{x:.3}"));
         writeln!(
             csv,
-            "{},{},{},{},{},{},{:.1},{:.1},{:.3},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{:.1},{:.1},{:.3},{},{},{},{},{},{},{},{},{}",
             r.part,
             r.config,
             r.batch,
@@ -493,6 +537,9 @@ fn write_csv(rows: &[Row]) {
             col("gen1_ms"),
             col("gen128_ms"),
             col("e2e_tok_s"),
+            col("pool_misses_per_step"),
+            col("pool_peak_mib"),
+            col("peak_rss_mib"),
         )
         .unwrap();
     }

@@ -37,17 +37,39 @@ impl Tensor {
         }
         let (need_a, need_b) = (a.requires_grad_flag(), b.requires_grad_flag());
         Tensor::from_op(out, a.shape(), "swiglu", &[a, b], move |g: &[f32]| {
-            let mut da = need_a.then(|| pool::take(g.len()));
-            let mut db = need_b.then(|| pool::take(g.len()));
-            for i in 0..g.len() {
+            // Both gradients of element i, from a = x and b = y:
+            //   d/da = g·y·silu'(x) = g·y·s·(1 + x·(1 − s)),  d/db = g·silu(x) = g·x·s,
+            // with s = sigmoid(x). Elementwise, so splitting over threads (as the forward
+            // does) gives the same bits as one thread.
+            let grads = |i: usize| {
                 let (x, y) = (av[i], bv[i]);
                 let s = sigmoid(x);
-                if let Some(da) = da.as_mut() {
-                    da[i] = g[i] * y * s * (1.0 + x * (1.0 - s)); // g·b·silu'(a)
+                (g[i] * y * s * (1.0 + x * (1.0 - s)), g[i] * x * s)
+            };
+            let split = worth_splitting(g.len() * 12);
+            let mut da = need_a.then(|| pool::take(g.len()));
+            let mut db = need_b.then(|| pool::take(g.len()));
+            match (da.as_deref_mut(), db.as_deref_mut()) {
+                (Some(da), Some(db)) => {
+                    let f = |(i, (a, b)): (usize, (&mut f32, &mut f32))| (*a, *b) = grads(i);
+                    if split {
+                        da.par_iter_mut().zip(db.par_iter_mut()).enumerate().for_each(f);
+                    } else {
+                        da.iter_mut().zip(db.iter_mut()).enumerate().for_each(f);
+                    }
                 }
-                if let Some(db) = db.as_mut() {
-                    db[i] = g[i] * x * s; // g·silu(a)
+                (Some(d), None) | (None, Some(d)) => {
+                    let f = |(i, o): (usize, &mut f32)| {
+                        let (ga, gb) = grads(i);
+                        *o = if need_a { ga } else { gb };
+                    };
+                    if split {
+                        d.par_iter_mut().enumerate().for_each(f);
+                    } else {
+                        d.iter_mut().enumerate().for_each(f);
+                    }
                 }
+                (None, None) => {}
             }
             vec![da, db]
         })

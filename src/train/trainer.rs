@@ -369,6 +369,7 @@ impl Trainer {
         let mut stopping = EarlyStopping::new(model, self.options.patience);
         let outcome = self.phase1_epochs(model, train, val, opt, &mut history, &mut stopping);
         stopping.restore(model, outcome)?;
+        crate::tensor::pool::release(); // training is over: give its step buffers back
         Ok(history)
     }
 
@@ -473,6 +474,7 @@ impl Trainer {
         };
         let outcome = self.phase2_epochs(model, &run, opt, &mut history, &mut stopping);
         stopping.restore(model, outcome)?;
+        crate::tensor::pool::release(); // training is over: give its step buffers back
         Ok(history)
     }
 
