@@ -1,42 +1,56 @@
-//! TRUE early exit, measured: how much faster `generate_with_early_exit` really is than
-//! `generate`, against what a cost model of this machine says it could be.
+//! TRUE early exit, measured: how much faster early exit (`generate_with` with an exit rule)
+//! and lossless self-speculative decoding really are than `generate`, against what a cost model
+//! of this machine says they could be.
 //!
-//! Run with `cargo bench --bench early_exit` (about five minutes on an idle machine, two and a
-//! half of them training); `LEGO_BENCH_QUICK=1` makes it a smoke run (a barely trained model,
-//! few reps); `LEGO_BENCH_BATCHES=1,8` picks the batch sizes.
+//! Run with `cargo bench --bench early_exit` (configs T and S; on an idle machine about four
+//! minutes of training and ten of timing); `LEGO_BENCH_QUICK=1` makes it a smoke run (barely
+//! trained models, few reps); `LEGO_BENCH_CONFIGS=T,S` picks the configs, `LEGO_BENCH_BATCHES=1,8`
+//! the batch sizes.
 //!
-//! **The model.** Confidences mean nothing on an untrained model (the spec's lesson 1), so the
-//! bench trains one, at config **S** (V = 4096, D = 256, N = 4, H = 8, F = 688), on the
-//! synthetic corpus ([`generate_corpus`], 80 stories) with the word tokenizer fitted on the
-//! training split (capped at 4096 words; if the corpus has fewer distinct words the unused
-//! ids simply never occur, so every product still has config S's sizes): phase 1 trains 2
-//! layers for 90 s, the threshold is calibrated at 50 % hard on the validation split, the hard
-//! examples of 192 training sequences are collected, the model is `extend`ed to 4 layers
-//! (lower part and exit head frozen) and phase 2 trains the upper layers on the hard examples
-//! for about 35 s (the pipeline of `tests/pipeline.rs`). The exit is at layer 2 = N/2. The
-//! trained model is saved to `target/bench-early-exit-model.safetensors` (with its tokenizer);
-//! `LEGO_BENCH_CKPT=<path>` loads a model instead of training one (`LegoTransformer::load`).
+//! **The models.** Confidences mean nothing on an untrained model (the spec's lesson 1), so the
+//! bench trains one per config on the synthetic corpus ([`generate_corpus`], 80 stories):
+//! config **S** (V = 4096, D = 256, N = 4, H = 8, F = 688) with the word tokenizer fitted on the
+//! training split (capped at 4096 words; if the corpus has fewer distinct words the unused ids
+//! simply never occur, so every product still has config S's sizes), sequences of 128; config
+//! **T** (V = 256, D = 64, N = 4, H = 4, F = 172, `max_seq_len` 64) with the byte tokenizer,
+//! sequences of 64. Phase 1 trains the lower 2 layers (S 90 s, T 60 s), the threshold is
+//! calibrated at 50 % hard on the validation split, the **exit gate** is fitted on the training
+//! split to imitate that routing (`train_exit_gate`, its own threshold calibrated on validation),
+//! the hard examples of 192 training sequences are collected, the model is `extend`ed to 4
+//! layers (lower part, exit head and gate frozen) and phase 2 trains the upper layers on the
+//! hard examples (S 35 s, T 30 s). The exit is at layer 2 = N/2. The trained model is saved,
+//! gate included, to `target/bench-early-exit-model-{T,S}.safetensors` (with its tokenizer);
+//! `LEGO_BENCH_CKPT_T=<path>` / `LEGO_BENCH_CKPT_S=<path>` (or `LEGO_BENCH_CKPT`, for S) load
+//! a model instead (`LegoTransformer::load`). A checkpoint without a gate gets one fitted here
+//! on the synthetic corpus if it has a tokenizer (or is byte-level); otherwise the gate rows
+//! are skipped, with a message.
 //!
-//! **What is timed.** Prompts of 16 tokens from the held-out test stories, 128 new tokens,
-//! greedy, at batch 1 and 8, on rayon's default pool. For thresholds calibrated to send about
-//! 0, 25, 50, 75 and 100 % of the generated tokens out at the exit (upper-cache fill `Skip`),
-//! and 50 % with `Propagate`, the reps alternate `generate` and `generate_with_early_exit`
-//! (A B A B ...), each also with a single new token (the prefill alone), so that
+//! **What is timed.** Prompts from the held-out test stories, greedy, at batch 1 and 8: at S
+//! 16 prompt + 128 new tokens, at T (`max_seq_len` 64) 8 + 55. For thresholds calibrated to
+//! send about 0, 25, 50, 75 and 100 % of the generated tokens out at the exit, by the **gate**
+//! (the issue's measure: 31 paired reps at batch 1, 21 at batch 8) and by the spec's **max
+//! softmax** (15 and 11), upper-cache fill `Skip`, and at 50 % with `Propagate` and `Deferred`;
+//! then self-speculative decoding with k = 2 and 4 drafts a round and adaptive (k <= 4, a
+//! row's draft stops below the model's calibrated threshold). The reps alternate `generate` and
+//! the mode (A B A B ...), each also with a single new token (the prefill alone), so that
 //!
 //! ```text
-//! time per decode step = (median t(128 new tokens) − median t(1 new token)) / 127
-//! measured speed-up    = step time of generate / step time of generate_with_early_exit
+//! time per decode step = (median t(new tokens) − median t(1 new token)) / (new − 1)
+//! measured speed-up    = median over reps of (generate's step time / the mode's step time)
 //! ```
 //!
-//! (127 one-token steps follow the prefill, which makes the first token.) The end-to-end
-//! ratio of whole calls, prefill included, is shown beside it.
+//! with a distribution-free 95 % interval for that median (order statistics). The end-to-end
+//! ratio of whole calls, prefill included, is shown beside it. Self-speculative decoding is
+//! lossless: every run checks that its greedy tokens equal `generate`'s (the bench panics if
+//! not) and reports the acceptance rate alpha = accepted / drafted.
 //!
 //! **The cost model** (the "ideal"). Each phase of a decode step costs the larger of its FLOPs
 //! at the GEMM rate and its bytes at the memory bandwidth, both measured here:
 //!
-//! - *bandwidth*: two threads each stream half of a buffer as large as the model's weights
-//!   (all layers and both heads, about 21 MB: the working set a decode step cycles through)
-//!   with the SIMD dot kernel; bytes / median time of a pass.
+//! - *bandwidth*: `roofline::read_bandwidth` over a buffer of the model's own weight size
+//!   (`cost::weight_bytes_per_token` plus the exit head: S about 21 MB, in DRAM; T about
+//!   0.9 MB, in L2), read by as many threads of the decode team as the decoder uses
+//!   (`decode_parts`: both at S, one at T).
 //! - *GEMM rate at m rows* (m = 1..8): the decode shapes of one layer (4 × D×D, 2 × F×D,
 //!   1 × D×F) through the SIMD small-M kernel `simd::matmul_xwt` with the weights hot in
 //!   cache, one private copy per thread, all threads at once, many calls per task (so no
@@ -48,14 +62,23 @@
 //!
 //! ```text
 //! lower      layers 0..exit, every row                 weights of layers 0..exit
-//! exit check the exit head, every row                  V×D
+//! exit check softmax: the exit head, every row         V×D
+//!            gate: a norm + D-term dot, every row;      2·D
+//!            the exit head for the rows that exit only  V×D (if any row exits)
 //! upper      layers exit..N + the final head, the deep rows only; charged only on steps
 //!            where at least one row goes deep, and then the weights are read whole once
-//! fill       (Propagate) Wk, Wv of each upper layer for the rows that exited
+//! fill       (Propagate) Wk, Wv of each upper layer for the rows that exited;
+//!            (Deferred) the owed positions riding along a deep row's upper pass
 //! ```
 //!
+//! Self-speculative decoding is charged from its counts (approximately): `drafted / batch`
+//! draft steps (the lower layers and the exit head for every row), and each check pass the
+//! upper layers and the deep head over its mean number of positions, weights read once. Its
+//! ideal speed-up is then `steps × full-depth step / (draft steps + check passes)`: with
+//! alpha near 1 and k drafts a round about `(k + 1) × full / (k × draft + check)`.
+//!
 //! `generate` is charged the same way (lower + upper with every row, no exit check). The
-//! ideal speed-up is Σ ideal(generate) / Σ ideal(early exit) over the run's 127 steps, with the
+//! ideal speed-up is Σ ideal(generate) / Σ ideal(early exit) over the run's decode steps, with the
 //! routing of every row at every step taken from `EarlyExitStats::routes` (and each row's
 //! upper-cache length followed through them). **Efficiency** = measured / ideal speed-up.
 //!
@@ -73,13 +96,14 @@
 //! Also printed: the spec's layer-compute saving `1 − actual_compute_cost` and the FLOP saving
 //! `1 − flop_cost`, and (if `python3 -c "import torch"` works, in a full run; force with
 //! `LEGO_BENCH_PEER=1`, skip with `=0`) PyTorch's decode rate from
-//! `../shared/peers/torch_bench.py decode S 3 <threads> <batch>`, run right after ours.
+//! `../shared/peers/torch_bench.py decode <T|S> 3 <threads> <batch>`, run right after ours.
 //!
 //! On a shared machine every time is disturbed by the other work; the reps are paired (the
 //! speed-up is the median of each rep's own ratio) and the ratio of the fastest reps is shown
 //! too. The bench says when the load average was above the thread count.
 //!
-//! Output: a table on stdout and `target/bench-early-exit.csv` (`LEGO_BENCH_CSV=path`).
+//! Output: per config and batch, a table of early exit and one of self-speculative decoding on
+//! stdout, and every row in `target/bench-early-exit.csv` (`LEGO_BENCH_CSV=path`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -93,29 +117,50 @@ use lego::data::{
     split_documents,
 };
 use lego::kernels::gemm::matmul_xwt_split;
+use lego::kernels::roofline::read_bandwidth;
 use lego::kernels::simd;
+use lego::kernels::team::decode_team;
+use lego::model::decoder::decode_parts;
 use lego::model::{
-    EarlyExitStats, ExitRule, GenerateOptions, LegoConfig, LegoTransformer, Sampling, UpperCacheFill, cost,
-    early_exit::TimeSplit,
+    EarlyExitStats, ExitMeasure, ExitRule, GenerateOptions, LegoConfig, LegoTransformer, Sampling,
+    Speculation, SpeculationStats, UpperCacheFill, cost, early_exit::TimeSplit,
 };
 use lego::optim::{AdamW, AdamWConfig};
 use lego::train::{
-    Phase2Mode, TrainOptions, Trainer, collect_hard_examples, compute_confidence_threshold,
-    create_hard_example_loader,
+    ExitGateOptions, Phase2Mode, TrainOptions, Trainer, collect_hard_examples, compute_confidence_threshold,
+    create_hard_example_loader, train_exit_gate,
 };
 use rand::Rng;
 use rayon::prelude::*;
 
-/// Prompt length and new tokens per row (as PEERS.md's decode table).
-const PROMPT: usize = 16;
-const NEW: usize = 128;
-/// One-token decode steps after the prefill.
-const STEPS: usize = NEW - 1;
-/// Training sequence length and batch (config S's training shape).
-const TRAIN_SEQ: usize = 128;
+/// Training batch (config S's and T's training shape; the sequence length is the config's).
 const TRAIN_BATCH: usize = 16;
 /// Target shares of generated tokens that exit at the exit layer.
 const TARGETS: [f64; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
+
+/// The decode protocol of a model: prompt tokens and new tokens per row. 16 + 128 (as
+/// PEERS.md's decode table) where the context allows; T (`max_seq_len` 64) takes 8 + 55.
+#[derive(Clone, Copy, Debug)]
+struct Protocol {
+    prompt: usize,
+    new: usize,
+}
+
+impl Protocol {
+    fn of(c: &LegoConfig) -> Protocol {
+        if c.max_seq_len >= 16 + 128 {
+            Protocol { prompt: 16, new: 128 }
+        } else {
+            assert!(c.max_seq_len >= 16, "max_seq_len {} leaves no room to decode", c.max_seq_len);
+            Protocol { prompt: 8, new: c.max_seq_len - 9 }
+        }
+    }
+
+    /// One-token decode steps after the prefill (which makes the first new token).
+    fn steps(&self) -> usize {
+        self.new - 1
+    }
+}
 
 // ----- settings ----------------------------------------------------------------------------
 
@@ -154,9 +199,12 @@ fn load_average() -> String {
 /// The trained (or loaded) model, the prompts it is timed on, and how it came about.
 struct Subject {
     model: LegoTransformer,
-    /// Prompts of `PROMPT` tokens from held-out text (8 of them).
+    protocol: Protocol,
+    /// Prompts of `protocol.prompt` tokens from held-out text (8 of them).
     prompts: Vec<Vec<usize>>,
     description: String,
+    /// Why the model has no exit gate (then the gate rows are skipped), if it has none.
+    no_gate: Option<String>,
 }
 
 /// The synthetic corpus split into train / validation / test stories (the same every run).
@@ -166,63 +214,111 @@ fn corpus() -> (Vec<Document>, Vec<Document>, Vec<Document>) {
     (split.train, split.val, split.test)
 }
 
-/// Eight prompts of `PROMPT` tokens spread over the test stories.
-fn prompts_from(tokenizer: &Tokenizer, test: &[Document]) -> Vec<Vec<usize>> {
+/// Eight prompts of `len` tokens spread over the test stories.
+fn prompts_from(tokenizer: &Tokenizer, test: &[Document], len: usize) -> Vec<Vec<usize>> {
     let streams: Vec<Vec<usize>> = test.iter().map(|d| tokenizer.encode(&d.text)).collect();
     (0..8)
         .map(|i| {
             let s = &streams[i % streams.len()];
             let start = (i / streams.len()) * 97 + 23 * (i % 3);
-            s[start..start + PROMPT].to_vec()
+            s[start..start + len].to_vec()
         })
         .collect()
 }
 
-/// Loads `LEGO_BENCH_CKPT`, or trains a model as the module doc says.
-fn subject() -> Subject {
+/// The checkpoint to load for config `name`: `LEGO_BENCH_CKPT_T` / `LEGO_BENCH_CKPT_S`
+/// (`LEGO_BENCH_CKPT` is S's too).
+fn checkpoint_var(name: &str) -> Option<PathBuf> {
+    let own = std::env::var_os(format!("LEGO_BENCH_CKPT_{name}"));
+    let shared = if name == "S" { std::env::var_os("LEGO_BENCH_CKPT") } else { None };
+    own.or(shared).map(PathBuf::from)
+}
+
+/// Loads config `name`'s checkpoint if one is named, or trains a model as the module doc says.
+fn subject(name: &'static str) -> Subject {
     let (train_docs, val_docs, test_docs) = corpus();
-    if let Some(path) = std::env::var_os("LEGO_BENCH_CKPT") {
-        let path = PathBuf::from(path);
-        let (model, meta) = LegoTransformer::load(&path)
-            .unwrap_or_else(|e| panic!("LEGO_BENCH_CKPT={}: {e}", path.display()));
-        let c = &model.config;
-        assert!(
-            c.exit_layer > 0 && c.exit_layer < c.num_layers,
-            "the checkpoint's exit layer {} leaves no lower or no upper part (N = {})",
-            c.exit_layer,
-            c.num_layers
-        );
-        assert!(c.max_seq_len >= PROMPT + NEW, "max_seq_len {} < {}", c.max_seq_len, PROMPT + NEW);
-        let tokenizer = match meta.get("tokenizer") {
-            Some(t) => Some(Tokenizer::from_json_str(t).expect("the checkpoint's tokenizer")),
-            None if c.vocab_size == 256 => Some(Tokenizer::Byte),
-            None => None,
-        };
-        let prompts = match &tokenizer {
-            Some(t) => prompts_from(t, &test_docs),
-            None => {
-                let mut rng = Tensor::rng(5);
-                (0..8).map(|_| (0..PROMPT).map(|_| rng.random_range(0..c.vocab_size)).collect()).collect()
-            }
-        };
-        let description = format!(
-            "loaded {} (V={} D={} N={} H={} F={}, exit at {}); prompts: {}",
-            path.display(),
-            c.vocab_size,
-            c.dim,
-            c.num_layers,
-            c.num_heads,
-            c.ffn_hidden,
-            c.exit_layer,
-            if tokenizer.is_some() {
-                "test stories of the synthetic corpus"
-            } else {
-                "random ids (no tokenizer in the checkpoint)"
-            }
-        );
-        return Subject { model, prompts, description };
-    }
-    train(&train_docs, &val_docs, &test_docs)
+    let Some(path) = checkpoint_var(name) else {
+        return train(name, &train_docs, &val_docs, &test_docs);
+    };
+    let (mut model, meta) =
+        LegoTransformer::load(&path).unwrap_or_else(|e| panic!("checkpoint {}: {e}", path.display()));
+    let c = model.config.clone();
+    let protocol = Protocol::of(&c);
+    assert!(
+        c.exit_layer > 0 && c.exit_layer < c.num_layers,
+        "the checkpoint's exit layer {} leaves no lower or no upper part (N = {})",
+        c.exit_layer,
+        c.num_layers
+    );
+    let tokenizer = match meta.get("tokenizer") {
+        Some(t) => Some(Tokenizer::from_json_str(t).expect("the checkpoint's tokenizer")),
+        None if c.vocab_size == 256 => Some(Tokenizer::Byte),
+        None => None,
+    };
+    let prompts = match &tokenizer {
+        Some(t) => prompts_from(t, &test_docs, protocol.prompt),
+        None => {
+            let mut rng = Tensor::rng(5);
+            (0..8)
+                .map(|_| (0..protocol.prompt).map(|_| rng.random_range(0..c.vocab_size)).collect())
+                .collect()
+        }
+    };
+    // A checkpoint without a gate gets one here when the bench has text in its vocabulary.
+    let gate = match (&model.exit_gate, &tokenizer) {
+        (Some(g), _) => Ok(format!("exit gate from the checkpoint (threshold {:.4})", g.threshold)),
+        (None, Some(t)) => {
+            let seq = c.max_seq_len.min(128);
+            let train = batches(&sequences_from_documents(t, &train_docs, seq), TRAIN_BATCH, Some(7))
+                .expect("training batches");
+            let val = batches(&sequences_from_documents(t, &val_docs, seq), TRAIN_BATCH, None)
+                .expect("validation batches");
+            let softmax = compute_confidence_threshold(&model, &val, 0.5).expect("softmax threshold");
+            let note = fit_gate(&mut model, &train, &val, softmax);
+            Ok(format!("no exit gate in the checkpoint: {note}, on the synthetic corpus"))
+        }
+        (None, None) => Err(format!(
+            "config {name}: the checkpoint has no exit gate and no tokenizer (no text to fit one \
+             on): the gate rows are skipped"
+        )),
+    };
+    let description = format!(
+        "loaded {} (V={} D={} N={} H={} F={}, exit at {}); prompts: {}; {}",
+        path.display(),
+        c.vocab_size,
+        c.dim,
+        c.num_layers,
+        c.num_heads,
+        c.ffn_hidden,
+        c.exit_layer,
+        if tokenizer.is_some() {
+            "test stories of the synthetic corpus"
+        } else {
+            "random ids (no tokenizer in the checkpoint)"
+        },
+        gate.as_deref().unwrap_or("no exit gate")
+    );
+    Subject { model, protocol, prompts, description, no_gate: gate.err() }
+}
+
+/// Fits the model's exit gate to imitate max-softmax routing at `softmax` (the threshold of
+/// 50 % hard on `val`), its own threshold calibrated on `val` to the same share; sets
+/// `model.exit_gate`. Returns a line for the description.
+fn fit_gate(model: &mut LegoTransformer, train: &[Batch], val: &[Batch], softmax: f32) -> String {
+    let t = Instant::now();
+    let (gate, report) =
+        train_exit_gate(model, train, val, softmax, 0.5, &ExitGateOptions::default()).expect("exit gate");
+    let line = format!(
+        "exit gate fitted in {:.1} s on {} tokens (softmax threshold {softmax:.4}, {} Newton steps): \
+         agrees with softmax routing on {:.1} % of validation tokens, threshold {:.4}",
+        t.elapsed().as_secs_f64(),
+        report.train_tokens,
+        report.iterations,
+        100.0 * report.validation.agreement,
+        gate.threshold
+    );
+    model.exit_gate = Some(gate);
+    line
 }
 
 /// Trains `model` for about `budget` seconds in calls of `round` batches each (one epoch of a
@@ -279,43 +375,63 @@ fn phase1(
     (rounds, ppl)
 }
 
-fn train(train_docs: &[Document], val_docs: &[Document], test_docs: &[Document]) -> Subject {
+/// Trains config `name` ("T" or "S") as the module doc says, and saves it.
+fn train(
+    name: &'static str,
+    train_docs: &[Document],
+    val_docs: &[Document],
+    test_docs: &[Document],
+) -> Subject {
     let t0 = Instant::now();
-    let tokenizer = Tokenizer::word(train_docs, 4096).expect("word tokenizer");
-    let words = tokenizer.vocab_size();
-    // Config S; exit after the 2 layers of phase 1.
-    let s = LegoConfig::s();
-    let shallow_config = LegoConfig {
-        exit_layer: 2,
-        ..LegoConfig::new(s.vocab_size, s.dim, 2, s.num_heads, s.ffn_hidden, s.max_seq_len)
+    // S: words (capped at V); T: bytes (V = 256).
+    let (base, tokenizer) = match name {
+        "S" => (LegoConfig::s(), Tokenizer::word(train_docs, 4096).expect("word tokenizer")),
+        "T" => (LegoConfig::t(), Tokenizer::Byte),
+        _ => panic!("LEGO_BENCH_CONFIGS: T or S, got {name}"),
     };
-    let train_seqs = sequences_from_documents(&tokenizer, train_docs, TRAIN_SEQ);
-    let val_seqs = sequences_from_documents(&tokenizer, val_docs, TRAIN_SEQ);
+    let words = tokenizer.vocab_size();
+    let seq = base.max_seq_len.min(128);
+    // Phase 1: the lower half, exit after it.
+    let exit = base.num_layers / 2;
+    let shallow_config = LegoConfig {
+        exit_layer: exit,
+        ..LegoConfig::new(base.vocab_size, base.dim, exit, base.num_heads, base.ffn_hidden, base.max_seq_len)
+    };
+    let train_seqs = sequences_from_documents(&tokenizer, train_docs, seq);
+    let val_seqs = sequences_from_documents(&tokenizer, val_docs, seq);
     let val = batches(&val_seqs, TRAIN_BATCH, None).expect("validation batches");
     eprintln!(
-        "training config S on the synthetic corpus: {} training sequences of {TRAIN_SEQ} tokens, \
-         {} validation; word vocabulary {words} (model V = {})",
+        "training config {name} on the synthetic corpus: {} training sequences of {seq} tokens, \
+         {} validation; vocabulary {words} (model V = {})",
         train_seqs.len(),
         val_seqs.len(),
-        s.vocab_size
+        base.vocab_size
     );
+    let (budget1, budget2) = match name {
+        "S" => (pick(90.0, 6.0), pick(35.0, 4.0)),
+        _ => (pick(60.0, 4.0), pick(30.0, 3.0)),
+    };
+    let round = pick(16, 4);
 
-    // Phase 1: 2 layers on everything.
-    let model = LegoTransformer::new(shallow_config, &mut Tensor::rng(1)).expect("model");
-    let (rounds1, ppl1) = phase1(&model, &train_seqs, &val, pick(90.0, 6.0), pick(16, 4));
+    // Phase 1: the lower layers on everything.
+    let mut model = LegoTransformer::new(shallow_config, &mut Tensor::rng(1)).expect("model");
+    let (rounds1, ppl1) = phase1(&model, &train_seqs, &val, budget1, round);
 
-    // Calibrate at 50 % hard on the validation split; hard examples of the training split.
+    // Calibrate at 50 % hard on the validation split; the exit gate on the training split (it
+    // stays frozen through `extend` and phase 2); hard examples of the training split.
     let threshold = compute_confidence_threshold(&model, &val, 0.5).expect("threshold");
+    let gate_train = batches(&train_seqs, TRAIN_BATCH, Some(7)).expect("batches");
+    let gate_note = fit_gate(&mut model, &gate_train, &val, threshold);
     let hard_source: Vec<Batch> =
         batches(&train_seqs, TRAIN_BATCH, Some(99)).expect("batches").into_iter().take(pick(12, 4)).collect();
     let hard = collect_hard_examples(&model, &hard_source, threshold).expect("hard examples");
 
-    // Phase 2: 4 layers, lower part frozen, upper layers on the hard examples.
-    let deep = model.extend(4, threshold, true, &mut Tensor::rng(2)).expect("extend");
+    // Phase 2: full depth, lower part frozen, upper layers on the hard examples.
+    let deep = model.extend(base.num_layers, threshold, true, &mut Tensor::rng(2)).expect("extend");
     drop(model);
+    assert!(deep.exit_gate.is_some(), "extend keeps the exit gate");
     let mut opt = AdamW::new(deep.trainable_params(), AdamWConfig { lr: 1e-3, ..Default::default() });
     let start2 = Instant::now();
-    let budget2 = pick(35.0, 4.0);
     let (mut epochs2, mut ppl2) = (0usize, f64::NAN);
     while start2.elapsed().as_secs_f64() < budget2 {
         let progress = (start2.elapsed().as_secs_f64() / budget2).min(1.0);
@@ -338,7 +454,7 @@ fn train(train_docs: &[Document], val_docs: &[Document], test_docs: &[Document])
                 &val,
                 &hard,
                 &mut opt,
-                2,
+                exit,
                 threshold,
                 Phase2Mode::Sequence,
             )
@@ -356,7 +472,7 @@ fn train(train_docs: &[Document], val_docs: &[Document], test_docs: &[Document])
     eprintln!();
     let full = Trainer::new(TrainOptions::default()).evaluate(&deep, &val, None).expect("evaluate");
 
-    let path = target_dir().join("bench-early-exit-model.safetensors");
+    let path = target_dir().join(format!("bench-early-exit-model-{name}.safetensors"));
     let mut meta = BTreeMap::new();
     meta.insert("tokenizer".to_string(), tokenizer.to_json().to_string_compact());
     meta.insert("trained_by".to_string(), "benches/early_exit.rs".to_string());
@@ -364,26 +480,42 @@ fn train(train_docs: &[Document], val_docs: &[Document], test_docs: &[Document])
         Ok(()) => format!("saved to {}", path.display()),
         Err(e) => format!("not saved ({e})"),
     };
+    let c = &deep.config;
     let description = format!(
-        "trained here in {:.0} s: config S (V=4096 D=256 N=4 H=8 F=688), word tokenizer \
-         ({words} words) on the synthetic corpus; phase 1 (2 layers) {rounds1} rounds of \
-         {} batches of {TRAIN_BATCH}x{TRAIN_SEQ}, val PPL {ppl1:.2}; threshold {threshold:.4} \
-         (50 % hard on val), {} hard tokens; phase 2 (layers 2-3) {epochs2} epochs, routed val \
-         PPL {ppl2:.2}, full-depth val PPL {:.2}; exit at layer 2; {saved}",
+        "trained here in {:.0} s: config {name} (V={} D={} N={} H={} F={}), {} tokenizer \
+         ({words} ids) on the synthetic corpus; phase 1 ({exit} layers) {rounds1} rounds of \
+         {round} batches of {TRAIN_BATCH}x{seq}, val PPL {ppl1:.2}; threshold {threshold:.4} \
+         (50 % hard on val), {} hard tokens; {gate_note}; phase 2 (layers {exit}-{}) {epochs2} \
+         epochs, routed val PPL {ppl2:.2}, full-depth val PPL {:.2}; exit at layer {exit}; {saved}",
         t0.elapsed().as_secs_f64(),
-        pick(16, 4),
+        c.vocab_size,
+        c.dim,
+        c.num_layers,
+        c.num_heads,
+        c.ffn_hidden,
+        if name == "S" { "word" } else { "byte" },
         hard.len(),
+        c.num_layers - 1,
         full.ppl
     );
-    Subject { prompts: prompts_from(&tokenizer, test_docs), model: deep, description }
+    let protocol = Protocol::of(c);
+    Subject {
+        prompts: prompts_from(&tokenizer, test_docs, protocol.prompt),
+        protocol,
+        model: deep,
+        description,
+        no_gate: None,
+    }
 }
 
 // ----- the machine -------------------------------------------------------------------------
 
 /// The two rates the cost model charges at.
 struct Machine {
+    /// The decoder's threads (of the decode team).
     threads: usize,
-    /// Bytes/s streamed from a model-sized buffer by every thread at once.
+    /// Bytes/s read from a buffer of the model's weight size by the decoder's threads
+    /// (`roofline::read_bandwidth`).
     bandwidth: f64,
     /// The same on one thread.
     bandwidth_1thread: f64,
@@ -398,33 +530,6 @@ impl Machine {
     fn gemm_rate(&self, rows: usize) -> f64 {
         self.gemm[rows.clamp(1, 8)]
     }
-}
-
-/// Bytes/s of streaming `bytes` (summing with the SIMD dot kernel), on `threads` threads.
-fn stream_rate(buf: &[f32], threads: usize, passes: usize) -> f64 {
-    let chunk = buf.len().div_ceil(threads);
-    let pass = || -> f32 {
-        buf.par_chunks(chunk)
-            .map(|c| {
-                let h = c.len() / 2;
-                simd::dot(&c[..h], &c[h..2 * h])
-            })
-            .sum()
-    };
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("rayon pool");
-    pool.install(|| {
-        for _ in 0..3 {
-            black_box(pass());
-        }
-        let times: Vec<f64> = (0..passes)
-            .map(|_| {
-                let t = Instant::now();
-                black_box(pass());
-                t.elapsed().as_secs_f64()
-            })
-            .collect();
-        (buf.len() * 4) as f64 / median(&times)
-    })
 }
 
 /// The decode shapes `(n, k, count)` of one layer's products `x·Wᵀ`, W `[n, k]`.
@@ -485,14 +590,21 @@ fn gemm_rate(c: &LegoConfig, m: usize, threads: usize, split: bool, calls: usize
     flops / seconds
 }
 
+/// The bytes a decode step may cycle through: every layer, the deep head
+/// ([`cost::weight_bytes_per_token`]) and the exit head.
+fn model_bytes(c: &LegoConfig) -> f64 {
+    cost::weight_bytes_per_token(c) + ((c.vocab_size * c.dim + c.dim) * 4) as f64
+}
+
 fn measure_machine(c: &LegoConfig) -> Machine {
-    let threads = rayon::current_num_threads();
-    // A buffer the size of the weights a decode step may touch: all layers and two heads.
-    let words = c.num_layers * weights_per_layer(c) + 2 * c.vocab_size * c.dim;
-    let buf: Vec<f32> = (0..words).map(|i| (i % 31) as f32 * 1e-3).collect();
+    // The decoder's own threads: the whole decode team for a model of 1 Mi weights a token or
+    // more, else one (`decode_parts`).
+    let team = decode_team();
+    let threads = decode_parts(c, team.size());
+    let bytes = model_bytes(c) as usize;
     let passes = pick(40, 10);
-    let bandwidth = stream_rate(&buf, threads, passes);
-    let bandwidth_1thread = stream_rate(&buf, 1, passes);
+    let bandwidth = read_bandwidth(team, bytes, threads, passes);
+    let bandwidth_1thread = read_bandwidth(team, bytes, 1, passes);
     let calls = pick(200, 40);
     let mut gemm = [0.0; 9];
     let mut gemm_split = [0.0; 9];
@@ -528,6 +640,7 @@ impl Phases {
 struct CostModel<'a> {
     c: &'a LegoConfig,
     m: &'a Machine,
+    p: Protocol,
 }
 
 impl CostModel<'_> {
@@ -566,8 +679,8 @@ impl CostModel<'_> {
     fn full_depth(&self, batch: usize) -> Phases {
         let (exit, n) = (self.c.exit_layer, self.c.num_layers);
         let mut p = Phases::default();
-        for s in 1..NEW {
-            let ctxs = vec![PROMPT + s; batch];
+        for s in 1..self.p.new {
+            let ctxs = vec![self.p.prompt + s; batch];
             let (f, b) = self.layers(exit, &ctxs, false);
             p.lower += self.phase(f, b, batch);
             let (f, b) = self.layers(n - exit, &ctxs, true);
@@ -576,39 +689,94 @@ impl CostModel<'_> {
         p
     }
 
-    /// `generate_with_early_exit`'s decode steps with this routing (`routes[row][token]`,
+    /// `generate_with` under `rule`'s decode steps with this routing (`routes[row][token]`,
     /// token 0 routed by the prefill).
-    fn early_exit(&self, routes: &[Vec<bool>], fill: UpperCacheFill) -> Phases {
+    fn early_exit(&self, routes: &[Vec<bool>], rule: &ExitRule) -> Phases {
         let (c, batch) = (self.c, routes.len());
         let (exit, n, d) = (c.exit_layer, c.num_layers, c.dim);
         let upper_layers = n - exit;
-        // Entries each row holds in the upper cache: the prompt (the prefill runs every layer).
-        let mut upper_len = vec![PROMPT; batch];
+        // Entries each row holds in the upper cache: the prompt (the prefill runs every layer);
+        // with `Deferred`, the exited tokens each row still owes its upper cache.
+        let mut upper_len = vec![self.p.prompt; batch];
+        let mut owed = vec![0usize; batch];
         let mut p = Phases::default();
-        for s in 1..NEW {
-            let ctxs = vec![PROMPT + s; batch];
+        for s in 1..self.p.new {
+            let ctxs = vec![self.p.prompt + s; batch];
             let (f, b) = self.layers(exit, &ctxs, false);
             p.lower += self.phase(f, b, batch);
-            p.exit_check += self.phase(batch as f64 * cost::head_flops(c), self.head_bytes(), batch);
             let deep: Vec<usize> = (0..batch).filter(|&r| routes[r][s]).collect();
             let shallow = batch - deep.len();
+            p.exit_check += match rule.measure {
+                // The exit head on every row.
+                ExitMeasure::MaxSoftmax => {
+                    self.phase(batch as f64 * cost::head_flops(c), self.head_bytes(), batch)
+                }
+                // The gate (a norm and a D-term dot product) on every row, its D + D weights;
+                // the exit head only for the rows that exit.
+                ExitMeasure::Gate => {
+                    let gate = self.phase(batch as f64 * cost::gate_flops(c), (2 * d * 4) as f64, batch);
+                    let head = if shallow > 0 {
+                        self.phase(shallow as f64 * cost::head_flops(c), self.head_bytes(), shallow)
+                    } else {
+                        0.0
+                    };
+                    gate + head
+                }
+            };
             if !deep.is_empty() {
                 let ctxs: Vec<usize> = deep.iter().map(|&r| upper_len[r] + 1).collect();
                 let (f, b) = self.layers(upper_layers, &ctxs, true);
                 p.upper += self.phase(f, b, deep.len());
+                if rule.fill == UpperCacheFill::Deferred {
+                    // The owed positions ride along with the deep rows' pass: charged as the
+                    // difference between the pass with them and without.
+                    let mut all = ctxs.clone();
+                    for &r in &deep {
+                        all.extend((0..owed[r]).map(|i| upper_len[r] + 1 + i));
+                    }
+                    if all.len() > ctxs.len() {
+                        let (f2, b2) = self.layers(upper_layers, &all, true);
+                        p.fill += self.phase(f2, b2, all.len()) - self.phase(f, b, deep.len());
+                    }
+                }
             }
-            if fill == UpperCacheFill::Propagate && shallow > 0 {
+            if rule.fill == UpperCacheFill::Propagate && shallow > 0 {
                 let f = (shallow * upper_layers * 2 * 2 * d * d) as f64;
                 let b = (upper_layers * 2 * d * d * 4) as f64;
                 p.fill += self.phase(f, b, shallow);
             }
-            for (len, route) in upper_len.iter_mut().zip(routes) {
-                if route[s] || fill == UpperCacheFill::Propagate {
-                    *len += 1;
+            for ((len, owes), route) in upper_len.iter_mut().zip(owed.iter_mut()).zip(routes) {
+                match (route[s], rule.fill) {
+                    (true, UpperCacheFill::Deferred) => {
+                        *len += *owes + 1;
+                        *owes = 0;
+                    }
+                    (true, _) | (false, UpperCacheFill::Propagate) => *len += 1,
+                    (false, UpperCacheFill::Deferred) => *owes += 1,
+                    (false, UpperCacheFill::Skip) => {}
                 }
             }
         }
         p
+    }
+
+    /// Self-speculative decoding's decode steps, approximately, from its counts: each drafted
+    /// token a lower step and an exit head (`drafted / batch` batched draft steps), each check
+    /// pass the upper layers and the deep head over its `checked / rounds` positions (weights
+    /// read once a pass). Taken as `lower` = drafting, `upper` = checking.
+    fn speculative(&self, batch: usize, spec: &SpeculationStats) -> Phases {
+        let (c, exit, n) = (self.c, self.c.exit_layer, self.c.num_layers);
+        // Contexts taken at the middle of the run (attention is a few % of a layer here).
+        let ctx = self.p.prompt + self.p.new / 2;
+        let draft_steps = spec.drafted as f64 / batch as f64;
+        let (f, b) = self.layers(exit, &vec![ctx; batch], false);
+        let draft = self.phase(f, b, batch)
+            + self.phase(batch as f64 * cost::head_flops(c), self.head_bytes(), batch);
+        let rounds = spec.rounds.max(1);
+        let per_pass = (spec.checked as f64 / rounds as f64).ceil().max(1.0) as usize;
+        let (f, b) = self.layers(n - exit, &vec![ctx; per_pass], true);
+        let check = self.phase(f, b, per_pass.min(8));
+        Phases { lower: draft_steps * draft, upper: spec.rounds as f64 * check, ..Phases::default() }
     }
 }
 
@@ -625,8 +793,8 @@ struct FullSplit {
 }
 
 /// `generate`'s own loop (greedy, full depth) with its phase timer on; medians over `reps`.
-fn full_depth_split(model: &LegoTransformer, prompts: &[Vec<usize>], reps: usize) -> FullSplit {
-    let options = GenerateOptions { profile: true, ..GenerateOptions::greedy(NEW) };
+fn full_depth_split(model: &LegoTransformer, prompts: &[Vec<usize>], p: Protocol, reps: usize) -> FullSplit {
+    let options = GenerateOptions { profile: true, ..GenerateOptions::greedy(p.new) };
     let mut samples: Vec<TimeSplit> = Vec::new();
     for rep in 0..reps + 1 {
         let (out, stats) = model.generate_with(prompts, &options).expect("generate_with");
@@ -635,8 +803,9 @@ fn full_depth_split(model: &LegoTransformer, prompts: &[Vec<usize>], reps: usize
             samples.push(stats.time);
         }
     }
-    let med =
-        |f: fn(&TimeSplit) -> f64| median(&samples.iter().map(|s| f(s) / STEPS as f64).collect::<Vec<_>>());
+    let med = |f: fn(&TimeSplit) -> f64| {
+        median(&samples.iter().map(|s| f(s) / p.steps() as f64).collect::<Vec<_>>())
+    };
     FullSplit {
         lower: med(|s| s.lower),
         upper: med(|s| s.upper),
@@ -727,58 +896,122 @@ fn anatomy(model: &LegoTransformer, batch: usize, reps: usize) -> Anatomy {
     }
 }
 
-/// One threshold at one batch size, measured.
+/// What a timed run decodes with, beside `generate`.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// Early exit by this rule.
+    Exit(ExitRule),
+    /// Lossless self-speculative decoding.
+    Speculate(Speculation),
+}
+
+impl Mode {
+    fn options(&self, new: usize, profile: bool) -> GenerateOptions {
+        let o = GenerateOptions { profile, ..GenerateOptions::greedy(new) };
+        match *self {
+            Mode::Exit(rule) => o.with_exit(rule),
+            Mode::Speculate(spec) => o.with_speculation(spec),
+        }
+    }
+
+    /// The routing measure and fill (early exit), or the speculation's name.
+    fn names(&self) -> (String, &'static str) {
+        match self {
+            Mode::Exit(r) => (measure_name(r.measure).to_string(), fill_name(r.fill)),
+            Mode::Speculate(Speculation { k, stop_below: None }) => (format!("spec k={k}"), "exact"),
+            Mode::Speculate(Speculation { k, stop_below: Some(t) }) => {
+                (format!("spec k<={k} >={t:.2}"), "exact")
+            }
+        }
+    }
+}
+
+/// One mode at one batch size, measured.
 struct Measured {
     batch: usize,
-    fill: UpperCacheFill,
+    mode: Mode,
+    /// The target shallow share (early exit; NaN for speculation).
     target: f64,
-    threshold: f32,
     reps: usize,
-    /// Per rep, seconds: whole calls with 128 and with 1 new token (rep i of each ran
-    /// back to back: gen 1, gen 128, early exit 1, early exit 128).
-    gen_128: Vec<f64>,
+    p: Protocol,
+    /// Per rep, seconds: whole calls with `p.new` and with 1 new token (rep i of each ran
+    /// back to back: gen 1, gen new, mode 1, mode new).
+    gen_new: Vec<f64>,
     gen_1: Vec<f64>,
-    ee_128: Vec<f64>,
+    ee_new: Vec<f64>,
     ee_1: Vec<f64>,
-    /// The early-exit run's statistics (the routing is the same every rep: greedy).
+    /// The run's statistics (the routing is the same every rep: greedy).
     stats: EarlyExitStats,
     /// Median over reps of each phase of `stats.time`, per decode step (prefill: per call).
     split: TimeSplit,
-    /// Steps (of 127) on which at least one row went deep.
+    /// Steps on which at least one row went deep.
     steps_with_deep: usize,
 }
 
-/// Per rep: `(t128 − t1) / 127`, the time of one decode step.
-fn steps(t128: &[f64], t1: &[f64]) -> Vec<f64> {
-    t128.iter().zip(t1).map(|(a, b)| (a - b) / STEPS as f64).collect()
+/// Per rep: `(t_new − t_1) / steps`, the time of one decode step.
+fn steps(t_new: &[f64], t1: &[f64], p: Protocol) -> Vec<f64> {
+    t_new.iter().zip(t1).map(|(a, b)| (a - b) / p.steps() as f64).collect()
 }
 
 fn min(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
+/// The median of `v` and a distribution-free 95 % interval for it: the order statistics of
+/// ranks `n/2 ∓ 0.98·√n` (the binomial(n, ½) count below the median, normal approximation).
+fn median_interval(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let half = 0.98 * (n as f64).sqrt();
+    let lo = ((n as f64 / 2.0 - half).floor().max(0.0) as usize).min(n - 1);
+    let hi = ((n as f64 / 2.0 + half).ceil() as usize).min(n - 1);
+    (s[n / 2], s[lo], s[hi])
+}
+
 impl Measured {
     /// Median decode step of `generate`.
     fn gen_step(&self) -> f64 {
-        median(&steps(&self.gen_128, &self.gen_1))
+        median(&steps(&self.gen_new, &self.gen_1, self.p))
     }
-    /// Median decode step of `generate_with_early_exit`.
+    /// Median decode step of the mode.
     fn ee_step(&self) -> f64 {
-        median(&steps(&self.ee_128, &self.ee_1))
+        median(&steps(&self.ee_new, &self.ee_1, self.p))
     }
-    /// The measured speed-up: the median over reps of each rep's ratio (the two calls of a
-    /// rep ran back to back, so a busy moment of the machine mostly hits both).
+    /// Each rep's ratio of step times (the two calls of a rep ran back to back, so a busy
+    /// moment of the machine mostly hits both).
+    fn ratios(&self) -> Vec<f64> {
+        let (g, e) = (steps(&self.gen_new, &self.gen_1, self.p), steps(&self.ee_new, &self.ee_1, self.p));
+        g.iter().zip(&e).map(|(g, e)| g / e).collect()
+    }
+    /// The measured speed-up: the median over reps of each rep's ratio.
     fn speedup(&self) -> f64 {
-        let (g, e) = (steps(&self.gen_128, &self.gen_1), steps(&self.ee_128, &self.ee_1));
-        median(&g.iter().zip(&e).map(|(g, e)| g / e).collect::<Vec<_>>())
+        median(&self.ratios())
     }
-    /// The speed-up of the best (least disturbed) reps: `(min t128 − min t1)` of each.
+    /// The 95 % interval of the paired median.
+    fn interval(&self) -> (f64, f64) {
+        let (_, lo, hi) = median_interval(&self.ratios());
+        (lo, hi)
+    }
+    /// The speed-up of the best (least disturbed) reps: `(min t_new − min t_1)` of each.
     fn speedup_best(&self) -> f64 {
-        (min(&self.gen_128) - min(&self.gen_1)) / (min(&self.ee_128) - min(&self.ee_1))
+        (min(&self.gen_new) - min(&self.gen_1)) / (min(&self.ee_new) - min(&self.ee_1))
     }
     /// Whole calls, prefill included: the median of each rep's ratio.
     fn speedup_e2e(&self) -> f64 {
-        median(&self.gen_128.iter().zip(&self.ee_128).map(|(g, e)| g / e).collect::<Vec<_>>())
+        median(&self.gen_new.iter().zip(&self.ee_new).map(|(g, e)| g / e).collect::<Vec<_>>())
+    }
+    /// The ideal step times of `generate` and of the mode, from the cost model.
+    fn ideal(&self, cm: &CostModel) -> (f64, Phases) {
+        let steps = self.p.steps() as f64;
+        let phases = match self.mode {
+            Mode::Exit(rule) => cm.early_exit(&self.stats.routes, &rule),
+            Mode::Speculate(_) => cm.speculative(self.batch, &self.stats.speculation),
+        };
+        (cm.full_depth(self.batch).total() / steps, phases)
     }
 }
 
@@ -790,45 +1023,57 @@ fn fill_name(f: UpperCacheFill) -> &'static str {
     }
 }
 
-/// One early-exit generation (greedy), its wall time and statistics; `profile` switches the
-/// phase timer on (off for the timed runs, so they pay nothing for it).
-fn early_exit(
+fn measure_name(m: ExitMeasure) -> &'static str {
+    match m {
+        ExitMeasure::MaxSoftmax => "softmax",
+        ExitMeasure::Gate => "gate",
+    }
+}
+
+/// One generation (greedy) in `mode`: its wall time, tokens and statistics; `profile`
+/// switches the phase timer on (off for the timed runs, so they pay nothing for it).
+fn run(
     model: &LegoTransformer,
     prompts: &[Vec<usize>],
     new: usize,
-    threshold: f32,
-    fill: UpperCacheFill,
+    mode: Mode,
     profile: bool,
-) -> (f64, EarlyExitStats) {
-    let options =
-        GenerateOptions { profile, ..GenerateOptions::greedy(new) }.with_exit(ExitRule::new(threshold, fill));
+) -> (f64, Vec<Vec<usize>>, EarlyExitStats) {
+    let options = mode.options(new, profile);
     let t = Instant::now();
-    let (out, stats) = model.generate_with(prompts, &options).expect("generate_with (early exit)");
+    let (out, stats) = model.generate_with(prompts, &options).expect("generate_with");
     let dt = t.elapsed().as_secs_f64();
-    black_box(out);
-    (dt, stats)
+    (dt, black_box(out), stats)
 }
 
-fn generate(model: &LegoTransformer, prompts: &[Vec<usize>], new: usize) -> f64 {
+fn generate(model: &LegoTransformer, prompts: &[Vec<usize>], new: usize) -> (f64, Vec<Vec<usize>>) {
     let t = Instant::now();
     let out = model.generate(prompts, new, &Sampling::greedy()).expect("generate");
     let dt = t.elapsed().as_secs_f64();
-    black_box(out);
-    dt
+    (dt, black_box(out))
 }
 
-/// The threshold at which about `target` of the generated tokens exit. A first guess is the
-/// quantile of the exit confidences seen while generating at full depth; routing changes the
-/// tokens and so the confidences, so the guess is then refined by bisection on the measured
-/// shallow ratio (which falls as the threshold rises). Returns the best threshold tried.
-fn calibrate(model: &LegoTransformer, prompts: &[Vec<usize>], target: f64, fill: UpperCacheFill) -> f32 {
+/// The threshold at which about `target` of the generated tokens exit under `measure`. A
+/// first guess is the quantile of the exit confidences seen while generating at full depth;
+/// routing changes the tokens and so the confidences, so the guess is then refined by
+/// bisection on the measured shallow ratio (which falls as the threshold rises). Returns the
+/// best threshold tried.
+fn calibrate(
+    model: &LegoTransformer,
+    prompts: &[Vec<usize>],
+    p: Protocol,
+    target: f64,
+    measure: ExitMeasure,
+    fill: UpperCacheFill,
+) -> f32 {
     if target <= 0.0 {
         return 2.0; // above any confidence: nothing exits
     }
     if target >= 1.0 {
         return 0.0; // every confidence is at or above 0: everything exits
     }
-    let (_, stats) = early_exit(model, prompts, NEW, 2.0, fill, false);
+    let rule = |t: f32| Mode::Exit(ExitRule { threshold: t, fill, measure });
+    let stats = run(model, prompts, p.new, rule(2.0), false).2;
     let mut all: Vec<f32> = stats.confidences.iter().flatten().copied().collect();
     all.sort_by(f32::total_cmp);
     let k = (((1.0 - target) * all.len() as f64).round() as usize).min(all.len() - 1);
@@ -837,7 +1082,7 @@ fn calibrate(model: &LegoTransformer, prompts: &[Vec<usize>], target: f64, fill:
     let mut t = all[k];
     let mut best = (f64::INFINITY, t);
     for _ in 0..pick(10, 3) {
-        let ratio = early_exit(model, prompts, NEW, t, fill, false).1.shallow_ratio;
+        let ratio = run(model, prompts, p.new, rule(t), false).2.shallow_ratio;
         let err = (ratio - target).abs();
         if err < best.0 {
             best = (err, t);
@@ -855,33 +1100,40 @@ fn calibrate(model: &LegoTransformer, prompts: &[Vec<usize>], target: f64, fill:
     best.1
 }
 
-/// Times `generate` and `generate_with_early_exit` side by side, A B A B ...
-fn measure(
+/// Times `generate` and `mode` side by side, A B A B ...; the phase split from runs of their
+/// own with the timer on (the first few reps). Self-speculative decoding is lossless: its
+/// greedy tokens must equal `generate`'s, and the bench panics if they do not.
+fn time_mode(
     model: &LegoTransformer,
     prompts: &[Vec<usize>],
+    p: Protocol,
     target: f64,
-    threshold: f32,
-    fill: UpperCacheFill,
+    mode: Mode,
     reps: usize,
 ) -> Measured {
-    // Warm-up.
-    generate(model, prompts, NEW);
-    early_exit(model, prompts, NEW, threshold, fill, false);
-    let (mut g128, mut g1, mut e128, mut e1) = (vec![], vec![], vec![], vec![]);
+    // Warm-up, and the lossless check.
+    let (_, full) = generate(model, prompts, p.new);
+    let (_, out, _) = run(model, prompts, p.new, mode, false);
+    if let Mode::Speculate(spec) = mode {
+        assert_eq!(out, full, "self-speculative decoding ({spec:?}) gave tokens that differ from generate's");
+    }
+    let (mut g_new, mut g1, mut e_new, mut e1) = (vec![], vec![], vec![], vec![]);
     let mut splits: Vec<TimeSplit> = Vec::new();
     let mut stats = EarlyExitStats::default();
-    for _ in 0..reps {
-        g1.push(generate(model, prompts, 1));
-        g128.push(generate(model, prompts, NEW));
-        e1.push(early_exit(model, prompts, 1, threshold, fill, false).0);
-        let (t, s) = early_exit(model, prompts, NEW, threshold, fill, false);
-        e128.push(t);
+    for rep in 0..reps {
+        g1.push(generate(model, prompts, 1).0);
+        g_new.push(generate(model, prompts, p.new).0);
+        e1.push(run(model, prompts, 1, mode, false).0);
+        let (t, _, s) = run(model, prompts, p.new, mode, false);
+        e_new.push(t);
         stats = s;
-        // The phase split from a run of its own, with the timer on.
-        splits.push(early_exit(model, prompts, NEW, threshold, fill, true).1.time);
+        if rep < 9 {
+            splits.push(run(model, prompts, p.new, mode, true).2.time);
+        }
     }
-    let per_step =
-        |f: fn(&TimeSplit) -> f64| median(&splits.iter().map(|s| f(s) / STEPS as f64).collect::<Vec<_>>());
+    let per_step = |f: fn(&TimeSplit) -> f64| {
+        median(&splits.iter().map(|s| f(s) / p.steps() as f64).collect::<Vec<_>>())
+    };
     let split = TimeSplit {
         prefill: median(&splits.iter().map(|s| s.prefill).collect::<Vec<_>>()),
         lower: per_step(|s| s.lower),
@@ -891,16 +1143,17 @@ fn measure(
         upper_fill: per_step(|s| s.upper_fill),
         sampling: per_step(|s| s.sampling),
     };
-    let steps_with_deep = (1..NEW).filter(|&s| stats.routes.iter().any(|r| r[s])).count();
+    let steps_with_deep =
+        (1..p.new).filter(|&s| stats.routes.iter().any(|r| r.get(s) == Some(&true))).count();
     Measured {
         batch: prompts.len(),
-        fill,
+        mode,
         target,
-        threshold,
         reps,
-        gen_128: g128,
+        p,
+        gen_new: g_new,
         gen_1: g1,
-        ee_128: e128,
+        ee_new: e_new,
         ee_1: e1,
         stats,
         split,
@@ -910,8 +1163,8 @@ fn measure(
 
 // ----- the PyTorch peer --------------------------------------------------------------------
 
-/// PyTorch's decode new tokens/s at config S for `batch`, if the peer is to run and works.
-fn torch_decode(batch: usize, threads: usize) -> Option<f64> {
+/// PyTorch's decode new tokens/s at config `name` for `batch`, if the peer is to run and works.
+fn torch_decode(name: &str, batch: usize, threads: usize) -> Option<f64> {
     let want = match std::env::var("LEGO_BENCH_PEER").as_deref() {
         Ok("0") => false,
         Ok("1") => true,
@@ -927,7 +1180,7 @@ fn torch_decode(batch: usize, threads: usize) -> Option<f64> {
     let script = Some(peers.join("torch_bench.py")).filter(|p| p.exists())?;
     let out = std::process::Command::new("python3")
         .arg(&script)
-        .args(["decode", "S", "3", &threads.to_string(), &batch.to_string()])
+        .args(["decode", name, "3", &threads.to_string(), &batch.to_string()])
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -950,19 +1203,71 @@ fn main() {
         simd::level(),
         load_average()
     );
-    let subject = subject();
+    let configs: Vec<&'static str> = std::env::var("LEGO_BENCH_CONFIGS")
+        .unwrap_or_else(|_| "T,S".into())
+        .split(',')
+        .map(|n| match n.trim() {
+            "T" | "t" => "T",
+            "S" | "s" => "S",
+            other => panic!("LEGO_BENCH_CONFIGS: T and/or S, got {other:?}"),
+        })
+        .collect();
+    let batch_sizes: Vec<usize> = std::env::var("LEGO_BENCH_BATCHES")
+        .unwrap_or_else(|_| "1,8".into())
+        .split(',')
+        .map(|b| b.trim().parse().expect("LEGO_BENCH_BATCHES: numbers from 1 to 8"))
+        .collect();
+    let mut csv = String::from(
+        "config,batch,mode,measure,fill,target_shallow,threshold,prompt,new,shallow_ratio,steps_with_deep,reps,\
+         gen_step_us,ee_step_us,speedup_measured,speedup_ci_lo,speedup_ci_hi,speedup_best,speedup_e2e,\
+         ideal_gen_step_us,ideal_ee_step_us,speedup_ideal,efficiency,efficiency_best,\
+         layer_saving,flop_saving,gen_tok_s,ee_tok_s,\
+         ee_lower_us,ee_exit_check_us,ee_upper_us,ee_upper_fill_us,ee_sampling_us,ee_other_us,\
+         ideal_lower_us,ideal_exit_check_us,ideal_upper_us,ideal_fill_us,\
+         ee_prefill_ms,gen_1_ms,ee_1_ms,gen_new_ms,ee_new_ms,\
+         drafted,accepted,acceptance_rate,rounds,\
+         bandwidth_gb_s,gemm_gflop_s_at_batch,threads,load_busy\n",
+    );
+    for name in configs {
+        bench_config(name, &batch_sizes, &mut csv);
+    }
+    let csv_path = std::env::var_os("LEGO_BENCH_CSV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("bench-early-exit.csv"));
+    match std::fs::write(&csv_path, csv) {
+        Ok(()) => println!("\nCSV: {}", csv_path.display()),
+        Err(e) => println!("\nCSV not written to {}: {e}", csv_path.display()),
+    }
+    println!(
+        "total bench time {:.0} s, load average now {}",
+        t_start.elapsed().as_secs_f64(),
+        load_average()
+    );
+}
+
+/// Trains (or loads) config `name`, times every mode at every batch size, prints its tables
+/// and appends its CSV rows.
+fn bench_config(name: &'static str, batch_sizes: &[usize], csv: &mut String) {
+    println!();
+    println!("===== config {name} =====");
+    let subject = subject(name);
     let model = &subject.model;
     let c = &model.config;
+    let p = subject.protocol;
     println!("model: {}", subject.description);
+    if let Some(why) = &subject.no_gate {
+        println!("  {why}");
+    }
 
     let machine = measure_machine(c);
-    let cm = CostModel { c, m: &machine };
+    let cm = CostModel { c, m: &machine, p };
     println!(
-        "machine: stream bandwidth {:.1} GB/s on {} threads ({:.1} on 1), over {:.1} MB",
+        "machine: read bandwidth {:.1} GB/s on the decoder's {} thread(s) ({:.1} on 1), over the \
+         model's own {:.2} MB (all layers, both heads)",
         machine.bandwidth / 1e9,
         machine.threads,
         machine.bandwidth_1thread / 1e9,
-        (c.num_layers * weights_per_layer(c) + 2 * c.vocab_size * c.dim) as f64 * 4e-6
+        model_bytes(c) / 1e6
     );
     let mut line = String::from("  GEMM GFLOP/s (one layer's decode shapes, hot) rows:");
     for m in [1, 2, 4, 8] {
@@ -975,7 +1280,7 @@ fn main() {
     }
     println!("{line}");
     println!(
-        "  weights: layer {:.2} MB, head {:.2} MB; full-depth token reads {:.2} MB, a shallow one {:.2} MB",
+        "  weights: layer {:.3} MB, head {:.3} MB; full-depth token reads {:.3} MB, a shallow one {:.3} MB",
         cm.layer_bytes() / 1e6,
         cm.head_bytes() / 1e6,
         (c.num_layers as f64 * cm.layer_bytes() + cm.head_bytes()) / 1e6,
@@ -985,7 +1290,7 @@ fn main() {
     let busy = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| l.split_whitespace().next().and_then(|x| x.parse::<f64>().ok()))
-        .is_some_and(|l| l > machine.threads as f64 + 0.5);
+        .is_some_and(|l| l > rayon::current_num_threads() as f64 + 0.5);
     if busy {
         println!(
             "  NOTE: the machine is busy (load average {}) with other work: every time is \
@@ -995,115 +1300,233 @@ fn main() {
     }
 
     // ----- calibrate and time, at each batch size -----
-    let batch_sizes: Vec<usize> = std::env::var("LEGO_BENCH_BATCHES")
-        .unwrap_or_else(|_| "1,8".into())
-        .split(',')
-        .map(|b| b.trim().parse().expect("LEGO_BENCH_BATCHES: numbers from 1 to 8"))
-        .collect();
     let mut results: Vec<Measured> = Vec::new();
     let mut full_splits: Vec<(usize, FullSplit)> = Vec::new();
     let mut anatomies: Vec<(usize, Anatomy)> = Vec::new();
-    for &batch in &batch_sizes {
+    let has_gate = subject.no_gate.is_none() && model.exit_gate.is_some();
+    for &batch in batch_sizes {
         assert!((1..=8).contains(&batch), "batch {batch}: 1 to 8 prompts");
         let prompts = &subject.prompts[..batch];
-        let reps = pick(if batch == 1 { 15 } else { 11 }, 2);
-        eprintln!("batch {batch}: calibrating and timing ({reps} reps a threshold)");
-        let mut thresholds = Vec::new();
-        for &target in &TARGETS {
-            let th = calibrate(model, prompts, target, UpperCacheFill::Skip);
-            thresholds.push(th);
-            results.push(measure(model, prompts, target, th, UpperCacheFill::Skip, reps));
+        // The gate rows are the issue's measure: >= 31 paired reps at batch 1.
+        let reps = pick(if batch == 1 { 31 } else { 21 }, 3);
+        let reps_other = pick(if batch == 1 { 15 } else { 11 }, 3);
+        eprintln!(
+            "config {name}, batch {batch}: calibrating and timing ({reps} reps a gate row, {reps_other} others)"
+        );
+        let mut measures = vec![(ExitMeasure::MaxSoftmax, reps_other)];
+        if has_gate {
+            measures.insert(0, (ExitMeasure::Gate, reps));
         }
-        results.push(measure(model, prompts, 0.5, thresholds[2], UpperCacheFill::Propagate, reps));
-        full_splits.push((batch, full_depth_split(model, prompts, pick(5, 1))));
+        for (measure, reps) in measures {
+            let mut at_half = 2.0;
+            for &target in &TARGETS {
+                let th = calibrate(model, prompts, p, target, measure, UpperCacheFill::Skip);
+                if target == 0.5 {
+                    at_half = th;
+                }
+                let rule = ExitRule { threshold: th, fill: UpperCacheFill::Skip, measure };
+                results.push(time_mode(model, prompts, p, target, Mode::Exit(rule), reps));
+            }
+            for fill in [UpperCacheFill::Propagate, UpperCacheFill::Deferred] {
+                let rule = ExitRule { threshold: at_half, fill, measure };
+                results.push(time_mode(model, prompts, p, 0.5, Mode::Exit(rule), reps_other));
+            }
+        }
+        let adaptive = c.routing_threshold.clamp(0.0, 1.0);
+        for spec in [Speculation::fixed(2), Speculation::fixed(4), Speculation::adaptive(4, adaptive)] {
+            results.push(time_mode(model, prompts, p, f64::NAN, Mode::Speculate(spec), reps_other));
+        }
+        full_splits.push((batch, full_depth_split(model, prompts, p, pick(5, 1))));
         anatomies.push((batch, anatomy(model, batch, pick(60, 10))));
     }
 
-    // ----- the main table -----
-    println!();
-    println!(
-        "Decode steps (prompt {PROMPT}, {NEW} new tokens = 1 from the prefill + {STEPS} one-token \
-         steps, greedy). µs per step (one token for each row); speed-up = generate / early exit, \
-         the median of the reps' paired ratios; 'best' = from each side's fastest reps; \
-         efficiency = measured / ideal"
-    );
-    println!(
-        "{:>5} {:>9} {:>6} {:>8} {:>7} {:>6} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6}",
-        "batch",
-        "fill",
-        "target",
-        "thresh",
-        "shallow",
-        "deep",
-        "gen",
-        "ee",
-        "speedup",
-        "best",
-        "e2e",
-        "ideal",
-        "effic",
-        "e.best",
-        "layer",
-        "FLOP",
-        "tok/s"
-    );
-    println!(
-        "{:>5} {:>9} {:>6} {:>8} {:>7} {:>6} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6}",
-        "", "", "", "", "ratio", "steps", "µs", "µs", "", "", "", "", "", "", "saved", "saved", "(ee)"
-    );
-    let mut csv = String::from(
-        "batch,fill,target_shallow,threshold,shallow_ratio,steps_with_deep,reps,\
-         gen_step_us,ee_step_us,speedup_measured,speedup_best,speedup_e2e,\
-         ideal_gen_step_us,ideal_ee_step_us,speedup_ideal,efficiency,efficiency_best,\
-         layer_saving,flop_saving,gen_tok_s,ee_tok_s,\
-         ee_lower_us,ee_exit_check_us,ee_upper_us,ee_upper_fill_us,ee_sampling_us,ee_other_us,\
-         ideal_lower_us,ideal_exit_check_us,ideal_upper_us,ideal_fill_us,\
-         ee_prefill_ms,gen_1_ms,ee_1_ms,gen_128_ms,ee_128_ms,\
-         bandwidth_gb_s,gemm_gflop_s_at_batch,threads,load_busy\n",
-    );
+    // ----- the main tables: one per batch -----
+    for &batch in batch_sizes {
+        println!();
+        println!(
+            "config {name}, batch {batch}: early exit (prompt {}, {} new tokens = 1 from the prefill + {} \
+             one-token steps, greedy). µs per step (one token for each row); speed-up = generate / \
+             early exit, the median of {}+ reps' paired ratios, [95 % interval]; 'best' = from each \
+             side's fastest reps; efficiency = measured / ideal",
+            p.prompt,
+            p.new,
+            p.steps(),
+            results.iter().filter(|r| r.batch == batch).map(|r| r.reps).min().unwrap_or(0)
+        );
+        if batch > 1 {
+            println!(
+                "  (batch {batch}: a step runs the upper layers if any row goes deep, so the ideal at a \
+                 middle share is below what the share alone suggests, and can be below 1)"
+            );
+        }
+        println!(
+            "{:>8} {:>9} {:>6} {:>8} {:>7} {:>5} {:>8} {:>8} {:>7} {:>15} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6}",
+            "measure",
+            "fill",
+            "target",
+            "thresh",
+            "shallow",
+            "deep",
+            "gen",
+            "ee",
+            "speedup",
+            "95% interval",
+            "best",
+            "e2e",
+            "ideal",
+            "effic",
+            "layer",
+            "FLOP",
+            "tok/s"
+        );
+        println!(
+            "{:>8} {:>9} {:>6} {:>8} {:>7} {:>5} {:>8} {:>8} {:>7} {:>15} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6}",
+            "", "", "", "", "ratio", "steps", "µs", "µs", "", "", "", "", "", "", "saved", "saved", "(ee)"
+        );
+        for r in results.iter().filter(|r| r.batch == batch) {
+            let Mode::Exit(rule) = r.mode else { continue };
+            let (ideal_gen, ip) = r.ideal(&cm);
+            let ideal = ideal_gen / (ip.total() / p.steps() as f64);
+            let (lo, hi) = r.interval();
+            println!(
+                "{:>8} {:>9} {:>5.0}% {:>8.4} {:>6.1}% {:>5} {:>8.1} {:>8.1} {:>6.3}x  [{:.3}, {:.3}] {:>6.3}x {:>6.3}x {:>6.3}x {:>6.3} {:>5.1}% {:>5.1}% {:>6.0}",
+                measure_name(rule.measure),
+                fill_name(rule.fill),
+                100.0 * r.target,
+                rule.threshold,
+                100.0 * r.stats.shallow_ratio,
+                r.steps_with_deep,
+                us(r.gen_step()),
+                us(r.ee_step()),
+                r.speedup(),
+                lo,
+                hi,
+                r.speedup_best(),
+                r.speedup_e2e(),
+                ideal,
+                r.speedup() / ideal,
+                100.0 * (1.0 - r.stats.actual_compute_cost),
+                100.0 * (1.0 - r.stats.flop_cost),
+                r.batch as f64 / r.ee_step(),
+            );
+        }
+        // Deferred beside Skip and Propagate: the extra µs a token.
+        for measure in [ExitMeasure::Gate, ExitMeasure::MaxSoftmax] {
+            let at = |fill: UpperCacheFill| {
+                results.iter().find(|r| {
+                    r.batch == batch
+                        && r.target == 0.5
+                        && matches!(r.mode, Mode::Exit(x) if x.measure == measure && x.fill == fill)
+                })
+            };
+            if let (Some(skip), Some(prop), Some(def)) =
+                (at(UpperCacheFill::Skip), at(UpperCacheFill::Propagate), at(UpperCacheFill::Deferred))
+            {
+                let per_token = |r: &Measured| us(r.ee_step()) / batch as f64;
+                println!(
+                    "  {} at 50 %: upper-cache fill costs a token {:.1} µs (skip) / {:.1} (propagate, {:+.1}) \
+                     / {:.1} (deferred, {:+.1}, exact upper states)",
+                    measure_name(measure),
+                    per_token(skip),
+                    per_token(prop),
+                    per_token(prop) - per_token(skip),
+                    per_token(def),
+                    per_token(def) - per_token(skip),
+                );
+            }
+        }
+        println!(
+            "  deep steps: decode steps (of {}) with at least one deep row; layer saved = \
+             1 − actual_compute_cost, FLOP saved = 1 − flop_cost (the spec's figures, from the stats)",
+            p.steps()
+        );
+
+        // Self-speculative decoding.
+        println!();
+        println!(
+            "config {name}, batch {batch}: lossless self-speculative decoding (draft: layers 0..{} and the \
+             exit head; check: the upper layers over the drafted positions). alpha = accepted / drafted; \
+             ideal = the cost model over the run's counts (approximate: drafted / batch draft steps, \
+             each check pass at its mean width, contexts at mid-run)",
+            c.exit_layer
+        );
+        println!(
+            "{:>20} {:>7} {:>7} {:>6} {:>6} {:>8} {:>8} {:>7} {:>15} {:>7} {:>7} {:>6} {:>10}",
+            "mode",
+            "drafted",
+            "accept",
+            "alpha",
+            "checks",
+            "gen µs",
+            "spec µs",
+            "speedup",
+            "95% interval",
+            "best",
+            "ideal",
+            "effic",
+            "= generate"
+        );
+        for r in results.iter().filter(|r| r.batch == batch) {
+            let Mode::Speculate(_) = r.mode else { continue };
+            let (ideal_gen, ip) = r.ideal(&cm);
+            let ideal = ideal_gen / (ip.total() / p.steps() as f64);
+            let (lo, hi) = r.interval();
+            let sp = &r.stats.speculation;
+            println!(
+                "{:>20} {:>7} {:>7} {:>6.3} {:>6} {:>8.1} {:>8.1} {:>6.3}x  [{:.3}, {:.3}] {:>6.3}x {:>6.3}x {:>6.3} {:>10}",
+                r.mode.names().0,
+                sp.drafted,
+                sp.accepted,
+                sp.acceptance_rate,
+                sp.rounds,
+                us(r.gen_step()),
+                us(r.ee_step()),
+                r.speedup(),
+                lo,
+                hi,
+                r.speedup_best(),
+                ideal,
+                r.speedup() / ideal,
+                "yes",
+            );
+        }
+        println!(
+            "  '= generate': the greedy tokens equal generate's, token for token (checked every run; the bench panics otherwise)"
+        );
+    }
     for r in &results {
-        let ideal_gen = cm.full_depth(r.batch).total() / STEPS as f64;
-        let ip = cm.early_exit(&r.stats.routes, r.fill);
-        let ideal_ee = ip.total() / STEPS as f64;
+        let (ideal_gen, ip) = r.ideal(&cm);
+        let ideal_ee = ip.total() / p.steps() as f64;
         let ideal = ideal_gen / ideal_ee;
         let s = &r.split;
         let other = r.ee_step() - (s.lower + s.exit_check + s.upper + s.upper_fill + s.sampling);
-        println!(
-            "{:>5} {:>9} {:>5.0}% {:>8.4} {:>6.1}% {:>6} {:>8.1} {:>8.1} {:>6.3}x {:>6.3}x {:>6.3}x {:>6.3}x {:>6.3} {:>6.3} {:>5.1}% {:>5.1}% {:>6.0}",
-            r.batch,
-            fill_name(r.fill),
-            100.0 * r.target,
-            r.threshold,
-            100.0 * r.stats.shallow_ratio,
-            r.steps_with_deep,
-            us(r.gen_step()),
-            us(r.ee_step()),
-            r.speedup(),
-            r.speedup_best(),
-            r.speedup_e2e(),
-            ideal,
-            r.speedup() / ideal,
-            r.speedup_best() / ideal,
-            100.0 * (1.0 - r.stats.actual_compute_cost),
-            100.0 * (1.0 - r.stats.flop_cost),
-            r.batch as f64 / r.ee_step(),
-        );
-        let per = |x: f64| us(x / STEPS as f64);
+        let per = |x: f64| us(x / p.steps() as f64);
+        let (lo, hi) = r.interval();
+        let (measure, fill) = r.mode.names();
+        let (mode, threshold) = match r.mode {
+            Mode::Exit(rule) => ("early_exit", rule.threshold),
+            Mode::Speculate(sp) => ("speculative", sp.stop_below.unwrap_or(f32::NAN)),
+        };
+        let sp = &r.stats.speculation;
         let _ = writeln!(
             csv,
-            "{},{},{},{},{:.4},{},{},{:.2},{:.2},{:.4},{:.4},{:.4},{:.2},{:.2},{:.4},{:.4},{:.4},\
+            "{name},{},{mode},{measure},{fill},{},{},{},{},{:.4},{},{},{:.2},{:.2},{:.4},{:.4},{:.4},{:.4},{:.4},\
+             {:.2},{:.2},{:.4},{:.4},{:.4},\
              {:.4},{:.4},{:.1},{:.1},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},\
-             {:.3},{:.3},{:.3},{:.3},{:.3},{:.2},{:.1},{},{}",
+             {:.3},{:.3},{:.3},{:.3},{:.3},{},{},{:.4},{},{:.2},{:.1},{},{}",
             r.batch,
-            fill_name(r.fill),
             r.target,
-            r.threshold,
+            threshold,
+            p.prompt,
+            p.new,
             r.stats.shallow_ratio,
             r.steps_with_deep,
             r.reps,
             us(r.gen_step()),
             us(r.ee_step()),
             r.speedup(),
+            lo,
+            hi,
             r.speedup_best(),
             r.speedup_e2e(),
             us(ideal_gen),
@@ -1128,23 +1551,22 @@ fn main() {
             s.prefill * 1e3,
             median(&r.gen_1) * 1e3,
             median(&r.ee_1) * 1e3,
-            median(&r.gen_128) * 1e3,
-            median(&r.ee_128) * 1e3,
+            median(&r.gen_new) * 1e3,
+            median(&r.ee_new) * 1e3,
+            sp.drafted,
+            sp.accepted,
+            sp.acceptance_rate,
+            sp.rounds,
             machine.bandwidth / 1e9,
             machine.gemm_rate(r.batch) / 1e9,
             machine.threads,
             busy,
         );
     }
-    println!(
-        "  deep steps: decode steps (of {STEPS}) with at least one deep row; layer saved = \
-         1 − actual_compute_cost, FLOP saved = 1 − flop_cost (the spec's figures, from the stats)"
-    );
-
     // ----- where the time goes -----
     println!();
     println!(
-        "Where a decode step's time goes, µs per step, measured / ideal (the cost model). \
+        "config {name}: where a decode step's time goes, µs per step, measured / ideal (the cost model). \
          g = generate's measured / ideal step time (how far from the roofline generate itself \
          runs); 'excess' = measured − g × ideal: what a phase costs beyond running as close to \
          the roofline as generate does (the excesses add up to ee − g × ideal(ee))"
@@ -1153,13 +1575,13 @@ fn main() {
         // The ideal of each piece on its own (upper layers without the head, and the head).
         let (mut il, mut iu, mut ih) = (0.0, 0.0, 0.0);
         let (exit, n) = (c.exit_layer, c.num_layers);
-        for s in 1..NEW {
-            let ctxs = vec![PROMPT + s; *batch];
+        for s in 1..p.new {
+            let ctxs = vec![p.prompt + s; *batch];
             let (fl, by) = cm.layers(exit, &ctxs, false);
-            il += cm.phase(fl, by, *batch) / STEPS as f64;
+            il += cm.phase(fl, by, *batch) / p.steps() as f64;
             let (fl, by) = cm.layers(n - exit, &ctxs, false);
-            iu += cm.phase(fl, by, *batch) / STEPS as f64;
-            ih += cm.phase(*batch as f64 * cost::head_flops(c), cm.head_bytes(), *batch) / STEPS as f64;
+            iu += cm.phase(fl, by, *batch) / p.steps() as f64;
+            ih += cm.phase(*batch as f64 * cost::head_flops(c), cm.head_bytes(), *batch) / p.steps() as f64;
         }
         println!(
             "  generate, batch {batch} (its loop replayed from the engine's pieces): lower {:.1} / \
@@ -1194,7 +1616,7 @@ fn main() {
         }
     }
     println!(
-        "{:>5} {:>9} {:>7} {:>15} {:>15} {:>15} {:>13} {:>6} {:>6} {:>7} | {:>5} | excess: {:>6} {:>6} {:>6} {:>6} {:>6} {:>6}",
+        "{:>5} {:>17} {:>7} {:>15} {:>15} {:>15} {:>13} {:>6} {:>6} {:>7} | {:>5} | excess: {:>6} {:>6} {:>6} {:>6} {:>6} {:>6}",
         "batch",
         "fill",
         "shallow",
@@ -1216,19 +1638,19 @@ fn main() {
     let names = ["lower", "exit check", "upper", "upper fill", "sampling", "other"];
     let mut short: Vec<String> = Vec::new();
     for r in &results {
-        let ideal_gen = cm.full_depth(r.batch).total() / STEPS as f64;
+        let Mode::Exit(rule) = r.mode else { continue };
+        let (ideal_gen, ip) = r.ideal(&cm);
         let g = r.gen_step() / ideal_gen;
-        let ip = cm.early_exit(&r.stats.routes, r.fill);
-        let per = |x: f64| x / STEPS as f64;
+        let per = |x: f64| x / p.steps() as f64;
         let s = &r.split;
         let other = r.ee_step() - (s.lower + s.exit_check + s.upper + s.upper_fill + s.sampling);
         let measured = [s.lower, s.exit_check, s.upper, s.upper_fill, s.sampling, other];
         let ideal = [per(ip.lower), per(ip.exit_check), per(ip.upper), per(ip.fill), 0.0, 0.0];
         let excess: Vec<f64> = measured.iter().zip(&ideal).map(|(m, i)| m - g * i).collect();
         println!(
-            "{:>5} {:>9} {:>6.1}% {:>7.1} / {:>5.1} {:>7.1} / {:>5.1} {:>7.1} / {:>5.1} {:>5.1} / {:>5.1} {:>6.1} {:>6.1} {:>5.2}ms | {:>5.2} |         {:>6.1} {:>6.1} {:>6.1} {:>6.1} {:>6.1} {:>6.1}",
+            "{:>5} {:>17} {:>6.1}% {:>7.1} / {:>5.1} {:>7.1} / {:>5.1} {:>7.1} / {:>5.1} {:>5.1} / {:>5.1} {:>6.1} {:>6.1} {:>5.2}ms | {:>5.2} |         {:>6.1} {:>6.1} {:>6.1} {:>6.1} {:>6.1} {:>6.1}",
             r.batch,
-            fill_name(r.fill),
+            format!("{}/{}", measure_name(rule.measure), fill_name(rule.fill)),
             100.0 * r.stats.shallow_ratio,
             us(measured[0]),
             us(ideal[0]),
@@ -1253,11 +1675,12 @@ fn main() {
         if eff < 0.9 {
             let (i, e) = excess.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("six phases");
             short.push(format!(
-                "batch {} {} at {:.0} % shallow: efficiency {:.3} (best reps {:.3}); the largest \
+                "batch {} {}/{} at {:.0} % shallow: efficiency {:.3} (best reps {:.3}); the largest \
                  excess is the {} phase, {:.1} µs a step beyond g × ideal ({:.1} µs measured, \
                  {:.1} ideal, g = {:.2}); early exit takes {:.1} µs a step where g × ideal is {:.1}",
                 r.batch,
-                fill_name(r.fill),
+                measure_name(rule.measure),
+                fill_name(rule.fill),
                 100.0 * r.stats.shallow_ratio,
                 eff,
                 r.speedup_best() / (ideal_gen / per(ip.total())),
@@ -1282,17 +1705,17 @@ fn main() {
 
     // ----- the PyTorch peer, beside full-depth generate -----
     println!();
-    println!("Full-depth generate beside PyTorch (config S, decode new tokens/s, same threads):");
-    for &batch in &batch_sizes {
+    println!("Full-depth generate beside PyTorch (config {name}, decode new tokens/s, same threads):");
+    for &batch in batch_sizes {
         let gen_steps: Vec<f64> = results.iter().filter(|r| r.batch == batch).map(|r| r.gen_step()).collect();
         let ours = batch as f64 / median(&gen_steps);
-        let peers_md = match batch {
-            1 => Some(820.0),
-            8 => Some(3880.0),
+        let peers_md = match (name, batch) {
+            ("S", 1) => Some(820.0),
+            ("S", 8) => Some(3880.0),
             _ => None,
         };
         let md = peers_md.map_or(String::new(), |p| format!("; PEERS.md PyTorch {p:.0} -> {:.2}x", ours / p));
-        match torch_decode(batch, machine.threads) {
+        match torch_decode(name, batch, machine.threads) {
             Some(t) => println!(
                 "  batch {batch}: lego generate {ours:.0} tok/s, PyTorch run now {t:.0} -> {:.2}x{md}",
                 ours / t
@@ -1303,17 +1726,4 @@ fn main() {
             ),
         }
     }
-
-    let csv_path = std::env::var_os("LEGO_BENCH_CSV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("bench-early-exit.csv"));
-    match std::fs::write(&csv_path, csv) {
-        Ok(()) => println!("\nCSV: {}", csv_path.display()),
-        Err(e) => println!("\nCSV not written to {}: {e}", csv_path.display()),
-    }
-    println!(
-        "total bench time {:.0} s, load average now {}",
-        t_start.elapsed().as_secs_f64(),
-        load_average()
-    );
 }
