@@ -418,17 +418,10 @@ impl LegoTransformer {
         let max_new = options.max_new_tokens;
         self.check_prompts(prompts, max_new)?;
         let (batch, v) = (prompts.len(), self.config.vocab_size);
-        let mut out: Vec<Vec<usize>> = prompts
-            .iter()
-            .map(|p| {
-                let mut o = Vec::with_capacity(p.len() + max_new);
-                o.extend_from_slice(p);
-                o
-            })
-            .collect();
         if let DecodeMode::SelfSpeculative(spec) = &options.mode {
             return self.generate_self_speculative(prompts, options, spec, on_token);
         }
+        let mut out = output_rows(prompts, max_new);
         let exits = options.exit_rule().is_some();
         // (Not `vec![Vec::with_capacity(n); batch]`: its clones would not keep the capacity.)
         let mut stats = EarlyExitStats {
@@ -553,4 +546,17 @@ impl LegoTransformer {
 struct Flops {
     spent: f64,
     full_depth: f64,
+}
+
+/// Each row's output buffer: its prompt, with room for `max_new` more tokens (so appending a
+/// generated token never allocates).
+pub(crate) fn output_rows(prompts: &[Vec<usize>], max_new: usize) -> Vec<Vec<usize>> {
+    prompts
+        .iter()
+        .map(|p| {
+            let mut o = Vec::with_capacity(p.len() + max_new);
+            o.extend_from_slice(p);
+            o
+        })
+        .collect()
 }

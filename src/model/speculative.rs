@@ -173,14 +173,7 @@ fn speculate(
     let max_new = options.max_new_tokens;
     let greedy = options.sampling.temperature == 0.0;
     let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    let mut out: Vec<Vec<usize>> = prompts
-        .iter()
-        .map(|p| {
-            let mut o = Vec::with_capacity(p.len() + max_new);
-            o.extend_from_slice(p);
-            o
-        })
-        .collect();
+    let mut out = super::generate::output_rows(prompts, max_new);
     let mut stats = EarlyExitStats {
         routes: (0..batch).map(|_| Vec::with_capacity(max_new)).collect(),
         confidences: vec![Vec::new(); batch],
