@@ -917,7 +917,7 @@ impl Mode {
     /// The routing measure and fill (early exit), or the speculation's name.
     fn names(&self) -> (String, &'static str) {
         match self {
-            Mode::Exit(r) => (measure_name(r.measure).to_string(), fill_name(r.fill)),
+            Mode::Exit(r) => (r.measure.name().to_string(), r.fill.name()),
             Mode::Speculate(Speculation { k, stop_below: None }) => (format!("spec k={k}"), "exact"),
             Mode::Speculate(Speculation { k, stop_below: Some(t) }) => {
                 (format!("spec k<={k} >={t:.2}"), "exact")
@@ -1012,21 +1012,6 @@ impl Measured {
             Mode::Speculate(_) => cm.speculative(self.batch, &self.stats.speculation),
         };
         (cm.full_depth(self.batch).total() / steps, phases)
-    }
-}
-
-fn fill_name(f: UpperCacheFill) -> &'static str {
-    match f {
-        UpperCacheFill::Skip => "skip",
-        UpperCacheFill::Propagate => "propagate",
-        UpperCacheFill::Deferred => "deferred",
-    }
-}
-
-fn measure_name(m: ExitMeasure) -> &'static str {
-    match m {
-        ExitMeasure::MaxSoftmax => "softmax",
-        ExitMeasure::Gate => "gate",
     }
 }
 
@@ -1390,8 +1375,8 @@ fn bench_config(name: &'static str, batch_sizes: &[usize], csv: &mut String) {
             let (lo, hi) = r.interval();
             println!(
                 "{:>8} {:>9} {:>5.0}% {:>8.4} {:>6.1}% {:>5} {:>8.1} {:>8.1} {:>6.3}x  [{:.3}, {:.3}] {:>6.3}x {:>6.3}x {:>6.3}x {:>6.3} {:>5.1}% {:>5.1}% {:>6.0}",
-                measure_name(rule.measure),
-                fill_name(rule.fill),
+                rule.measure.name(),
+                rule.fill.name(),
                 100.0 * r.target,
                 rule.threshold,
                 100.0 * r.stats.shallow_ratio,
@@ -1426,7 +1411,7 @@ fn bench_config(name: &'static str, batch_sizes: &[usize], csv: &mut String) {
                 println!(
                     "  {} at 50 %: upper-cache fill costs a token {:.1} µs (skip) / {:.1} (propagate, {:+.1}) \
                      / {:.1} (deferred, {:+.1}, exact upper states)",
-                    measure_name(measure),
+                    measure.name(),
                     per_token(skip),
                     per_token(prop),
                     per_token(prop) - per_token(skip),
@@ -1650,7 +1635,7 @@ fn bench_config(name: &'static str, batch_sizes: &[usize], csv: &mut String) {
         println!(
             "{:>5} {:>17} {:>6.1}% {:>7.1} / {:>5.1} {:>7.1} / {:>5.1} {:>7.1} / {:>5.1} {:>5.1} / {:>5.1} {:>6.1} {:>6.1} {:>5.2}ms | {:>5.2} |         {:>6.1} {:>6.1} {:>6.1} {:>6.1} {:>6.1} {:>6.1}",
             r.batch,
-            format!("{}/{}", measure_name(rule.measure), fill_name(rule.fill)),
+            format!("{}/{}", rule.measure.name(), rule.fill.name()),
             100.0 * r.stats.shallow_ratio,
             us(measured[0]),
             us(ideal[0]),
@@ -1679,8 +1664,8 @@ fn bench_config(name: &'static str, batch_sizes: &[usize], csv: &mut String) {
                  excess is the {} phase, {:.1} µs a step beyond g × ideal ({:.1} µs measured, \
                  {:.1} ideal, g = {:.2}); early exit takes {:.1} µs a step where g × ideal is {:.1}",
                 r.batch,
-                measure_name(rule.measure),
-                fill_name(rule.fill),
+                rule.measure.name(),
+                rule.fill.name(),
                 100.0 * r.stats.shallow_ratio,
                 eff,
                 r.speedup_best() / (ideal_gen / per(ip.total())),

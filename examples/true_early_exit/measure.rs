@@ -6,7 +6,7 @@ use lego::data::{Batch, Dataset, Split, Tokenizer};
 use lego::model::{ExitMeasure, ExitRule, GenerateOptions, LegoTransformer, Sampling, UpperCacheFill};
 use lego::ops::cross_entropy::logsumexp;
 use lego::report::experiment::{Evals, ExitTableRow, Generation, ModelEval, Stage};
-use lego::report::frontier::{Frontier, FrontierPoint, SweepGrid, fill_name};
+use lego::report::frontier::{Frontier, FrontierPoint, SweepGrid};
 use lego::report::{write_frontier_svg, write_into};
 use lego::train::{
     Phase2Mode, collect_hard_examples, compute_confidence_threshold, evaluate_on_hard_examples,
@@ -256,7 +256,7 @@ pub fn early_exit_table(phase2: &[Phase2Run], data: &Dataset, o: &Options) -> Re
                 let tf = m.evaluate_with_early_exit(&windows, &ExitRule::new(threshold, fill))?;
                 rows.push(ExitTableRow {
                     model: run.record.model_name(),
-                    fill: fill_name(fill),
+                    fill: fill.name(),
                     ratio,
                     threshold,
                     agreement: agreement(&reference, &out, prompt_len),

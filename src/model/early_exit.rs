@@ -73,6 +73,17 @@ pub enum UpperCacheFill {
     Deferred,
 }
 
+impl UpperCacheFill {
+    /// Its name in flags, tables and files (what [`str::parse`] reads back).
+    pub fn name(self) -> &'static str {
+        match self {
+            UpperCacheFill::Skip => "skip",
+            UpperCacheFill::Propagate => "propagate",
+            UpperCacheFill::Deferred => "deferred",
+        }
+    }
+}
+
 impl std::str::FromStr for UpperCacheFill {
     type Err = Error;
     fn from_str(s: &str) -> Result<UpperCacheFill> {
@@ -100,6 +111,16 @@ pub enum ExitMeasure {
     /// deep never runs the exit head; one that exits runs it for its output. An error when the
     /// model has no gate.
     Gate,
+}
+
+impl ExitMeasure {
+    /// Its name in flags, tables and files (what [`str::parse`] reads back).
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitMeasure::MaxSoftmax => "softmax",
+            ExitMeasure::Gate => "gate",
+        }
+    }
 }
 
 impl std::str::FromStr for ExitMeasure {

@@ -109,23 +109,6 @@ impl FrontierPoint {
     }
 }
 
-/// The name of a measure in series names and tables.
-pub fn measure_name(measure: ExitMeasure) -> &'static str {
-    match measure {
-        ExitMeasure::MaxSoftmax => "softmax",
-        ExitMeasure::Gate => "gate",
-    }
-}
-
-/// The name of an upper-cache fill in series names and tables.
-pub fn fill_name(fill: UpperCacheFill) -> &'static str {
-    match fill {
-        UpperCacheFill::Skip => "skip",
-        UpperCacheFill::Propagate => "propagate",
-        UpperCacheFill::Deferred => "deferred",
-    }
-}
-
 /// The threshold of `measure` under which `hard_ratio` of the tokens of `val` fall (so that
 /// about `1 − hard_ratio` of them exit). Each measure says here how it is calibrated, so a
 /// sweep over measures is one more loop.
@@ -173,7 +156,7 @@ impl SweepGrid {
                 .map(|&r| calibrate(model, val, measure, r).map(|t| (r, t)))
                 .collect::<Result<_>>()?;
             for &fill in &self.fills {
-                let series = format!("{name}, {}, {}", measure_name(measure), fill_name(fill));
+                let series = format!("{name}, {}, {}", measure.name(), fill.name());
                 for &(ratio, threshold) in &thresholds {
                     let rule = ExitRule { threshold, fill, measure };
                     let label = format!("{:.0} % hard on val ({threshold:.4})", 100.0 * ratio);
