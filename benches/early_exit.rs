@@ -54,8 +54,9 @@
 //! - *GEMM rate at m rows* (m = 1..8): the decode shapes of one layer (4 × D×D, 2 × F×D,
 //!   1 × D×F) through the SIMD small-M kernel `simd::matmul_xwt` with the weights hot in
 //!   cache, one private copy per thread, all threads at once, many calls per task (so no
-//!   dispatch cost): the compute roof of our kernel. (The rate of `matmul_xwt_split`, the
-//!   way the engine calls it, dispatch included, is shown too, for the diagnosis.)
+//!   dispatch cost): the compute roof of our kernel. (The rate of `matvec::products` on the
+//!   decode team, the way the decoder calls it, hand-offs included, is shown too, for the
+//!   diagnosis.)
 //!
 //! The phases of a step, and what they are charged (bytes are f32 weights plus the KV cache
 //! entries read by attention, `2·ctx·D·4` per row and layer):
@@ -116,10 +117,9 @@ use lego::data::{
     Batch, Document, SyntheticConfig, Tokenizer, batches, generate_corpus, sequences_from_documents,
     split_documents,
 };
-use lego::kernels::gemm::matmul_xwt_split;
 use lego::kernels::roofline::read_bandwidth;
-use lego::kernels::simd;
 use lego::kernels::team::decode_team;
+use lego::kernels::{matvec, simd};
 use lego::model::decoder::decode_parts;
 use lego::model::{
     EarlyExitStats, ExitMeasure, ExitRule, GenerateOptions, LegoConfig, LegoTransformer, Sampling,
@@ -522,7 +522,7 @@ struct Machine {
     /// FLOP/s of the small-M kernel on hot weights, all threads at once, for `m` rows
     /// (index m = 1..=8).
     gemm: [f64; 9],
-    /// FLOP/s of `matmul_xwt_split` (the engine's call, thread dispatch included), hot weights.
+    /// FLOP/s of `matvec::products` (the decoder's call, team hand-offs included), hot weights.
     gemm_split: [f64; 9],
 }
 
@@ -537,8 +537,25 @@ fn layer_shapes(c: &LegoConfig) -> [(usize, usize, usize); 3] {
     [(c.dim, c.dim, 4), (c.ffn_hidden, c.dim, 2), (c.dim, c.ffn_hidden, 1)]
 }
 
+/// `out = x·Wᵀ` (`[m, n]`) as the decoder computes it: `matvec::products` on the decode team,
+/// split over as many threads as the decoder uses for a model of config `c` (`decode_parts`).
+#[allow(clippy::too_many_arguments)]
+fn engine_product(
+    c: &LegoConfig,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    out: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let team = decode_team();
+    let parts = decode_parts(c, team.size().min(rayon::current_num_threads()));
+    matvec::products(team, parts, x, m, k, [w], [out], scratch, matvec::Epilogue::None);
+}
+
 /// FLOP/s of one layer's products for `m` rows: `simd::matmul_xwt` on every thread at once
-/// with private hot weights (`split = false`), or `matmul_xwt_split` as the engine calls it.
+/// with private hot weights (`split = false`), or as the decoder calls them (`engine_product`).
 fn gemm_rate(c: &LegoConfig, m: usize, threads: usize, split: bool, calls: usize) -> f64 {
     let shapes = layer_shapes(c);
     let (mut flops, mut seconds) = (0.0, 0.0);
@@ -547,14 +564,15 @@ fn gemm_rate(c: &LegoConfig, m: usize, threads: usize, split: bool, calls: usize
         let x: Vec<f32> = (0..m * k).map(|i| ((i % 7) as f32 - 3.0) * 1e-2).collect();
         let per_call = if split {
             let mut out = vec![0.0f32; n * m];
+            let mut scratch = vec![0.0f32; matvec::scratch_len(&[n], m)];
             for _ in 0..20 {
-                matmul_xwt_split(&x, m, k, &w, &mut out);
+                engine_product(c, &x, m, k, &w, &mut out, &mut scratch);
             }
             let samples: Vec<f64> = (0..5)
                 .map(|_| {
                     let t = Instant::now();
                     for _ in 0..calls {
-                        matmul_xwt_split(&x, m, k, &w, &mut out);
+                        engine_product(c, &x, m, k, &w, &mut out, &mut scratch);
                         black_box(&out);
                     }
                     t.elapsed().as_secs_f64() / calls as f64
@@ -816,8 +834,8 @@ fn full_depth_split(model: &LegoTransformer, prompts: &[Vec<usize>], p: Protocol
 
 /// The anatomy of a decode step, per step at one batch size (seconds).
 struct Anatomy {
-    /// One layer's seven products `x·Wᵀ` alone (`matmul_xwt_split`, as the engine calls
-    /// them), cycling through every layer's real weights as a decode step does.
+    /// One layer's seven products `x·Wᵀ` alone (as the decoder calls them, one hand-off each),
+    /// cycling through every layer's real weights as a decode step does.
     products_per_layer: f64,
     /// The head's product alone (`V×D`).
     head_product: f64,
@@ -832,6 +850,7 @@ fn anatomy(model: &LegoTransformer, batch: usize, reps: usize) -> Anatomy {
     let (d, f, v) = (c.dim, c.ffn_hidden, c.vocab_size);
     let x: Vec<f32> = (0..batch * d.max(f)).map(|i| ((i % 17) as f32 - 8.0) * 1e-2).collect();
     let mut out = vec![0.0f32; batch * d.max(f).max(v)];
+    let mut scratch = vec![0.0f32; matvec::scratch_len(&[d.max(f).max(v)], batch)];
     let weights: Vec<Vec<(std::sync::Arc<Vec<f32>>, usize)>> = model
         .layers
         .iter()
@@ -854,11 +873,19 @@ fn anatomy(model: &LegoTransformer, batch: usize, reps: usize) -> Anatomy {
         let t0 = Instant::now();
         for layer in &weights {
             for (w, k) in layer {
-                matmul_xwt_split(&x[..batch * k], batch, *k, w, &mut out[..w.len() / k * batch]);
+                engine_product(
+                    c,
+                    &x[..batch * k],
+                    batch,
+                    *k,
+                    w,
+                    &mut out[..w.len() / k * batch],
+                    &mut scratch,
+                );
             }
         }
         let t1 = Instant::now();
-        matmul_xwt_split(&x[..batch * d], batch, d, &head, &mut out[..v * batch]);
+        engine_product(c, &x[..batch * d], batch, d, &head, &mut out[..v * batch], &mut scratch);
         let t2 = Instant::now();
         black_box(&out);
         if rep >= 5 {

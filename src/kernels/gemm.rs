@@ -248,26 +248,16 @@ fn small_m_xwt(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], c: &mut [f32]
 /// Below this many weights (1 MiB of f32) a small-M product stays on one thread.
 pub const SPLIT_MIN_WEIGHTS: usize = 1 << 18;
 
-/// `out_t = (x·Wᵀ)ᵀ` (n×m), splitting W's rows over threads when the product is large.
+/// `out_t = (x·Wᵀ)ᵀ` (n×m), splitting W's rows over rayon's threads when the product is large
+/// (the autodiff op's few-row path; the decoder splits its products over its own thread team,
+/// [`crate::kernels::matvec`]).
 pub fn matmul_xwt_split(x: &[f32], m: usize, k: usize, w: &[f32], out_t: &mut [f32]) {
-    matmul_xwt_split_above(x, m, k, w, out_t, SPLIT_MIN_WEIGHTS)
-}
-
-/// [`matmul_xwt_split`] with the size of W above which it splits given by the caller.
-pub fn matmul_xwt_split_above(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[f32],
-    out_t: &mut [f32],
-    min_weights: usize,
-) {
     let n = w.len() / k.max(1);
     // A matrix-vector product is bound by reading W: a W of 256×256 floats is read in about
     // 10 µs, and handing half of it to a sleeping rayon worker costs about as much. Split
     // only when W is large enough (measured: splitting every product of config S made decoding
     // 1.6x slower on 2 threads than on 1).
-    if !worth_splitting(2 * m * k * n) || n * k < min_weights || n < 64 {
+    if !worth_splitting(2 * m * k * n) || n * k < SPLIT_MIN_WEIGHTS || n < 64 {
         simd::matmul_xwt(x, m, k, w, out_t);
         return;
     }
