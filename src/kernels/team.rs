@@ -31,6 +31,14 @@
 //!
 //! Outputs are split with [`Chunks`]: a buffer cut into one disjoint piece per part, each piece
 //! taken (moved out) by the part that owns it, so no two threads ever hold the same piece.
+//!
+//! **Parts that wait for each other.** [`Team::run_together`] runs a job whose parts all run at
+//! the same time, on different threads, and may meet at a [`Gang::sync`] barrier: the decoder
+//! runs a whole layer (or several) as one job this way, each thread doing its share of every
+//! step of the layer and waiting only where it needs the others' results, instead of one
+//! hand-off per product (a barrier is one atomic add and a spin; a hand-off, waking a worker
+//! and handing a job over, costs several round trips between the cores). The buffers such parts
+//! share are [`SharedBuf`]: written in disjoint places between two barriers, read whole after.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
@@ -139,9 +147,25 @@ impl Team {
         if parts <= 1 {
             return serial();
         }
-        let Ok(_busy) = self.busy.try_lock() else {
+        let Some(_busy) = self.claim() else {
             return serial();
         };
+        self.hand_out(parts, job);
+    }
+
+    /// The team for this caller, or `None` if another caller has it. (A job that panicked
+    /// poisons the lock; the team itself is fine then, so that counts as free.)
+    fn claim(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        match self.busy.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Publishes `job` to the workers, runs parts here too, and waits until all have
+    /// finished (the caller holds `busy`).
+    fn hand_out(&self, parts: usize, job: &(dyn Fn(usize) + Sync)) {
         let s = &*self.shared;
         let published = Job {
             run: job,
@@ -167,6 +191,144 @@ impl Team {
         if published.panicked.load(Ordering::Acquire) {
             panic!("Team::run: a part of the job panicked");
         }
+    }
+}
+
+/// What one part of a [`Team::run_together`] job is given: which part it is, how many run at
+/// once, and the barrier they share.
+pub struct Gang<'a> {
+    /// This part, `0..parts`.
+    pub part: usize,
+    /// Parts running at once (1 when the team was busy or one was asked for).
+    pub parts: usize,
+    barrier: &'a Barrier,
+}
+
+impl Gang<'_> {
+    /// Waits until every part of the job has called `sync` as many times as this one (a
+    /// barrier). Every part must call it the same number of times. If another part panicked,
+    /// this panics too (so no part waits forever).
+    pub fn sync(&self) {
+        self.barrier.wait();
+    }
+}
+
+/// A reusable spin barrier for `parts` threads: the last to arrive opens the next phase.
+struct Barrier {
+    parts: usize,
+    arrived: AtomicUsize,
+    phase: AtomicUsize,
+    /// Set when a part panicked: the others stop waiting and panic too.
+    broken: AtomicBool,
+}
+
+impl Barrier {
+    fn new(parts: usize) -> Barrier {
+        Barrier {
+            parts,
+            arrived: AtomicUsize::new(0),
+            phase: AtomicUsize::new(0),
+            broken: AtomicBool::new(false),
+        }
+    }
+
+    fn wait(&self) {
+        if self.parts == 1 {
+            return;
+        }
+        let phase = self.phase.load(Ordering::Acquire);
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.parts {
+            // The last one: reset the count for the next phase, then open this one.
+            self.arrived.store(0, Ordering::Relaxed);
+            self.phase.fetch_add(1, Ordering::Release);
+        } else {
+            spin_until(|| self.phase.load(Ordering::Acquire) != phase || self.broken.load(Ordering::Acquire));
+            assert!(!self.broken.load(Ordering::Acquire), "Gang::sync: another part of the job panicked");
+        }
+    }
+}
+
+impl Team {
+    /// Runs `job` on `want` threads **at once** (the caller and `want − 1` workers; clamped to
+    /// the team's size), each call given its [`Gang`]: its part, the number of parts, and a
+    /// barrier ([`Gang::sync`]) the parts can meet at. If the team is busy with another
+    /// caller's job, or `want <= 1`, `job` runs once, here, as the only part (`parts == 1`,
+    /// where `sync` returns at once): so a job must compute the same results for any number
+    /// of parts, which it does if each part takes its share of every step from `gang`.
+    /// A panic in any part is raised again here, after every part has stopped.
+    pub fn run_together(&self, want: usize, job: &(dyn Fn(&Gang) + Sync)) {
+        let want = want.clamp(1, self.size());
+        let alone = || job(&Gang { part: 0, parts: 1, barrier: &Barrier::new(1) });
+        if want == 1 {
+            return alone();
+        }
+        let Some(busy) = self.claim() else {
+            return alone();
+        };
+        let barrier = Barrier::new(want);
+        // Each thread runs at most one part at a time, and a part cannot finish before every
+        // part has reached its barriers, so the `want` parts are claimed by `want` different
+        // threads and run together. A part that panics breaks the barrier for the others.
+        let part = |p: usize| {
+            let gang = Gang { part: p, parts: want, barrier: &barrier };
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| job(&gang))) {
+                barrier.broken.store(true, Ordering::Release);
+                std::panic::resume_unwind(panic);
+            }
+        };
+        self.hand_out(want, &part);
+        drop(busy);
+    }
+}
+
+/// A buffer that the parts of one [`Team::run_together`] job share: between two barriers each
+/// part writes only places no other part touches, and after a barrier any part may read what
+/// the others wrote. Rust cannot check that split (it changes from step to step), so the two
+/// accessors are `unsafe` and each call site says why its ranges are its own.
+pub struct SharedBuf<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _buffer: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: a `SharedBuf` is a `&mut [f32]` lent to several threads; the callers of `part_mut` and
+// `read` promise that no two of them touch the same element at once unless both only read.
+unsafe impl Send for SharedBuf<'_> {}
+unsafe impl Sync for SharedBuf<'_> {}
+
+impl<'a> SharedBuf<'a> {
+    /// Lends `buf` to the parts of a job.
+    pub fn new(buf: &'a mut [f32]) -> SharedBuf<'a> {
+        SharedBuf { ptr: buf.as_mut_ptr(), len: buf.len(), _buffer: std::marker::PhantomData }
+    }
+
+    /// Elements `range`, to write.
+    ///
+    /// # Safety
+    /// Until the next barrier, no other part reads or writes any element of `range`.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn part_mut(&self, range: std::ops::Range<usize>) -> &mut [f32] {
+        assert!(
+            range.start <= range.end && range.end <= self.len,
+            "SharedBuf::part_mut: {range:?} of {}",
+            self.len
+        );
+        // SAFETY: in bounds (checked); exclusive for its lifetime by the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
+    }
+
+    /// Elements `range`, to read.
+    ///
+    /// # Safety
+    /// Until the next barrier, no part writes any element of `range`.
+    pub unsafe fn read(&self, range: std::ops::Range<usize>) -> &[f32] {
+        assert!(
+            range.start <= range.end && range.end <= self.len,
+            "SharedBuf::read: {range:?} of {}",
+            self.len
+        );
+        // SAFETY: in bounds (checked); not written while borrowed, by the caller's promise.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(range.start), range.len()) }
     }
 }
 
@@ -341,6 +503,18 @@ mod tests {
             n.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(n.load(Ordering::Relaxed), 2);
+        // ... on both threads again (the panic left the team's lock poisoned, not taken).
+        let threads = Mutex::new(Vec::new());
+        for _ in 0..200 {
+            team.run(2, &|_| {
+                std::thread::sleep(Duration::from_micros(200));
+                threads.lock().unwrap().push(std::thread::current().id());
+            });
+        }
+        let mut threads = threads.into_inner().unwrap();
+        threads.sort_unstable_by_key(|t| format!("{t:?}"));
+        threads.dedup();
+        assert_eq!(threads.len(), 2, "the team's worker never ran a part after the panic");
     }
 
     #[test]
@@ -353,6 +527,60 @@ mod tests {
         });
         assert_eq!(n.load(Ordering::Relaxed), 3);
         drop(team); // joins the workers: returns only when they have exited
+    }
+
+    #[test]
+    fn parts_run_together_and_see_each_others_writes_after_a_sync() {
+        let team = Team::new(2);
+        for round in 0..2000usize {
+            let mut slots = [0.0f32; 2];
+            let shared = SharedBuf::new(&mut slots);
+            let seen = AtomicUsize::new(0);
+            team.run_together(2, &|g| {
+                assert_eq!(g.parts, 2, "a free team runs both parts");
+                // SAFETY: slot g.part is this part's alone before the sync.
+                let mine = unsafe { shared.part_mut(g.part..g.part + 1) };
+                mine[0] = (round + g.part) as f32;
+                g.sync();
+                // SAFETY: after the sync nobody writes: read the other part's slot.
+                let other = unsafe { shared.read(1 - g.part..2 - g.part) }[0];
+                assert_eq!(other, (round + 1 - g.part) as f32);
+                seen.fetch_add(1, Ordering::Relaxed);
+                g.sync();
+            });
+            assert_eq!(seen.load(Ordering::Relaxed), 2);
+        }
+    }
+
+    #[test]
+    fn a_busy_team_runs_a_together_job_alone_and_a_panicking_part_does_not_hang() {
+        let team = Team::new(2);
+        // Busy: another caller holds the team, so the job runs here as the only part.
+        let guard = team.busy.lock().unwrap();
+        let parts = AtomicUsize::new(0);
+        team.run_together(2, &|g| {
+            g.sync();
+            parts.fetch_add(g.parts, Ordering::Relaxed);
+        });
+        assert_eq!(parts.load(Ordering::Relaxed), 1);
+        drop(guard);
+        // A part that panics before the barrier: the other stops waiting, the caller panics,
+        // and the team still works.
+        for bad in [0, 1] {
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                team.run_together(2, &|g| {
+                    assert!(g.part != bad, "part {bad} fails");
+                    g.sync();
+                })
+            }));
+            assert!(r.is_err());
+        }
+        let n = AtomicUsize::new(0);
+        team.run_together(2, &|g| {
+            g.sync();
+            n.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(n.load(Ordering::Relaxed), 2);
     }
 
     #[test]
