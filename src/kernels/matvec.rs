@@ -5,7 +5,9 @@
 //! thread streams its own contiguous share of the weights once, against all rows of `x`, with
 //! the SIMD kernel [`simd::matmul_xwt`]. Products that read the same `x` run in one hand-off
 //! (`q`, `k`, `v` from the attention input; `W1`, `W3` from the MLP input, with SwiGLU applied
-//! to each part's outputs as they come out), so a layer costs four hand-offs, not seven.
+//! to each part's outputs as they come out). The decoder uses it for the heads and the
+//! propagated upper-cache entries; its layers split the same way inside one team job each
+//! (`model::decoder_layer`), which waits at barriers instead of handing off every product.
 //!
 //! **Batch invariance.** Every output element is one dot product of a row of `x` with a row of
 //! `W`, summed by the same kernel in the same order whatever the number of rows of `x`, the

@@ -50,21 +50,29 @@ impl LayerCache {
     /// Appends one entry to `row`: the key (already rotated) and value of the token at absolute
     /// position `position`. Panics if the row is full or the position is not after its last.
     pub fn push(&mut self, row: usize, position: usize, key: &[f32], value: &[f32]) {
-        let (len, dim) = (self.len[row], key.len());
+        let (at, dim) = (self.reserve(row, position), key.len());
+        self.k[at * dim..(at + 1) * dim].copy_from_slice(key);
+        self.v[at * dim..(at + 1) * dim].copy_from_slice(value);
+    }
+
+    /// Makes room for `row`'s next entry, at absolute `position` (after all it holds), and
+    /// returns its index: the key and value go to `k[index·D..(index + 1)·D]` and the same of
+    /// `v`, written by the caller (the decoder writes each head's share from its own thread).
+    pub fn reserve(&mut self, row: usize, position: usize) -> usize {
+        let len = self.len[row];
         assert!(
             len < self.max_seq_len,
-            "LayerCache::push: row {row} already holds {len} = max_seq_len entries"
+            "LayerCache::reserve: row {row} already holds {len} = max_seq_len entries"
         );
         let at = row * self.max_seq_len + len;
         assert!(
             len == 0 || self.pos[at - 1] < position,
-            "LayerCache::push: row {row} got position {position} after position {}",
+            "LayerCache::reserve: row {row} got position {position} after position {}",
             self.pos[at - 1]
         );
-        self.k[at * dim..(at + 1) * dim].copy_from_slice(key);
-        self.v[at * dim..(at + 1) * dim].copy_from_slice(value);
         self.pos[at] = position;
         self.len[row] = len + 1;
+        at
     }
 
     /// The positions of the entries `row` holds.

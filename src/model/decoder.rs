@@ -33,24 +33,24 @@
 //! number of rows, RMSNorm and attention work row by row, and splitting over threads divides
 //! output elements, never a sum. So a batch decodes bit for bit like each of its rows alone.
 //!
-//! **Threads.** Every product of a step is split over the decode [`Team`] by rows of `W`
-//! ([`crate::kernels::matvec`]), and so is attention (by (token, head) pairs): the team's
-//! workers spin between the products of a step, so each core streams its share of the weights
-//! without waiting to be woken. Whether a model splits at all is a fixed rule from its size
+//! **Threads.** A layer runs as one job of the decode [`Team`] ([`super::decoder_layer`]):
+//! each thread takes its share of every step of the layer (q, k, v and attention by heads, the
+//! other products by rows of `W`) and meets the others at a barrier only where it needs their
+//! results. The heads' products go through [`crate::kernels::matvec`], split the same way. The
+//! team's workers spin between jobs, so each core streams its share of the weights without
+//! waiting to be woken. Whether a model splits at all is a fixed rule from its size
 //! ([`decode_parts`]).
 
 use std::ops::Range;
 
-use rayon::prelude::*;
-
-use super::cache::{KvCache, LayerCache};
+use super::cache::KvCache;
 use super::config::LegoConfig;
+use super::decoder_layer::{Dims, LayerBuffers, LayerWeights, StepTokens, part_scratch_len, run_layer};
 use super::transformer::{ExitHead, LegoTransformer, confidence_with_scratch};
 use crate::error::{Error, Result};
 use crate::kernels::matvec::{BLOCK, Epilogue, products, scratch_len};
-use crate::kernels::parallel::worth_splitting;
 use crate::kernels::simd;
-use crate::kernels::team::{Chunks, Team, decode_team};
+use crate::kernels::team::{Team, decode_team};
 use crate::ops::rope::{rope_tables, rotate};
 use crate::tensor::Tensor;
 
@@ -70,7 +70,9 @@ struct Workspace {
     capacity: usize,
     /// The residual stream, `[m, D]`.
     x: Vec<f32>,
-    /// `x` normalised (before attention, before the MLP, before a head), `[m, D]`.
+    /// `x` normalised (before attention, before the MLP, before a head): one `[capacity, D]`
+    /// region per thread of the team (a layer's parts each normalise all of `x` into their
+    /// own; a head uses the first), `[team size, capacity, D]`.
     xn: Vec<f32>,
     /// Queries, keys and values of the new tokens, `[m, D]` each (heads side by side).
     q: Vec<f32>,
@@ -78,17 +80,17 @@ struct Workspace {
     v: Vec<f32>,
     /// Attention output, `[m, D]`.
     att: Vec<f32>,
-    /// What a sublayer adds to the residual stream, `[m, D]`.
-    delta: Vec<f32>,
-    /// The MLP's `xn·W1ᵀ` (then `silu(·) ⊙ up`) and `xn·W3ᵀ`, `[m, F]` each.
-    gate: Vec<f32>,
-    up: Vec<f32>,
+    /// The MLP's hidden state `silu(xn·W1ᵀ) ⊙ xn·W3ᵀ`, `[m, F]`.
+    hidden: Vec<f32>,
     /// Attention scores, one `max_seq_len` row per (token, head): `[m·H, max_seq_len]`.
     scores: Vec<f32>,
     /// Products' outputs as the streaming kernel writes them, transposed, `BLOCK` rows of `x`
-    /// at a time: `[n, BLOCK]` for the widest `n` of a hand-off (`3D` for q, k, v; `2F` for
-    /// W1, W3; `V` for a head); see [`crate::kernels::matvec`].
+    /// at a time: `[n, BLOCK]` for the widest `n` of a hand-off outside the layers (`2D` for
+    /// the propagated k, v; `V` for a head); see [`crate::kernels::matvec`].
     scratch: Vec<f32>,
+    /// The same for a layer's parts, one region each: `[team size, BLOCK · max(D, 2F)]`
+    /// ([`part_scratch_len`]).
+    part_scratch: Vec<f32>,
     /// Logits of the tokens asked for, `[rows, V]`.
     logits: Vec<f32>,
     /// One row of probabilities, `[V]` (the exit check's softmax).
@@ -99,7 +101,7 @@ struct Workspace {
 }
 
 impl Workspace {
-    fn new(model: &LegoTransformer, capacity: usize) -> Workspace {
+    fn new(model: &LegoTransformer, capacity: usize, team_size: usize) -> Workspace {
         let c = &model.config;
         let (d, f, v) = (c.dim, c.ffn_hidden, c.vocab_size);
         let positions: Vec<usize> = (0..c.max_seq_len).collect();
@@ -107,16 +109,15 @@ impl Workspace {
         Workspace {
             capacity,
             x: vec![0.0; capacity * d],
-            xn: vec![0.0; capacity * d],
+            xn: vec![0.0; team_size * capacity * d],
             q: vec![0.0; capacity * d],
             k: vec![0.0; capacity * d],
             v: vec![0.0; capacity * d],
             att: vec![0.0; capacity * d],
-            delta: vec![0.0; capacity * d],
-            gate: vec![0.0; capacity * f],
-            up: vec![0.0; capacity * f],
+            hidden: vec![0.0; capacity * f],
             scores: vec![0.0; capacity * c.num_heads * c.max_seq_len],
-            scratch: vec![0.0; scratch_len(&[(3 * d).max(2 * f).max(v)], capacity.min(BLOCK))],
+            scratch: vec![0.0; scratch_len(&[(2 * d).max(v)], capacity.min(BLOCK))],
+            part_scratch: vec![0.0; team_size * part_scratch_len(d, f)],
             logits: vec![0.0; capacity * v],
             probs: vec![0.0; v],
             rope_cos,
@@ -217,7 +218,7 @@ impl<'m> Decoder<'m> {
         };
         let team = decode_team();
         let parts = decode_parts(c, team.size().min(rayon::current_num_threads()));
-        Ok(Decoder { model, ws: Workspace::new(model, capacity), cache, step, team, parts })
+        Ok(Decoder { model, ws: Workspace::new(model, capacity, team.size()), cache, step, team, parts })
     }
 
     /// Splits this decoder's products and attention over `threads` threads of the decode team
@@ -255,6 +256,11 @@ impl<'m> Decoder<'m> {
     /// The cache rows of the current step, in step order.
     pub fn step_rows(&self) -> &[usize] {
         &self.step.rows
+    }
+
+    /// Tokens in the current step (`Σ counts`).
+    pub fn step_tokens(&self) -> usize {
+        self.step.tokens
     }
 
     /// The residual stream of the current step's tokens, `[m, D]` (after the layers run so far).
@@ -429,56 +435,65 @@ impl<'m> Decoder<'m> {
         }
     }
 
-    /// One layer over the step's tokens (see the module doc).
+    /// One layer over the step's tokens (see the module doc): its entries reserved in the
+    /// layer's cache, then the layer as one job of the decode team ([`super::decoder_layer`]).
     fn layer(&mut self, l: usize) {
         let model = self.model;
         let c = &model.config;
-        let (d, f) = (c.dim, c.ffn_hidden);
-        let m = self.step.tokens;
         let layer = &model.layers[l];
         let (attn, ffn) = (&layer.attention, &layer.feed_forward);
-        let (team, parts) = (self.team, self.parts);
-        let ws = &mut self.ws;
-
-        // Attention: normalise; q, k, v in one hand-off; rotate, append to the cache, attend.
-        rmsnorm_rows(&ws.x[..m * d], &layer.attention_norm.weight.data(), c.norm_eps, &mut ws.xn[..m * d], d);
-        let (wq, wk, wv) = (attn.wq.weight.data(), attn.wk.weight.data(), attn.wv.weight.data());
-        let qkv = [&mut ws.q[..m * d], &mut ws.k[..m * d], &mut ws.v[..m * d]];
-        products(team, parts, &ws.xn, m, d, [&wq, &wk, &wv], qkv, &mut ws.scratch, Epilogue::None);
+        let s = &self.step;
         let cache = self.cache.layer_mut(l);
-        rotate_and_append(&self.step, ws, cache, c.num_heads, c.head_dim());
-        attend(&self.step, ws, cache, c.num_heads, c.head_dim(), team, parts);
-        let wo = attn.wo.weight.data();
-        products(
-            team,
-            parts,
-            &ws.att,
-            m,
-            d,
-            [&wo],
-            [&mut ws.delta[..m * d]],
-            &mut ws.scratch,
-            Epilogue::None,
-        );
-        ws.x[..m * d].iter_mut().zip(&ws.delta[..m * d]).for_each(|(x, y)| *x += y);
-
-        // MLP: x += W2·(silu(W1·xn) ⊙ W3·xn), W1 and W3 in one hand-off with SwiGLU fused.
-        rmsnorm_rows(&ws.x[..m * d], &layer.ffn_norm.weight.data(), c.norm_eps, &mut ws.xn[..m * d], d);
+        for t in 0..s.tokens {
+            cache.reserve(s.rows[s.token_row[t]], s.token_pos[t]);
+        }
+        let (attention_norm, ffn_norm) = (layer.attention_norm.weight.data(), layer.ffn_norm.weight.data());
+        let (wq, wk, wv, wo) =
+            (attn.wq.weight.data(), attn.wk.weight.data(), attn.wv.weight.data(), attn.wo.weight.data());
         let (w1, w3, w2) = (ffn.w1.weight.data(), ffn.w3.weight.data(), ffn.w2.weight.data());
-        let gate_up = [&mut ws.gate[..m * f], &mut ws.up[..m * f]];
-        products(team, parts, &ws.xn, m, d, [&w1, &w3], gate_up, &mut ws.scratch, Epilogue::SwiGlu);
-        products(
-            team,
-            parts,
-            &ws.gate,
+        let weights = LayerWeights {
+            attention_norm: &attention_norm,
+            wq: &wq,
+            wk: &wk,
+            wv: &wv,
+            wo: &wo,
+            ffn_norm: &ffn_norm,
+            w1: &w1,
+            w3: &w3,
+            w2: &w2,
+        };
+        let (d, f, m) = (c.dim, c.ffn_hidden, s.tokens);
+        let dims = Dims {
+            dim: d,
+            ffn_hidden: f,
+            heads: c.num_heads,
+            head_dim: c.head_dim(),
+            norm_eps: c.norm_eps,
             m,
-            f,
-            [&w2],
-            [&mut ws.delta[..m * d]],
-            &mut ws.scratch,
-            Epilogue::None,
-        );
-        ws.x[..m * d].iter_mut().zip(&ws.delta[..m * d]).for_each(|(x, y)| *x += y);
+            capacity: self.ws.capacity,
+        };
+        let tokens = StepTokens {
+            rows: &s.rows,
+            first: &s.first,
+            counts: &s.counts,
+            token_row: &s.token_row[..m],
+            token_pos: &s.token_pos[..m],
+        };
+        let ws = &mut self.ws;
+        let buffers = LayerBuffers {
+            x: &mut ws.x[..m * d],
+            xn: &mut ws.xn,
+            q: &mut ws.q[..m * d],
+            k: &mut ws.k[..m * d],
+            v: &mut ws.v[..m * d],
+            att: &mut ws.att[..m * d],
+            hidden: &mut ws.hidden[..m * f],
+            scores: &mut ws.scores,
+            scratch: &mut ws.part_scratch,
+            rope_cos: &ws.rope_cos,
+            rope_sin: &ws.rope_sin,
+        };
+        run_layer(self.team, self.parts, dims, &weights, &tokens, buffers, cache);
     }
 
     /// Logits of `head` for the chosen tokens of the step, into rows `0..n` of the logits
@@ -637,96 +652,6 @@ pub fn decode_parts(c: &LegoConfig, available: usize) -> usize {
         _ if weights_per_token >= DECODE_SPLIT_MODEL_WEIGHTS => available,
         _ => 1,
     }
-}
-
-/// RMSNorm of each `dim`-wide row of `x` into `out` (row by row, so batch-invariant).
-fn rmsnorm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], dim: usize) {
-    if worth_splitting(x.len() * 4) {
-        out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(o, r)| {
-            simd::rmsnorm(r, weight, eps, o);
-        });
-    } else {
-        for (o, r) in out.chunks_mut(dim).zip(x.chunks(dim)) {
-            simd::rmsnorm(r, weight, eps, o);
-        }
-    }
-}
-
-/// Rotates each new token's query and key (every head) by RoPE at the token's absolute
-/// position, and appends its key and value to its row of the layer's cache.
-fn rotate_and_append(s: &StepRows, ws: &mut Workspace, cache: &mut LayerCache, heads: usize, hd: usize) {
-    let (d, half) = (heads * hd, hd / 2);
-    for tok in 0..s.tokens {
-        let pos = s.token_pos[tok];
-        let (cos, sin) =
-            (&ws.rope_cos[pos * half..(pos + 1) * half], &ws.rope_sin[pos * half..(pos + 1) * half]);
-        let at = tok * d;
-        for h in 0..heads {
-            rotate(&mut ws.q[at + h * hd..at + (h + 1) * hd], cos, sin);
-            rotate(&mut ws.k[at + h * hd..at + (h + 1) * hd], cos, sin);
-        }
-        cache.push(s.rows[s.token_row[tok]], pos, &ws.k[at..at + d], &ws.v[at..at + d]);
-    }
-}
-
-/// Below this much attention work (multiply-adds over the cache, all heads) a step attends on
-/// the calling thread: a hand-off to the team costs about a microsecond. (Measured at S, batch
-/// 1: splitting from 4 Ki multiply-adds on, i.e. from the first decode steps, is as fast or
-/// faster than from 32 Ki; more parts than threads, claimed dynamically, was slower.)
-const ATTEND_SPLIT_WORK: usize = 1 << 12;
-
-/// Attention of every new token over its row's cache entries up to and including itself
-/// (they were appended in order, so a row's `i`-th new token of `n` sees all but the last
-/// `n − 1 − i` entries), into `ws.att`. One fused kernel call per (token, head); the
-/// (token, head) pairs are split over the team's `parts` threads when the work is large enough.
-fn attend(
-    s: &StepRows,
-    ws: &mut Workspace,
-    cache: &LayerCache,
-    heads: usize,
-    hd: usize,
-    team: &Team,
-    parts: usize,
-) {
-    let (d, m, max_seq) = (heads * hd, s.tokens, cache.max_seq_len);
-    let scale = 1.0 / (hd as f32).sqrt();
-    let q = &ws.q;
-    // Pair `idx` = (token, head): its query against the head's slice of the row's cache.
-    let one = |idx: usize, out: &mut [f32], scores: &mut [f32]| {
-        let (tok, h) = (idx / heads, idx % heads);
-        let r = s.token_row[tok];
-        let row = s.rows[r];
-        let later = s.first[r] + s.counts[r] - 1 - tok;
-        let visible = cache.len[row] - later;
-        let qh = &q[tok * d + h * hd..tok * d + (h + 1) * hd];
-        // This head's slice of every cached position of the row: stride D apart.
-        let base = row * max_seq * d + h * hd;
-        let span = (visible - 1) * d + hd;
-        simd::attend(
-            qh,
-            &cache.k[base..base + span],
-            &cache.v[base..base + span],
-            d,
-            visible,
-            scale,
-            scores,
-            out,
-        );
-    };
-    let pairs = m * heads;
-    let att = &mut ws.att[..pairs * hd];
-    let scores = &mut ws.scores[..pairs * max_seq];
-    let context: usize = (0..s.rows.len()).map(|r| cache.len[s.rows[r]]).max().unwrap_or(0);
-    let parts = if pairs * context * hd >= ATTEND_SPLIT_WORK { parts.min(pairs) } else { 1 };
-    // Part p takes pairs p·per.., with the matching pieces of `att` and `scores`.
-    let per = pairs.div_ceil(parts);
-    let (att, scores) = (Chunks::new(att, per * hd), Chunks::new(scores, per * max_seq));
-    team.run(parts, &|p| {
-        let (Some(att), Some(scores)) = (att.take(p), scores.take(p)) else { return };
-        for (i, (o, sc)) in att.chunks_mut(hd).zip(scores.chunks_mut(max_seq)).enumerate() {
-            one(p * per + i, o, sc);
-        }
-    });
 }
 
 /// Checks that a cache was made for this model.
