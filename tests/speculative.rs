@@ -42,6 +42,20 @@ fn greedy_self_speculation_returns_generates_tokens_for_any_k_and_threshold() {
                 let s = &stats.speculation;
                 assert_eq!(stats.shallow_count, s.accepted, "{spec:?}");
                 assert_eq!(stats.shallow_count + stats.deep_count, 4 * 30, "{spec:?}");
+                // The draft's counts (the bench's cost model reads them): every position fed
+                // through the lower layers is checked; a row feeds one more than it drafts each
+                // round; every draft came from an exit-head row (fixed k: one draft each).
+                assert_eq!(s.draft_positions, s.checked, "{spec:?}");
+                let (lo, hi) = (s.drafted + s.rounds, s.drafted + prompts.len() * s.rounds);
+                assert!((lo..=hi).contains(&s.draft_positions), "{spec:?}: {s:?}");
+                assert!(s.draft_steps >= s.rounds && s.draft_steps <= s.draft_positions, "{spec:?}: {s:?}");
+                assert!(
+                    s.exit_head_rows >= s.drafted && s.exit_head_steps <= s.draft_steps,
+                    "{spec:?}: {s:?}"
+                );
+                if spec.stop_below.is_none() {
+                    assert_eq!(s.exit_head_rows, s.drafted, "{spec:?}");
+                }
                 if spec.stop_below == Some(1.5) {
                     assert_eq!(s.drafted, 0, "{spec:?}: a threshold above 1 never drafts");
                 }

@@ -308,7 +308,9 @@ pub struct TimeSplit {
     pub upper: f64,
     /// The deep head (final norm and projection to the vocabulary).
     pub head: f64,
-    /// Projecting exited tokens into the upper cache (`Propagate`).
+    /// Filling the upper cache for tokens that exited: `Propagate`'s projections; `Deferred`'s
+    /// bookkeeping plus the owed tokens' share of the upper pass they ride in (that pass is
+    /// timed once and split by its token count, owed tokens against the deep rows' own).
     pub upper_fill: f64,
     /// Choosing the next tokens.
     pub sampling: f64,
@@ -460,14 +462,21 @@ impl Decoder<'_> {
 
         // The upper layers and the deep head.
         if upper == UpperRows::All || !routes.deep_rows.is_empty() {
+            let mut owed = 0;
             if deferred && self.settle_upper_debts(routes, upper)? {
                 // The step now holds, per deep row, its owed tokens and then its own: the
                 // same rows in the same order as `retain` would leave.
+                owed = self.step_tokens() - self.step_rows().len();
             } else if upper == UpperRows::Deep {
                 self.retain(&routes.deep_rows);
             }
             self.layers(exit..n_layers);
-            time.upper += timer.lap();
+            // The owed tokens' share of the pass is the deferred fill's cost, not the upper
+            // layers' (both 0 when the timer is off).
+            let pass = timer.lap();
+            let fill = pass * owed as f64 / self.step_tokens() as f64;
+            time.upper_fill += fill;
+            time.upper += pass - fill;
             let which =
                 if upper == UpperRows::Deep { Tokens::LastOfEach } else { Tokens::LastOf(&routes.deep_rows) };
             self.logits(&model.head, which)?;

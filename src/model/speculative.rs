@@ -107,6 +107,17 @@ pub struct SpeculationStats {
     pub rounds: usize,
     /// Positions that went through the upper layers in all the checks.
     pub checked: usize,
+    /// Draft steps: decoder steps through the lower layers (each feeds one token for every
+    /// row still drafting: a round's last accepted token, then each draft, so a row's round
+    /// is one lower pass more than its drafts).
+    pub draft_steps: usize,
+    /// Positions fed through the lower layers while drafting (Σ rows over the draft steps).
+    pub draft_positions: usize,
+    /// Draft steps that ran the exit head (for at least one row), and the rows it ran for.
+    pub exit_head_steps: usize,
+    /// Rows the exit head ran for while drafting (= the drafts proposed, plus those an
+    /// adaptive draft stopped at).
+    pub exit_head_rows: usize,
 }
 
 /// The buffers of a round, made once.
@@ -264,6 +275,8 @@ fn speculate(
             }
             dec.begin(&b.stepping, &ones[..n], &b.ids[..n])?;
             dec.layers(0..exit);
+            stats.speculation.draft_steps += 1;
+            stats.speculation.draft_positions += n;
             b.want.clear();
             for (i, &r) in b.stepping.iter().enumerate() {
                 let at = (r * (k + 1) + b.fed[r]) * d;
@@ -278,6 +291,8 @@ fn speculate(
             b.next_stepping.clear();
             if !b.want.is_empty() {
                 dec.logits(model.exit(), Tokens::LastOf(&b.want))?;
+                stats.speculation.exit_head_steps += 1;
+                stats.speculation.exit_head_rows += b.want.len();
                 spent += b.want.len() as f64 * cost::head_flops(c);
                 for (j, &i) in b.want.iter().enumerate() {
                     let r = b.stepping[i];
