@@ -21,7 +21,8 @@
 //! hard examples (S 35 s, T 30 s). The exit is at layer 2 = N/2. The trained model is saved,
 //! gate included, to `target/bench-early-exit-model-{T,S}.safetensors` (with its tokenizer);
 //! `LEGO_BENCH_CKPT_T=<path>` / `LEGO_BENCH_CKPT_S=<path>` (or `LEGO_BENCH_CKPT`, for S) load
-//! a model instead (`LegoTransformer::load`). A checkpoint without a gate gets one fitted here
+//! a model instead: a training checkpoint (`load_training_checkpoint`, e.g. the main example's
+//! `--save` on Shakespeare, the issue's pinned T model) or a model (`LegoTransformer::load`). A checkpoint without a gate gets one fitted here
 //! on the synthetic corpus if it has a tokenizer (or is byte-level); otherwise the gate rows
 //! are skipped, with a message.
 //!
@@ -72,11 +73,13 @@
 //!            (Deferred) the owed positions riding along a deep row's upper pass
 //! ```
 //!
-//! Self-speculative decoding is charged from its counts (approximately): `drafted / batch`
-//! draft steps (the lower layers and the exit head for every row), and each check pass the
-//! upper layers and the deep head over its mean number of positions, weights read once. Its
-//! ideal speed-up is then `steps × full-depth step / (draft steps + check passes)`: with
-//! alpha near 1 and k drafts a round about `(k + 1) × full / (k × draft + check)`.
+//! Self-speculative decoding is charged from its counts (`SpeculationStats`): its draft steps
+//! (the lower layers for the rows still drafting: a round feeds its last accepted token and
+//! then each draft, one lower pass more than its drafts), its exit-head steps, and each check
+//! pass the upper layers and the deep head over its mean number of positions, weights read
+//! once a step. Its ideal speed-up is then `steps × full-depth step / (draft steps + heads +
+//! check passes)`: with alpha near 1 and k drafts a round about
+//! `(k + 1) × full / ((k + 1) × lower + k × exit head + check)`.
 //!
 //! `generate` is charged the same way (lower + upper with every row, no exit check). The
 //! ideal speed-up is Σ ideal(generate) / Σ ideal(early exit) over the run's decode steps, with the
@@ -128,7 +131,7 @@ use lego::model::{
 use lego::optim::{AdamW, AdamWConfig};
 use lego::train::{
     ExitGateOptions, Phase2Mode, TrainOptions, Trainer, collect_hard_examples, compute_confidence_threshold,
-    create_hard_example_loader, train_exit_gate,
+    create_hard_example_loader, load_training_checkpoint, train_exit_gate,
 };
 use rand::Rng;
 use rayon::prelude::*;
@@ -240,8 +243,22 @@ fn subject(name: &'static str) -> Subject {
     let Some(path) = checkpoint_var(name) else {
         return train(name, &train_docs, &val_docs, &test_docs);
     };
-    let (mut model, meta) =
-        LegoTransformer::load(&path).unwrap_or_else(|e| panic!("checkpoint {}: {e}", path.display()));
+    // A training checkpoint (`--save` of the main example: model, tokenizer, optimizer) or a
+    // model checkpoint (`LegoTransformer::save`, the tokenizer in its metadata if any).
+    let (mut model, tokenizer) = match load_training_checkpoint(&path) {
+        Ok(t) => (t.model, Some(t.tokenizer)),
+        Err(training_error) => {
+            let (model, meta) = LegoTransformer::load(&path).unwrap_or_else(|e| {
+                panic!("checkpoint {}: {e} (as a training checkpoint: {training_error})", path.display())
+            });
+            let tokenizer = match meta.get("tokenizer") {
+                Some(t) => Some(Tokenizer::from_json_str(t).expect("the checkpoint's tokenizer")),
+                None if model.config.vocab_size == 256 => Some(Tokenizer::Byte),
+                None => None,
+            };
+            (model, tokenizer)
+        }
+    };
     let c = model.config.clone();
     let protocol = Protocol::of(&c);
     assert!(
@@ -250,11 +267,6 @@ fn subject(name: &'static str) -> Subject {
         c.exit_layer,
         c.num_layers
     );
-    let tokenizer = match meta.get("tokenizer") {
-        Some(t) => Some(Tokenizer::from_json_str(t).expect("the checkpoint's tokenizer")),
-        None if c.vocab_size == 256 => Some(Tokenizer::Byte),
-        None => None,
-    };
     let prompts = match &tokenizer {
         Some(t) => prompts_from(t, &test_docs, protocol.prompt),
         None => {
@@ -778,23 +790,33 @@ impl CostModel<'_> {
         p
     }
 
-    /// Self-speculative decoding's decode steps, approximately, from its counts: each drafted
-    /// token a lower step and an exit head (`drafted / batch` batched draft steps), each check
-    /// pass the upper layers and the deep head over its `checked / rounds` positions (weights
-    /// read once a pass). Taken as `lower` = drafting, `upper` = checking.
-    fn speculative(&self, batch: usize, spec: &SpeculationStats) -> Phases {
+    /// Self-speculative decoding's decode steps, from its counts: each draft step the lower
+    /// layers over its mean number of rows (`draft_positions / draft_steps`; a row's round is
+    /// one lower pass more than its drafts), each exit-head step the exit head over its mean
+    /// rows, each check pass the upper layers and the deep head over its mean positions
+    /// (`checked / rounds`), weights read once a pass. Taken as `lower` = the draft's layers,
+    /// `exit_check` = the draft's heads, `upper` = checking. (Approximate only in taking each
+    /// kind of step at its mean rows and at the middle context.)
+    fn speculative(&self, spec: &SpeculationStats) -> Phases {
         let (c, exit, n) = (self.c, self.c.exit_layer, self.c.num_layers);
         // Contexts taken at the middle of the run (attention is a few % of a layer here).
         let ctx = self.p.prompt + self.p.new / 2;
-        let draft_steps = spec.drafted as f64 / batch as f64;
-        let (f, b) = self.layers(exit, &vec![ctx; batch], false);
-        let draft = self.phase(f, b, batch)
-            + self.phase(batch as f64 * cost::head_flops(c), self.head_bytes(), batch);
-        let rounds = spec.rounds.max(1);
-        let per_pass = (spec.checked as f64 / rounds as f64).ceil().max(1.0) as usize;
+        let mean =
+            |total: usize, steps: usize| (total as f64 / steps.max(1) as f64).round().max(1.0) as usize;
+        let rows = mean(spec.draft_positions, spec.draft_steps);
+        let (f, b) = self.layers(exit, &vec![ctx; rows], false);
+        let lower = spec.draft_steps as f64 * self.phase(f, b, rows.min(8));
+        let heads = mean(spec.exit_head_rows, spec.exit_head_steps);
+        let head = self.phase(heads as f64 * cost::head_flops(c), self.head_bytes(), heads.min(8));
+        let per_pass = mean(spec.checked, spec.rounds);
         let (f, b) = self.layers(n - exit, &vec![ctx; per_pass], true);
         let check = self.phase(f, b, per_pass.min(8));
-        Phases { lower: draft_steps * draft, upper: spec.rounds as f64 * check, ..Phases::default() }
+        Phases {
+            lower,
+            exit_check: spec.exit_head_steps as f64 * head,
+            upper: spec.rounds as f64 * check,
+            ..Phases::default()
+        }
     }
 }
 
@@ -1036,7 +1058,7 @@ impl Measured {
         let steps = self.p.steps() as f64;
         let phases = match self.mode {
             Mode::Exit(rule) => cm.early_exit(&self.stats.routes, &rule),
-            Mode::Speculate(_) => cm.speculative(self.batch, &self.stats.speculation),
+            Mode::Speculate(_) => cm.speculative(&self.stats.speculation),
         };
         (cm.full_depth(self.batch).total() / steps, phases)
     }
@@ -1458,8 +1480,8 @@ fn bench_config(name: &'static str, batch_sizes: &[usize], csv: &mut String) {
         println!(
             "config {name}, batch {batch}: lossless self-speculative decoding (draft: layers 0..{} and the \
              exit head; check: the upper layers over the drafted positions). alpha = accepted / drafted; \
-             ideal = the cost model over the run's counts (approximate: drafted / batch draft steps, \
-             each check pass at its mean width, contexts at mid-run)",
+             ideal = the cost model over the run's counts (draft steps, exit-head steps and check \
+             passes, each at its mean width, contexts at mid-run)",
             c.exit_layer
         );
         println!(
