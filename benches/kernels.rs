@@ -17,6 +17,14 @@
 //! - `kernel x·Wᵀ` and `decode products` (few rows only): the SIMD kernel alone on one thread,
 //!   and the decoder's products ([`lego::kernels::matvec::products`]) on the decode team split
 //!   over the threads, output in place: the gap is what a call costs beyond its kernel;
+//! - `decode step` (config S, batch 1): the products of one decoded token (4 layers × the 7
+//!   weight matrices, and the head) four ways: on one thread; as the decoder runs them (one
+//!   hand-off to the team per group sharing an input: 4 a layer and the head); in **one** team
+//!   job per token with a spin barrier where the decoder must wait (what a fused layer program
+//!   could reach); and in one job with no barrier at all (each thread streams its share of
+//!   every matrix back to back: the bandwidth bound of this kernel on this machine). Only the
+//!   products: no attention, norms or sampling. At one row a product does 2 FLOPs per 4-byte
+//!   weight, so its GB/s are twice the GFLOP/s shown;
 //! - `attention` and `rms_norm` at config S (batch 16, seq 128, dim 256, 8 heads of 32), the
 //!   forward alone (recording the graph, as in training) and forward + backward.
 //!
@@ -31,8 +39,10 @@ use std::time::{Duration, Instant};
 
 use lego::Tensor;
 use lego::kernels::gemm::sgemm;
-use lego::kernels::team::decode_team;
+use lego::kernels::team::{decode_team, part_rows};
 use lego::kernels::{matvec, simd};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Matrix product shapes (M, K, N): training shapes of configs S/M, two decode shapes (one
 /// row, eight rows) and the classic 1024³.
@@ -251,6 +261,106 @@ fn bench_s_ops(threads: usize, rows: &mut Vec<Row>) {
 }
 
 /// The 1-minute load average (Linux), to tell a quiet machine from a busy one.
+/// A barrier for the threads of one team job: the last to arrive opens the next phase.
+struct SpinBarrier {
+    arrived: AtomicUsize,
+    phase: AtomicUsize,
+    threads: usize,
+}
+
+impl SpinBarrier {
+    fn wait(&self) {
+        let phase = self.phase.load(Ordering::Acquire);
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.threads {
+            self.arrived.store(0, Ordering::Relaxed);
+            self.phase.fetch_add(1, Ordering::Release);
+        } else {
+            while self.phase.load(Ordering::Acquire) == phase {
+                std::hint::spin_loop();
+            }
+        }
+    }
+}
+
+/// The products of one decoded token at config S, batch 1 (see the module doc), four ways.
+fn bench_decode_step(rows: &mut Vec<Row>) {
+    let (d, f, v, layers) = (256, 688, 4096, 4);
+    // Per layer: wq, wk, wv, wo [D, D]; w1, w3 [F, D]; w2 [D, F]. Then the head [V, D].
+    let shapes = [(d, d), (d, d), (d, d), (d, d), (f, d), (f, d), (d, f)];
+    let weights: Vec<Vec<Vec<f32>>> = (0..layers)
+        .map(|l| shapes.iter().enumerate().map(|(i, &(n, k))| values(n * k, (10 * l + i) as u64)).collect())
+        .collect();
+    let head = values(v * d, 99);
+    let (x, h) = (values(d, 1), values(f, 2));
+    let weight_count = layers * (4 * d * d + 3 * d * f) + v * d;
+    let flops = Some(2.0 * weight_count as f64);
+    let shape = "S, 1 token".to_string();
+    let team = decode_team();
+    let threads = team.size().min(2);
+
+    // The decoder's way: a hand-off per group of products sharing an input.
+    let (mut q, mut k, mut vv, mut o) = (vec![0.0; d], vec![0.0; d], vec![0.0; d], vec![0.0; d]);
+    let (mut g, mut u, mut logits) = (vec![0.0; f], vec![0.0; f], vec![0.0; v]);
+    for parts in [1, threads] {
+        let timing = time_it(|| {
+            use matvec::{Epilogue, products};
+            for w in &weights {
+                let qkv = [&mut q[..], &mut k[..], &mut vv[..]];
+                products(team, parts, &x, 1, d, [&w[0], &w[1], &w[2]], qkv, &mut [], Epilogue::None);
+                products(team, parts, &x, 1, d, [&w[3]], [&mut o[..]], &mut [], Epilogue::None);
+                let gu = [&mut g[..], &mut u[..]];
+                products(team, parts, &x, 1, d, [&w[4], &w[5]], gu, &mut [], Epilogue::SwiGlu);
+                products(team, parts, &h, 1, f, [&w[6]], [&mut o[..]], &mut [], Epilogue::None);
+            }
+            products(team, parts, &x, 1, d, [&head], [&mut logits[..]], &mut [], Epilogue::None);
+            black_box(&logits);
+        });
+        let name = if parts == 1 { "decode step 1 thr" } else { "decode step hand-offs" };
+        rows.push(Row { name: name.into(), shape: shape.clone(), threads: parts, timing, flops });
+    }
+    if threads < 2 {
+        return;
+    }
+    // One team job per token: each thread streams its share (by rows of W) of every product,
+    // waiting at a barrier where the decoder would need the whole output, or never. Each part
+    // writes its own output buffers (nobody reads them here).
+    let out_len = |n: usize, p: usize| part_rows(n, threads, p, 16).len();
+    let outs: Vec<Mutex<Vec<Vec<f32>>>> = (0..threads)
+        .map(|p| {
+            Mutex::new(
+                shapes
+                    .iter()
+                    .map(|&(n, _)| vec![0.0; out_len(n, p)])
+                    .chain([vec![0.0; out_len(v, p)]])
+                    .collect(),
+            )
+        })
+        .collect();
+    for with_barriers in [true, false] {
+        let barrier = SpinBarrier { arrived: AtomicUsize::new(0), phase: AtomicUsize::new(0), threads };
+        let timing = time_it(|| {
+            team.run(threads, &|p| {
+                let mut out = outs[p].lock().unwrap();
+                for w in &weights {
+                    for (i, &(n, k)) in shapes.iter().enumerate() {
+                        let r = part_rows(n, threads, p, 16);
+                        let input = if i == 6 { &h } else { &x };
+                        simd::matmul_xwt(input, 1, k, &w[i][r.start * k..r.end * k], &mut out[i]);
+                        // The decoder waits after q/k/v (attention), wo, w1/w3 and w2.
+                        if with_barriers && matches!(i, 2 | 3 | 5 | 6) {
+                            barrier.wait();
+                        }
+                    }
+                }
+                let r = part_rows(v, threads, p, 16);
+                simd::matmul_xwt(&x, 1, d, &head[r.start * d..r.end * d], &mut out[7]);
+            });
+        });
+        let name = if with_barriers { "decode step one job" } else { "decode step no sync" };
+        rows.push(Row { name: name.into(), shape: shape.clone(), threads, timing, flops });
+    }
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
@@ -278,6 +388,7 @@ fn main() {
             bench_s_ops(threads, &mut rows);
         });
     }
+    bench_decode_step(&mut rows);
 
     // The table: matrix products grouped by shape (1 and 2 threads side by side), then the
     // config-S ops.
