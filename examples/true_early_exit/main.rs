@@ -131,6 +131,19 @@ fn run(o: &Options) -> Result<()> {
             None => train_phase2(&start, &hard, &data, threshold, mode, o)?,
         });
     }
+    // The checkpoints, as soon as LEGO's training is over: the baseline and the measurements
+    // below take a while, and a run stopped during them keeps what it trained (`--load`).
+    if let Some(path) = &o.save {
+        checkpoints::save(
+            path,
+            &tokenizer,
+            &split,
+            threshold,
+            o,
+            (&phase1, &phase1_opt, &phase1_stage),
+            &phase2[0],
+        )?;
+    }
     // 8. The baseline: 4 layers from scratch; and the same with a tuned exit head.
     let (baseline, baseline_stage) = train_baseline(&tokenizer, &data, o)?;
     let (tuned, tuned_stage) = tune_baseline_exit(&baseline, &data, o)?;
@@ -143,18 +156,7 @@ fn run(o: &Options) -> Result<()> {
     let table = measure::early_exit_table(&phase2, &data, o)?;
     let frontier = measure::frontier(&phase1, &primary.model, &baseline, &tuned, &data, o)?;
 
-    // 13. Checkpoints and the report.
-    if let Some(path) = &o.save {
-        checkpoints::save(
-            path,
-            &tokenizer,
-            &split,
-            threshold,
-            o,
-            (&phase1, &phase1_opt, &phase1_stage),
-            primary,
-        )?;
-    }
+    // 13. The report.
     let report = ExperimentReport {
         settings: o.settings(&tokenizer),
         source,
