@@ -23,7 +23,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cost;
 pub mod decoder;
-mod decoder_layer;
+pub mod decoder_layer;
 pub mod early_exit;
 pub mod exit_gate;
 pub mod export;
