@@ -80,6 +80,11 @@
 //! once a step. Its ideal speed-up is then `steps × full-depth step / (draft steps + heads +
 //! check passes)`: with alpha near 1 and k drafts a round about
 //! `(k + 1) × full / ((k + 1) × lower + k × exit head + check)`.
+//! Beside it, `ideal*` takes every piece at its **measured** cost instead (the draft's lower
+//! passes and exit heads and the check passes, timed by the phase timer in runs of their own,
+//! against `generate`'s measured step): a check pass of k + 1 rows then counts what it really
+//! costs, and `effic*` is the share of the time spent in those pieces, the rest being the
+//! loop's own work (accepting, rolling back).
 //!
 //! `generate` is charged the same way (lower + upper with every row, no exit check). The
 //! ideal speed-up is Σ ideal(generate) / Σ ideal(early exit) over the run's decode steps, with the
@@ -1481,11 +1486,14 @@ fn bench_config(name: &'static str, batch_sizes: &[usize], csv: &mut String) {
             "config {name}, batch {batch}: lossless self-speculative decoding (draft: layers 0..{} and the \
              exit head; check: the upper layers over the drafted positions). alpha = accepted / drafted; \
              ideal = the cost model over the run's counts (draft steps, exit-head steps and check \
-             passes, each at its mean width, contexts at mid-run)",
+             passes, each at its mean width, contexts at mid-run); ideal* = every piece at its measured \
+             cost (the draft's lower passes and exit heads, the check passes, from the phase timer) \
+             against generate's measured step: effic* = the share of the time spent in those pieces \
+             (the rest is accepting, rolling back and the loop)",
             c.exit_layer
         );
         println!(
-            "{:>20} {:>7} {:>7} {:>6} {:>6} {:>8} {:>8} {:>7} {:>15} {:>7} {:>7} {:>6} {:>10}",
+            "{:>20} {:>7} {:>7} {:>6} {:>6} {:>8} {:>8} {:>7} {:>15} {:>7} {:>7} {:>6} {:>7} {:>6} {:>10}",
             "mode",
             "drafted",
             "accept",
@@ -1498,6 +1506,8 @@ fn bench_config(name: &'static str, batch_sizes: &[usize], csv: &mut String) {
             "best",
             "ideal",
             "effic",
+            "ideal*",
+            "effic*",
             "= generate"
         );
         for r in results.iter().filter(|r| r.batch == batch) {
@@ -1506,8 +1516,12 @@ fn bench_config(name: &'static str, batch_sizes: &[usize], csv: &mut String) {
             let ideal = ideal_gen / (ip.total() / p.steps() as f64);
             let (lo, hi) = r.interval();
             let sp = &r.stats.speculation;
+            // Every piece at its measured cost, per decode step (the split's `upper` holds the
+            // check's upper layers and deep head).
+            let pieces = r.split.lower + r.split.exit_check + r.split.upper;
+            let ideal_measured = r.gen_step() / pieces;
             println!(
-                "{:>20} {:>7} {:>7} {:>6.3} {:>6} {:>8.1} {:>8.1} {:>6.3}x  [{:.3}, {:.3}] {:>6.3}x {:>6.3}x {:>6.3} {:>10}",
+                "{:>20} {:>7} {:>7} {:>6.3} {:>6} {:>8.1} {:>8.1} {:>6.3}x  [{:.3}, {:.3}] {:>6.3}x {:>6.3}x {:>6.3} {:>6.3}x {:>6.3} {:>10}",
                 r.mode.names().0,
                 sp.drafted,
                 sp.accepted,
@@ -1521,6 +1535,8 @@ fn bench_config(name: &'static str, batch_sizes: &[usize], csv: &mut String) {
                 r.speedup_best(),
                 ideal,
                 r.speedup() / ideal,
+                ideal_measured,
+                r.speedup() / ideal_measured,
                 "yes",
             );
         }

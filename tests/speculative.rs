@@ -197,3 +197,28 @@ fn bad_speculation_settings_are_errors() {
     assert!(e(Speculation::adaptive(2, f32::NAN)).contains("threshold"));
     assert!(e(Speculation::adaptive(2, -0.5)).contains("threshold"));
 }
+
+#[test]
+fn a_profiled_speculative_run_splits_its_time_and_an_unprofiled_one_reads_no_clock() {
+    let m = model(7, 53);
+    let prompts = vec![tokens(6, 1, 53), tokens(3, 2, 53)];
+    let options = GenerateOptions { profile: true, ..GenerateOptions::greedy(20) }
+        .with_speculation(Speculation::fixed(3));
+    let (out, stats) = m.generate_with(&prompts, &options).unwrap();
+    let t = stats.time;
+    assert!(stats.speculation.rounds > 0);
+    for (name, v) in [
+        ("prefill", t.prefill),
+        ("lower", t.lower),
+        ("exit_check", t.exit_check),
+        ("upper", t.upper),
+        ("head", t.head),
+    ] {
+        assert!(v > 0.0, "{name} took no time: {t:?}");
+    }
+    assert!(t.prefill + t.lower + t.exit_check + t.upper + t.head + t.sampling <= stats.seconds);
+    let (quiet_out, quiet) =
+        m.generate_with(&prompts, &GenerateOptions { profile: false, ..options }).unwrap();
+    assert_eq!(quiet.time, Default::default());
+    assert_eq!(quiet_out, out);
+}

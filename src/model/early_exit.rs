@@ -294,7 +294,9 @@ pub struct EarlyExitStats {
     pub speculation: SpeculationStats,
 }
 
-/// Where a generation's time went, in seconds (measured only when asked, see [`Timer`]).
+/// Where a generation's time went, in seconds (measured only when asked, see [`Timer`]). In
+/// self-speculative decoding: `lower` and `exit_check` are the draft's lower layers and exit
+/// heads, `upper` and `head` the check passes, `sampling` the accepting and rolling back.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct TimeSplit {
     /// The prompt through every layer.

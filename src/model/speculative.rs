@@ -51,7 +51,7 @@
 //! doubtful draft is likely rejected and its lower pass wasted.
 
 use super::decoder::{Decoder, Tokens};
-use super::early_exit::EarlyExitStats;
+use super::early_exit::{EarlyExitStats, TimeSplit, Timer};
 use super::generate::{GenerateOptions, Sampler, Sampling, TokenEvent};
 use super::transformer::LegoTransformer;
 use super::{config::check_threshold, cost};
@@ -177,6 +177,10 @@ fn speculate(
     mut on_token: impl FnMut(TokenEvent),
 ) -> Result<(Vec<Vec<usize>>, EarlyExitStats)> {
     let t_start = std::time::Instant::now();
+    // Phase times, when asked: the draft's lower layers (`lower`) and exit heads
+    // (`exit_check`), the check's upper layers (`upper`) and deep head (`head`), choosing and
+    // accepting tokens with the rollbacks (`sampling`), the prompt (`prefill`).
+    let (mut timer, mut time) = (Timer::new(options.profile), TimeSplit::default());
     let model = dec.model();
     let c = &model.config;
     let (batch, v, d, k) = (prompts.len(), c.vocab_size, c.dim, spec.k);
@@ -242,6 +246,7 @@ fn speculate(
     // The prefill: every prompt token through every layer; each row's first token from the
     // full model.
     let flat: Vec<usize> = prompts.iter().flatten().copied().collect();
+    timer.lap();
     dec.begin(&active, &lens, &flat)?;
     dec.layers(0..n_layers);
     dec.logits(&model.head, Tokens::LastOfEach)?;
@@ -254,6 +259,7 @@ fn speculate(
         keep(r, t, false, &mut out, &mut stats);
     }
     active.retain(|&r| !stats.stopped[r] && out[r].len() - lens[r] < max_new);
+    time.prefill = timer.lap();
 
     while !active.is_empty() {
         // Draft: each active row feeds its last token, then its drafts, through the lower
@@ -273,8 +279,11 @@ fn speculate(
             for (id, &r) in b.ids.iter_mut().zip(&b.stepping) {
                 *id = b.feed[r];
             }
+            // (After a check, this lap is the accept loop's and the rollbacks'.)
+            time.sampling += timer.lap();
             dec.begin(&b.stepping, &ones[..n], &b.ids[..n])?;
             dec.layers(0..exit);
+            time.lower += timer.lap();
             stats.speculation.draft_steps += 1;
             stats.speculation.draft_positions += n;
             b.want.clear();
@@ -322,6 +331,7 @@ fn speculate(
                 }
             }
             std::mem::swap(&mut b.stepping, &mut b.next_stepping);
+            time.exit_check += timer.lap();
         }
 
         // Check: the upper layers once over every fed position of every active row.
@@ -338,7 +348,9 @@ fn speculate(
         }
         dec.begin_hidden(&active, &counts, &starts, &b.gathered[..m * d])?;
         dec.layers(exit..n_layers);
+        time.upper += timer.lap();
         dec.logits(&model.head, Tokens::All)?;
+        time.head += timer.lap();
         stats.speculation.rounds += 1;
         stats.speculation.checked += m;
 
@@ -414,6 +426,8 @@ fn speculate(
             }
         }
     }
+    time.sampling += timer.lap();
+    stats.time = time;
     let s = &mut stats.speculation;
     s.acceptance_rate = if s.drafted == 0 { 0.0 } else { s.accepted as f64 / s.drafted as f64 };
     let total = stats.shallow_count + stats.deep_count;
