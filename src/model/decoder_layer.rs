@@ -37,7 +37,6 @@ use crate::kernels::matvec::BLOCK;
 use crate::kernels::simd;
 use crate::kernels::team::{Gang, SharedBuf, Team, part_rows};
 use crate::ops::rope::rotate;
-use crate::ops::unary::sigmoid;
 
 /// Rows of W a part's share of a product is a multiple of (as in [`crate::kernels::matvec`]:
 /// whole tiles of the kernel, whole cache lines of output).
@@ -302,10 +301,11 @@ fn swiglu_product<'o>(
         let xb = &x[r0 * k..(r0 + rows) * k];
         simd::matmul_xwt(xb, rows, k, w1, gate);
         simd::matmul_xwt(xb, rows, k, w3, up);
+        // Elementwise, so the transposed layout does not matter.
+        simd::swiglu_in_place(gate, up);
         for r in 0..rows {
             let o = dest(r0 + r);
-            let pairs = gate.iter().skip(r).step_by(rows).zip(up.iter().skip(r).step_by(rows));
-            o.iter_mut().zip(pairs).for_each(|(o, (g, u))| *o = g * sigmoid(*g) * u);
+            o.iter_mut().zip(gate.iter().skip(r).step_by(rows)).for_each(|(o, g)| *o = *g);
         }
     }
 }

@@ -233,6 +233,34 @@ fn exp(x: __m256) -> __m256 {
     _mm256_blendv_ps(y, _mm256_set1_ps(f32::INFINITY), overflow)
 }
 
+/// SwiGLU in place, 8 lanes at a time through the vector [`exp`]; see
+/// [`super::swiglu_in_place`].
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    check_same_len("swiglu_in_place", "gate", gate.len(), "up", up.len());
+    let one = _mm256_set1_ps(1.0);
+    let n = gate.len();
+    let (pg, pu) = (gate.as_mut_ptr(), up.as_ptr());
+    let mut i = 0;
+    while i + W <= n {
+        // SAFETY: i + W <= n, inside both slices.
+        unsafe {
+            let (g, u) = (_mm256_loadu_ps(pg.add(i)), _mm256_loadu_ps(pu.add(i)));
+            // σ(g) = 1 / (1 + e^(−g)); the result g · σ(g) · u, in the scalar order.
+            let sigma = _mm256_div_ps(one, _mm256_add_ps(one, exp(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+            _mm256_storeu_ps(pg.add(i), _mm256_mul_ps(_mm256_mul_ps(g, sigma), u));
+        }
+        i += W;
+    }
+    // The tail (fewer than 8): the scalar formula.
+    for (g, u) in gate[i..].iter_mut().zip(&up[i..]) {
+        *g = *g * (1.0 / (1.0 + (-*g).exp())) * u;
+    }
+}
+
 /// Softmax over the whole slice, in place; see [`super::softmax_in_place`].
 ///
 /// Three passes as in the scalar version (max; exp and sum; scale), 8 lanes at a time with a

@@ -258,6 +258,38 @@ fn exp(x: __m512) -> __m512 {
     _mm512_mask_mov_ps(y, overflow, _mm512_set1_ps(f32::INFINITY))
 }
 
+/// SwiGLU in place, 16 lanes at a time through the vector [`exp`]; see
+/// [`super::swiglu_in_place`].
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    check_same_len("swiglu_in_place", "gate", gate.len(), "up", up.len());
+    let one = _mm512_set1_ps(1.0);
+    let lanes = |g: __m512, u: __m512| {
+        // σ(g) = 1 / (1 + e^(−g)); the result g · σ(g) · u, in the scalar order.
+        let sigma = _mm512_div_ps(one, _mm512_add_ps(one, exp(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        _mm512_mul_ps(_mm512_mul_ps(g, sigma), u)
+    };
+    let n = gate.len();
+    let (pg, pu) = (gate.as_mut_ptr(), up.as_ptr());
+    let mut i = 0;
+    while i + W <= n {
+        // SAFETY: i + W <= n, inside both slices.
+        unsafe { _mm512_storeu_ps(pg.add(i), lanes(_mm512_loadu_ps(pg.add(i)), _mm512_loadu_ps(pu.add(i)))) };
+        i += W;
+    }
+    if i < n {
+        let mask = tail_mask(n - i);
+        // SAFETY: only the n - i lanes in the mask are read and written.
+        unsafe {
+            let y = lanes(_mm512_maskz_loadu_ps(mask, pg.add(i)), _mm512_maskz_loadu_ps(mask, pu.add(i)));
+            _mm512_mask_storeu_ps(pg.add(i), mask, y);
+        }
+    }
+}
+
 /// Softmax over the whole slice, in place; see [`super::softmax_in_place`].
 ///
 /// Three passes as in the scalar version (max; exp and sum; scale), each 16 lanes at a time
@@ -455,6 +487,23 @@ pub unsafe fn attend(
     out: &mut [f32],
 ) {
     let hd = q.len();
+    // Heads of 16 to 64 (whole registers): the query and the output stay in registers.
+    // SAFETY (each arm): same CPU features and slice sizes as this function.
+    match (hd % W, hd / W) {
+        (0, 1) => {
+            return unsafe { attend_in_registers::<1>(q, keys, values, stride, count, scale, scores, out) };
+        }
+        (0, 2) => {
+            return unsafe { attend_in_registers::<2>(q, keys, values, stride, count, scale, scores, out) };
+        }
+        (0, 3) => {
+            return unsafe { attend_in_registers::<3>(q, keys, values, stride, count, scale, scores, out) };
+        }
+        (0, 4) => {
+            return unsafe { attend_in_registers::<4>(q, keys, values, stride, count, scale, scores, out) };
+        }
+        _ => {}
+    }
     for (j, s) in scores[..count].iter_mut().enumerate() {
         // SAFETY: same CPU features as this function (the caller's guarantee).
         *s = unsafe { dot(q, &keys[j * stride..j * stride + hd]) } * scale;
@@ -465,6 +514,58 @@ pub unsafe fn attend(
     for (j, &p) in scores[..count].iter().enumerate() {
         // SAFETY: as above.
         unsafe { axpy(p, &values[j * stride..j * stride + hd], out) };
+    }
+}
+
+/// [`attend`] for a head of `N` registers (`N·16` wide): the query is loaded once and kept in
+/// registers, and so is the output while the values are summed into it (through memory, each
+/// position's add would wait for the previous one's store). Each score is the query's
+/// registers times the key's, summed into one register in order and reduced; each output lane
+/// is `Σⱼ pⱼ·vⱼ` in position order: the general path's values to rounding, and for any batch
+/// the same bits (a (token, head) pair never depends on another).
+///
+/// # Safety
+/// As [`attend`], and `q.len() == N·16`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_in_registers<const N: usize>(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    count: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    debug_assert!(q.len() == N * W && out.len() == N * W && scores.len() >= count);
+    debug_assert!(
+        count == 0
+            || (keys.len() >= (count - 1) * stride + N * W && values.len() >= (count - 1) * stride + N * W)
+    );
+    // SAFETY: every load and store below is within the slices' checked sizes (the dispatcher's
+    // guarantee, restated in the debug assertions).
+    unsafe {
+        let qv: [__m512; N] = std::array::from_fn(|c| _mm512_loadu_ps(q.as_ptr().add(c * W)));
+        for (j, s) in scores[..count].iter_mut().enumerate() {
+            let k = keys.as_ptr().add(j * stride);
+            let mut acc = _mm512_setzero_ps();
+            for (c, qc) in qv.iter().enumerate() {
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(k.add(c * W)), *qc, acc);
+            }
+            *s = _mm512_reduce_add_ps(acc) * scale;
+        }
+        softmax_in_place(&mut scores[..count]);
+        let mut o = [_mm512_setzero_ps(); N];
+        for (j, &p) in scores[..count].iter().enumerate() {
+            let (v, pv) = (values.as_ptr().add(j * stride), _mm512_set1_ps(p));
+            for (c, oc) in o.iter_mut().enumerate() {
+                *oc = _mm512_fmadd_ps(_mm512_loadu_ps(v.add(c * W)), pv, *oc);
+            }
+        }
+        for (c, oc) in o.iter().enumerate() {
+            _mm512_storeu_ps(out.as_mut_ptr().add(c * W), *oc);
+        }
     }
 }
 

@@ -23,6 +23,7 @@ struct Kernels {
     attend: fn(&[f32], &[f32], &[f32], usize, usize, f32, &mut [f32], &mut [f32]),
     /// The level's vector `eˣ` (private to its file), applied to a slice.
     exp: fn(&[f32], &mut [f32]),
+    swiglu_in_place: fn(&mut [f32], &[f32]),
 }
 
 /// The SIMD levels this CPU can run, widest last.
@@ -47,6 +48,7 @@ fn simd_levels() -> Vec<Kernels> {
                     avx2::attend(q, k, v, stride, count, scale, s, o)
                 },
                 exp: |x, out| unsafe { avx2::exp_slice(x, out) },
+                swiglu_in_place: |g, u| unsafe { avx2::swiglu_in_place(g, u) },
             });
         }
         // SAFETY (likewise): this entry exists only on a CPU with AVX-512F.
@@ -63,6 +65,7 @@ fn simd_levels() -> Vec<Kernels> {
                     avx512::attend(q, k, v, stride, count, scale, s, o)
                 },
                 exp: |x, out| unsafe { avx512::exp_slice(x, out) },
+                swiglu_in_place: |g, u| unsafe { avx512::swiglu_in_place(g, u) },
             });
         }
     }
@@ -225,8 +228,18 @@ fn adamw_equals_scalar() {
 fn attend_equals_scalar() {
     for k in simd_levels() {
         // (head width, stride between positions, positions): odd widths, wide strides, one
-        // position.
-        for &(hd, stride, count) in &[(1, 1, 1), (7, 9, 5), (16, 48, 33), (32, 256, 77), (33, 40, 1)] {
+        // position; heads of one to four whole registers (AVX-512 keeps them in registers).
+        let cases = [
+            (1, 1, 1),
+            (7, 9, 5),
+            (16, 48, 33),
+            (32, 256, 77),
+            (33, 40, 1),
+            (48, 96, 20),
+            (64, 512, 130),
+            (32, 32, 1),
+        ];
+        for &(hd, stride, count) in &cases {
             let q = test_data(hd, 5);
             let keys = test_data((count - 1) * stride + hd, 6);
             let values = test_data((count - 1) * stride + hd, 7);
@@ -237,6 +250,21 @@ fn attend_equals_scalar() {
             let what = format!("{:?} attend hd {hd} count {count}", k.level);
             assert_all_close(&s1, &s2, 1e-5, &format!("{what} scores"));
             assert_all_close(&o1, &o2, 1e-5, &format!("{what} out"));
+        }
+    }
+}
+
+#[test]
+fn swiglu_equals_scalar() {
+    for k in simd_levels() {
+        for n in TEST_LENGTHS {
+            // Gates from -12 to 12 (σ saturates at both ends), ups in [-1, 1].
+            let gate: Vec<f32> = test_data(n, 8).iter().map(|g| 12.0 * g).collect();
+            let up = test_data(n, 9);
+            let (mut a, mut b) = (gate.clone(), gate.clone());
+            (k.swiglu_in_place)(&mut a, &up);
+            scalar::swiglu_in_place(&mut b, &up);
+            assert_all_close(&a, &b, 1e-5, &format!("{:?} swiglu n {n}", k.level));
         }
     }
 }

@@ -306,6 +306,31 @@ pub fn softmax_in_place(x: &mut [f32]) {
     scalar::softmax_in_place(x)
 }
 
+/// SwiGLU of one MLP row, in place: `gate[i] = silu(gate[i]) · up[i]`, where
+/// `silu(g) = g · σ(g)` and `σ(g) = 1 / (1 + e^(−g))` (the decoder's hidden state from the
+/// `W1` and `W3` products). The vector levels use the same vector `eˣ` as the softmax.
+///
+/// Panics if the slices differ in length.
+///
+/// ```
+/// # use lego::kernels::simd::swiglu_in_place;
+/// let mut gate = [0.0, 20.0];
+/// swiglu_in_place(&mut gate, &[5.0, 0.5]);
+/// assert_eq!(gate[0], 0.0); // silu(0) = 0
+/// assert!((gate[1] - 10.0).abs() < 1e-5); // silu(20) ≈ 20
+/// ```
+pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+    match level() {
+        // SAFETY: level() returns Avx512 only if the CPU has AVX-512F.
+        Level::Avx512 => return unsafe { avx512::swiglu_in_place(gate, up) },
+        // SAFETY: level() returns Avx2 only if the CPU has AVX2 and FMA.
+        Level::Avx2 => return unsafe { avx2::swiglu_in_place(gate, up) },
+        Level::Scalar => {}
+    }
+    scalar::swiglu_in_place(gate, up)
+}
+
 /// One query's attention over `count` cached positions: `scores[j] = scale·(q·k_j)` where
 /// `k_j = keys[j·stride ..][..q.len()]`, a softmax over `scores[..count]`, and
 /// `out = Σ_j scores[j]·v_j` with the values laid out like the keys. The decoding loop calls it

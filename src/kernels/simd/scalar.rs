@@ -60,6 +60,15 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], out_t: &mut [f32]) {
     }
 }
 
+/// `gate[i] = silu(gate[i]) · up[i]` with `silu(g) = g · σ(g)`, `σ(g) = 1 / (1 + e^(−g))`: the
+/// SwiGLU of one MLP row, in place. See [`super::swiglu_in_place`].
+pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    check_same_len("swiglu_in_place", "gate", gate.len(), "up", up.len());
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g * (1.0 / (1.0 + (-*g).exp())) * u;
+    }
+}
+
 /// Softmax over the whole slice, in place; see [`super::softmax_in_place`].
 ///
 /// Three passes: the max; `e_i = exp(x_i - max)` and their sum; a multiply by `1 / sum`.
