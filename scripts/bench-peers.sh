@@ -8,13 +8,14 @@
 #   THREADS=1 scripts/bench-peers.sh  # 1 thread (PEERS.md's column is then the 2-thread one)
 #   ONLY=decode scripts/bench-peers.sh  # only the decode (or train, or llama2c) pairs
 #   LLAMA2C=path/to/llama2.c scripts/bench-peers.sh   # also batch-1 decode beside llama2.c
+#   LLAMA2C_ROUNDS=7                  # rounds of ours / llama2.c, alternating (median of ratios)
 #
 # llama2.c: give LLAMA2C the directory of a llama2.c checkout you fetched yourself (it is never
 # vendored here). Its run.c is built into target/llama2c with `gcc -Ofast -march=native
 # -fopenmp`, random S and M checkpoints are written there by
 # ../shared/peers/write_llama2c_random.py (needs numpy), and `run` decodes prompt 16 + 128
-# greedy tokens with OMP_NUM_THREADS=$THREADS; its own "achieved tok/s" (median of 5) is set
-# beside our batch-1 decode. Each decode row also gives our rate as a share of the roofline:
+# greedy tokens with OMP_NUM_THREADS=$THREADS; its own "achieved tok/s" is set beside our
+# batch-1 decode, the two alternating round by round (the ratio: the median of the rounds'). Each decode row also gives our rate as a share of the roofline:
 # weight bytes per token over the read bandwidth measured over that model's own weight size
 # (lego::kernels::roofline, printed by the model bench).
 #
@@ -53,9 +54,10 @@ echo "part,config,batch,threads,lego_tok_per_s,lego_best,peer,peer_tok_per_s,pee
 ROWS=()
 
 # Our bench once for one measurement: prints its RESULT line.
-ours_result() { # part cfg batch
+ours_result() { # part cfg batch (OUR_REPS: reps, if set)
   env LEGO_BENCH="$1" LEGO_BENCH_CONFIGS="$2" LEGO_BENCH_THREADS="$THREADS" LEGO_BENCH_BATCHES="$3" \
-    LEGO_BENCH_QUICK="$QUICK" LEGO_BENCH_CSV=target/bench-peers-lego-last.csv "$BIN" | grep '^RESULT lego'
+    LEGO_BENCH_QUICK="$QUICK" ${OUR_REPS:+LEGO_BENCH_REPS=$OUR_REPS} \
+    LEGO_BENCH_CSV=target/bench-peers-lego-last.csv "$BIN" | grep '^RESULT lego'
 }
 
 row() { # part cfg batch ours best peer theirs tmin tmax peers_md ratio roof
@@ -89,28 +91,37 @@ run_pair() { # part cfg batch peer_reps: ours beside PyTorch
 }
 
 # llama2.c's run.c, built and fed random checkpoints of our configs, beside our batch-1 decode.
+# The two alternate for LLAMA2C_ROUNDS rounds (ours: 3 reps of the model bench; then one run of
+# run.c), and the ratio is the median of the rounds' own ratios: on a machine whose speed drifts
+# within minutes, a pair measured back to back is what compares.
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
 run_llama2c() { # cfg
-  local cfg=$1 dir=target/llama2c out ours best roof theirs
+  local cfg=$1 dir=target/llama2c out o t
   mkdir -p "$dir"
   [ -x "$dir/run" ] || gcc -Ofast -march=native -fopenmp -o "$dir/run" "$LLAMA2C/run.c" -lm
   [ -f "$dir/model_$cfg.bin" ] || python3 "$PEERS_DIR/write_llama2c_random.py" "$dir" "$cfg" >/dev/null
-  out=$(ours_result decode "$cfg" 1)
-  ours=$(field tok_per_s_median <<<"$out")
-  best=$(field tok_per_s_best <<<"$out")
-  roof=$(field roof_share <<<"$out")
-  local reps=5 rates=()
-  [ "$QUICK" = 1 ] && reps=2
-  for _ in $(seq "$reps"); do
-    rates+=("$(OMP_NUM_THREADS=$THREADS "$dir/run" "$dir/model_$cfg.bin" -z "$dir/tokenizer_$cfg.bin" \
-      -t 0 -n 144 -i abcdefghijklmn 2>&1 >/dev/null | sed -n 's/achieved tok\/s: \([0-9.]*\)/\1/p')")
+  local rounds=${LLAMA2C_ROUNDS:-7} ours_all=() theirs_all=() ratios=() roofs=()
+  [ "$QUICK" = 1 ] && rounds=2
+  for _ in $(seq "$rounds"); do
+    out=$(OUR_REPS=3 ours_result decode "$cfg" 1)
+    o=$(field tok_per_s_median <<<"$out")
+    roofs+=("$(field roof_share <<<"$out")")
+    t=$(OMP_NUM_THREADS=$THREADS "$dir/run" "$dir/model_$cfg.bin" -z "$dir/tokenizer_$cfg.bin" \
+      -t 0 -n 144 -i abcdefghijklmn 2>&1 >/dev/null | sed -n 's/achieved tok\/s: \([0-9.]*\)/\1/p')
+    ours_all+=("$o")
+    theirs_all+=("$t")
+    ratios+=("$(python3 -c "print($o/$t)")")
   done
-  theirs=$(printf '%s\n' "${rates[@]}" | sort -g | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}')
-  local lo hi ratio
-  lo=$(printf '%s\n' "${rates[@]}" | sort -g | head -1)
-  hi=$(printf '%s\n' "${rates[@]}" | sort -g | tail -1)
-  ratio=$(python3 -c "print(f'{$ours/$theirs:.2f}')")
-  local pm
+  local ours best theirs lo hi ratio roof pm
+  ours=$(median "${ours_all[@]}")
+  best=$(printf '%s\n' "${ours_all[@]}" | sort -g | tail -1)
+  theirs=$(median "${theirs_all[@]}")
+  lo=$(printf '%s\n' "${theirs_all[@]}" | sort -g | head -1)
+  hi=$(printf '%s\n' "${theirs_all[@]}" | sort -g | tail -1)
+  ratio=$(python3 -c "print(f'{$(median "${ratios[@]}"):.2f}')")
+  roof=$(median "${roofs[@]}")
   pm=$([ "$cfg" = S ] && echo 2470 || echo 340)
+  echo "  llama2.c $cfg rounds (ours / theirs): $(paste -d/ <(printf '%s\n' "${ours_all[@]}") <(printf '%s\n' "${theirs_all[@]}") | tr '\n' ' ')"
   row decode "$cfg" 1 "$ours" "$best" llama2.c "$theirs" "$lo" "$hi" "$pm" "$ratio" "$roof"
 }
 
