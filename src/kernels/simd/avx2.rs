@@ -233,7 +233,7 @@ fn exp(x: __m256) -> __m256 {
     _mm256_blendv_ps(y, _mm256_set1_ps(f32::INFINITY), overflow)
 }
 
-/// SwiGLU in place, 8 lanes at a time through the vector [`exp`]; see
+/// SwiGLU in place, 8 lanes at a time through the vector `exp`; see
 /// [`super::swiglu_in_place`].
 ///
 /// # Safety

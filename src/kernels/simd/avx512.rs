@@ -258,7 +258,7 @@ fn exp(x: __m512) -> __m512 {
     _mm512_mask_mov_ps(y, overflow, _mm512_set1_ps(f32::INFINITY))
 }
 
-/// SwiGLU in place, 16 lanes at a time through the vector [`exp`]; see
+/// SwiGLU in place, 16 lanes at a time through the vector `exp`; see
 /// [`super::swiglu_in_place`].
 ///
 /// # Safety
