@@ -34,7 +34,7 @@
 //!
 //! **Parts that wait for each other.** [`Team::run_together`] runs a job whose parts all run at
 //! the same time, on different threads, and may meet at a [`Gang::sync`] barrier: the decoder
-//! runs a whole layer (or several) as one job this way, each thread doing its share of every
+//! runs each layer as one job this way, each thread doing its share of every
 //! step of the layer and waiting only where it needs the others' results, instead of one
 //! hand-off per product (a barrier is one atomic add and a spin; a hand-off, waking a worker
 //! and handing a job over, costs several round trips between the cores). The buffers such parts
