@@ -539,7 +539,7 @@ struct Machine {
     /// FLOP/s of the small-M kernel on hot weights, all threads at once, for `m` rows
     /// (index m = 1..=8).
     gemm: [f64; 9],
-    /// FLOP/s of `matvec::products` (the decoder's call, team hand-offs included), hot weights.
+    /// FLOP/s of `matvec::products` (one team hand-off a call, as the decoder runs a head), hot weights.
     gemm_split: [f64; 9],
 }
 
@@ -554,8 +554,11 @@ fn layer_shapes(c: &LegoConfig) -> [(usize, usize, usize); 3] {
     [(c.dim, c.dim, 4), (c.ffn_hidden, c.dim, 2), (c.dim, c.ffn_hidden, 1)]
 }
 
-/// `out = x·Wᵀ` (`[m, n]`) as the decoder computes it: `matvec::products` on the decode team,
+/// `out = x·Wᵀ` (`[m, n]`) through `matvec::products` on the decode team, one hand-off a call,
 /// split over as many threads as the decoder uses for a model of config `c` (`decode_parts`).
+/// That is how the decoder computes a head; its layers run as one team job each
+/// (`model::decoder_layer`), which spares most of the hand-offs, so a layer's products in the
+/// decoder cost somewhat less than this (`cargo bench --bench kernels`, the decode step rows).
 #[allow(clippy::too_many_arguments)]
 fn engine_product(
     c: &LegoConfig,

@@ -255,10 +255,8 @@ pub unsafe fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
         }
         i += W;
     }
-    // The tail (fewer than 8): the scalar formula.
-    for (g, u) in gate[i..].iter_mut().zip(&up[i..]) {
-        *g = *g * (1.0 / (1.0 + (-*g).exp())) * u;
-    }
+    // The tail (fewer than 8): the scalar kernel.
+    super::scalar::swiglu_in_place(&mut gate[i..], &up[i..]);
 }
 
 /// Softmax over the whole slice, in place; see [`super::softmax_in_place`].
