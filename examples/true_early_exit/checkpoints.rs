@@ -7,7 +7,11 @@
 //! since `extend` is seeded). The tokenizer and the model's sizes come from the checkpoint
 //! (size flags are then ignored), and a checkpoint whose test documents differ from this
 //! run's split is refused (`Split::check_metadata`), which would leak test text into
-//! training. The baseline is always trained; a stage is either loaded or run.
+//! training. A stage is either loaded or run.
+//!
+//! The baseline has its own flag, `--baseline PATH`: read from `PATH` if the file is there
+//! (after the same split check), else trained and written there. Runs that share one
+//! baseline, as `scripts/phase2-study.sh` does, then train it once.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -118,4 +122,40 @@ impl Loaded {
             Ok(Phase2Run { model, opt, record: Phase2Record { mode, stage: Stage::from_checkpoint(c)? } })
         }))
     }
+}
+
+/// `--baseline PATH`: the baseline and its stage from `path`, if that file exists (`None`
+/// if not: then it is trained and [`save_baseline`] writes it).
+pub fn load_baseline(path: &Path, split: &Split) -> Result<Option<(LegoTransformer, Stage)>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let ckpt = load_training_checkpoint(path)?;
+    split.check_metadata(&ckpt.metadata, &ckpt.origin)?;
+    if ckpt.phase() != "baseline" {
+        let msg = format!("{}: phase '{}', expected 'baseline'", path.display(), ckpt.phase());
+        return Err(Error::Input(msg));
+    }
+    eprintln!("loaded the baseline from {}", path.display());
+    let stage = Stage::from_checkpoint(&ckpt)?;
+    Ok(Some((ckpt.model, stage)))
+}
+
+/// Writes the trained baseline (with its optimizer and stage) to `path`.
+pub fn save_baseline(
+    path: &Path,
+    tok: &Tokenizer,
+    split: &Split,
+    o: &Options,
+    (model, opt, stage): (&LegoTransformer, &AdamW, &Stage),
+) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    // The baseline has no routing threshold of its own.
+    let mut meta = stage_metadata("baseline", stage, split, f32::NAN, o);
+    meta.remove("routing_threshold");
+    save_training_checkpoint(path, model, tok, opt, &meta)?;
+    eprintln!("saved the baseline to {}", path.display());
+    Ok(())
 }

@@ -26,7 +26,7 @@
 //!    head as the **exit head** (so the calibrated confidences cannot move);
 //! 7. [`train_phase2`]: only the upper layers and the deep head learn, from the hard examples,
 //!    in whole sequences (`sequence`, our default) or token by token (`token`, the spec's);
-//! 8. [`train_baseline`]: the same 4 layers from scratch on all the data; and
+//! 8. [`train_baseline`]: the same 4 layers from scratch on all the data (or `--baseline`'s); and
 //!    [`tune_baseline_exit`]: that baseline with a tuned exit head (body frozen);
 //! 9. [`measure::evaluate_models`]: test PPL at full depth and with (fake) early exit;
 //! 10. [`measure::true_early_exit_generation`]: generation where a confident token really skips
@@ -145,7 +145,17 @@ fn run(o: &Options) -> Result<()> {
         )?;
     }
     // 8. The baseline: 4 layers from scratch; and the same with a tuned exit head.
-    let (baseline, baseline_stage) = train_baseline(&tokenizer, &data, o)?;
+    let loaded_baseline = o.baseline.as_deref().map(|p| checkpoints::load_baseline(p, &split)).transpose()?;
+    let (baseline, baseline_stage) = match loaded_baseline.flatten() {
+        Some(pair) => pair,
+        None => {
+            let (model, opt, stage) = train_baseline(&tokenizer, &data, o)?;
+            if let Some(path) = &o.baseline {
+                checkpoints::save_baseline(path, &tokenizer, &split, o, (&model, &opt, &stage))?;
+            }
+            (model, stage)
+        }
+    };
     let (tuned, tuned_stage) = tune_baseline_exit(&baseline, &data, o)?;
 
     // 9-12. Measurements on the test split.
@@ -344,11 +354,9 @@ fn train_phase2(
 
 /// The same depth as phase 2, trained from scratch on all the training data exactly as phase
 /// 1 is (optimizer, learning rate, epochs, early stopping).
-fn train_baseline(tok: &Tokenizer, data: &Dataset, o: &Options) -> Result<(LegoTransformer, Stage)> {
+fn train_baseline(tok: &Tokenizer, data: &Dataset, o: &Options) -> Result<(LegoTransformer, AdamW, Stage)> {
     eprintln!("\n== baseline: {} layers from scratch on all training data ==", o.run.phase2_layers);
-    let (model, _, stage) =
-        train_from_scratch("baseline", tok, data, o.run.phase2_layers, o.run.seed + 2, o)?;
-    Ok((model, stage))
+    train_from_scratch("baseline", tok, data, o.run.phase2_layers, o.run.seed + 2, o)
 }
 
 /// The baseline with a tuned exit head at layer `--phase1-layers`: its body frozen, a copy of

@@ -44,6 +44,8 @@ output
   --out DIR              where report.json, results.csv and frontier.svg go (out/true_early_exit)
   --save PATH            write the phase-2 training checkpoint to PATH, phase 1's beside it
   --load PATH            reuse a checkpoint written by --save (see the doc comment)
+  --baseline PATH        the baseline's checkpoint: read it if PATH exists, else train the
+                         baseline and write it there (for runs that share one, as the study)
   --help                 this text
 ";
 
@@ -60,6 +62,7 @@ pub struct Options {
     pub out: PathBuf,
     pub save: Option<PathBuf>,
     pub load: Option<PathBuf>,
+    pub baseline: Option<PathBuf>,
 }
 
 impl Options {
@@ -105,6 +108,7 @@ impl Options {
             out: f.path("out").unwrap_or_else(|| PathBuf::from("out/true_early_exit")),
             save: f.path("save"),
             load: f.path("load"),
+            baseline: f.path("baseline"),
         };
         let bad = |msg: String| Err(FlagError::Invalid(msg));
         if !(o.run.hard_ratio > 0.0 && o.run.hard_ratio < 1.0) {
@@ -159,7 +163,7 @@ mod tests {
             ),
             (64, 4, 172, 64, 2, 4)
         );
-        assert_eq!(lego::cli::flags_in_usage(USAGE).len(), 27); // 26 flags and --help
+        assert_eq!(lego::cli::flags_in_usage(USAGE).len(), 28); // 27 flags and --help
         let o = parse(&["--dim=32", "--phase2-mode", "token", "--lr", "0.01", "--out", "x"]).unwrap();
         assert_eq!(
             (o.run.dim, o.run.ffn_hidden, o.modes.as_slice(), o.run.lr),
