@@ -65,7 +65,7 @@
 //! ```text
 //! lower      layers 0..exit, every row                 weights of layers 0..exit
 //! exit check softmax: the exit head, every row         V×D
-//!            gate: a norm + D-term dot, every row;      2·D
+//!            gate: a norm + 2D-term sum, every row;     3·D
 //!            the exit head for the rows that exit only  V×D (if any row exits)
 //! upper      layers exit..N + the final head, the deep rows only; charged only on steps
 //!            where at least one row goes deep, and then the weights are read whole once
@@ -749,10 +749,10 @@ impl CostModel<'_> {
                 ExitMeasure::MaxSoftmax => {
                     self.phase(batch as f64 * cost::head_flops(c), self.head_bytes(), batch)
                 }
-                // The gate (a norm and a D-term dot product) on every row, its D + D weights;
+                // The gate (a norm and a 2D-term sum) on every row, its D + 2D weights;
                 // the exit head only for the rows that exit.
                 ExitMeasure::Gate => {
-                    let gate = self.phase(batch as f64 * cost::gate_flops(c), (2 * d * 4) as f64, batch);
+                    let gate = self.phase(batch as f64 * cost::gate_flops(c), (3 * d * 4) as f64, batch);
                     let head = if shallow > 0 {
                         self.phase(shallow as f64 * cost::head_flops(c), self.head_bytes(), shallow)
                     } else {

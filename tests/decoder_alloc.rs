@@ -45,8 +45,9 @@ fn a_generated_token_allocates_nothing() {
     let config = LegoConfig { exit_layer: 2, ..LegoConfig::new(53, 32, 4, 4, 72, 64) };
     let mut m = LegoTransformer::new(config, &mut Tensor::rng(1)).unwrap();
     // An exit gate with fixed weights of both signs, so that its routes mix.
-    let weights = (0..32).map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.5).collect();
-    m.exit_gate = Some(ExitGate::new(weights, 0.0, 0.5).unwrap());
+    let weights: Vec<f32> = (0..32).map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.5).collect();
+    let squares = weights.iter().map(|w| -0.5 * w).collect();
+    m.exit_gate = Some(ExitGate::new(weights, squares, 0.0, 0.5).unwrap());
     // A ragged batch: prompts of 5, 2 and 8 tokens.
     let prompts: Vec<Vec<usize>> =
         [5, 2, 8].iter().enumerate().map(|(s, &n)| (0..n).map(|i| (i * 7 + s * 3) % 53).collect()).collect();

@@ -120,12 +120,11 @@ fn the_imitation_gate_routes_held_out_tokens_as_the_softmax_does_and_its_thresho
     // Held out from both the fit and the calibration: the test split.
     let test = gate_agreement(&t.phase1, &t.splits.test, t.threshold).unwrap();
     eprintln!("exit gate on the test split: {test:?}");
-    // The issue asks for 90 %. A linear gate on the normalised exit state measures 88.8 % on
-    // this model at a 50 % exit share (89.2 % on the training tokens: the limit is the linear
-    // map, not overfitting), and 78-83 % on models of this corpus trained longer or wider; no
-    // target tried instead of the 0/1 label (least squares on the confidence, its log or its
-    // logit) and no extra feature (the norm of h) did better. So this holds it at 85 %.
-    assert!(test.agreement >= 0.85, "the gate agrees with the softmax routing on only {test:?}");
+    // The issue asks for 90 %. This gate measures 90.5 % here at a 50 % exit share (91.0 % on
+    // the training tokens). A purely linear one (no square weights) measured 88.8 % (89.2 % on
+    // the training tokens: the limit was the linear map, not overfitting); least squares on
+    // the confidence, its log or its logit, and the norm of h as a feature, did no better.
+    assert!(test.agreement >= 0.90, "the gate agrees with the softmax routing on only {test:?}");
     assert!(
         (test.gate_exit_share - (1.0 - HARD_RATIO as f64)).abs() <= 0.02,
         "the calibrated threshold lets {:.2} % of held-out tokens exit, not 50 ± 2 %",
@@ -276,6 +275,29 @@ fn checkpoints_with_and_without_a_gate_round_trip() {
     without.save(&bad, &extra).unwrap();
     let e = LegoTransformer::load(&bad).unwrap_err().to_string();
     assert!(e.contains("without the exit gate's tensors"), "{e}");
+
+    // A file written by a linear gate (no square weights, as before the squares) loads with
+    // q = 0: the same linear weights, bias and threshold.
+    let st = lego::io::safetensors::load(&path).unwrap();
+    let entries: Vec<(&str, &[usize], &[f32])> = st
+        .tensors
+        .iter()
+        .filter(|(n, _)| n.as_str() != "exit_gate.square_weight")
+        .map(|(n, t)| (n.as_str(), t.shape.as_slice(), t.data.as_slice()))
+        .collect();
+    let linear = temp("linear-gate.safetensors");
+    lego::io::safetensors::save(&linear, &entries, &st.metadata).unwrap();
+    let (back, _) = LegoTransformer::load(&linear).unwrap();
+    let (g, b) = (with.exit_gate.as_ref().unwrap(), back.exit_gate.as_ref().unwrap());
+    assert_eq!(
+        (g.weight.to_vec(), g.bias.to_vec(), g.threshold),
+        (b.weight.to_vec(), b.bias.to_vec(), b.threshold)
+    );
+    assert!(
+        b.square_weight.to_vec().iter().all(|&q| q == 0.0)
+            && b.square_weight.shape() == g.square_weight.shape()
+    );
+    assert!(g.square_weight.to_vec().iter().any(|&q| q != 0.0), "the trained gate uses its squares");
 }
 
 #[test]
@@ -292,7 +314,7 @@ fn the_gate_measure_without_a_gate_or_with_a_non_finite_score_is_an_error() {
     assert!("tree".parse::<ExitMeasure>().unwrap_err().to_string().contains("'softmax' or 'gate'"));
 
     // A gate of the wrong width.
-    deep.exit_gate = Some(ExitGate::new(vec![0.1; 7], 0.0, 0.5).unwrap());
+    deep.exit_gate = Some(ExitGate::linear(vec![0.1; 7], 0.0, 0.5).unwrap());
     let e = deep.generate_with(&prompt, &options).unwrap_err().to_string();
     assert!(e.contains("7 weights"), "{e}");
 

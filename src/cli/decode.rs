@@ -128,7 +128,7 @@ mod tests {
         let config = LegoConfig::new(256, 16, 4, 2, 32, 64);
         let mut m = LegoTransformer::new(config, &mut crate::Tensor::rng(0)).unwrap();
         if gate {
-            m.exit_gate = Some(ExitGate::new(vec![0.0; 16], 0.0, 0.7).unwrap());
+            m.exit_gate = Some(ExitGate::linear(vec![0.0; 16], 0.0, 0.7).unwrap());
         }
         m
     }

@@ -13,7 +13,7 @@
 //! | `norm.weight` | `[D]` |
 //! | `output.weight` | `[V, D]` |
 //! | `exit_norm.weight`, `exit_output.weight` (an extended model's frozen exit head) | `[D]`, `[V, D]` |
-//! | `exit_gate.weight`, `exit_gate.bias` (the learned exit gate, [`ExitGate`], if trained) | `[1, D]`, `[1]` |
+//! | `exit_gate.weight`, `exit_gate.square_weight`, `exit_gate.bias` (the learned exit gate, [`ExitGate`], if trained; a file without `square_weight` holds a linear gate) | `[1, D]`, `[1, D]`, `[1]` |
 //!
 //! The metadata holds `config` (the [`LegoConfig`] as JSON), `frozen` (a comma-separated list
 //! of the parameters that do not train), `exit_gate.threshold` (the gate's calibrated
@@ -80,6 +80,7 @@ impl LegoTransformer {
         let config = LegoConfig::from_json(&config_json, origin)?;
         let has_exit_head = st.tensors.contains_key("exit_norm.weight");
         let has_exit_gate = st.tensors.contains_key("exit_gate.weight");
+        let has_square_weight = st.tensors.contains_key("exit_gate.square_weight");
         // The gate's threshold: taken out of the metadata (it belongs to the model now).
         let gate_threshold = match st.metadata.remove(ExitGate::THRESHOLD_KEY) {
             None if has_exit_gate => {
@@ -162,10 +163,17 @@ impl LegoTransformer {
         let exit_gate = match gate_threshold {
             Some(threshold) => {
                 let weight = take("exit_gate.weight", &[1, d])?;
+                // A linear gate's file (written before the squares) has none: q = 0.
+                let square_weight = if has_square_weight {
+                    take("exit_gate.square_weight", &[1, d])?
+                } else {
+                    Tensor::from_vec(vec![0.0; d], &[1, d])
+                };
                 let bias = take("exit_gate.bias", &[1])?;
-                weight.set_requires_grad(false);
-                bias.set_requires_grad(false);
-                Some(ExitGate { weight, bias, threshold })
+                for t in [&weight, &square_weight, &bias] {
+                    t.set_requires_grad(false);
+                }
+                Some(ExitGate { weight, square_weight, bias, threshold })
             }
             None => None,
         };

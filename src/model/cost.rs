@@ -20,7 +20,7 @@
 //! the exit check costs more than a layer (the prototype's weakness 6), and this count shows it.
 //!
 //! **With the exit gate** ([`ExitMeasure::Gate`]) the check is a norm
-//! and a `D`-term dot product ([`gate_flops`]): a token that exits pays the lower layers, the
+//! and a `2D`-term dot product ([`gate_flops`]): a token that exits pays the lower layers, the
 //! gate and the exit head; one that goes deep pays full depth and the gate, never the exit head.
 
 use super::LegoConfig;
@@ -57,10 +57,11 @@ pub fn deep_flops(c: &LegoConfig, ctx: usize) -> f64 {
 }
 
 /// FLOPs of the exit gate's check for one token: the RMSNorm of the exit state (a sum of
-/// squares, then a scale and a weight per element: `4·D`) and the dot product with the gate's
-/// weights (`2·D`); the bias and the sigmoid are a handful more, not counted.
+/// squares, then a scale and a weight per element: `4·D`) and the gate's sum
+/// `Σᵢ x̂ᵢ (wᵢ + qᵢ x̂ᵢ)` (two multiply-adds per element: `4·D`); the bias and the sigmoid are a
+/// handful more, not counted.
 pub fn gate_flops(c: &LegoConfig) -> f64 {
-    6.0 * c.dim as f64
+    8.0 * c.dim as f64
 }
 
 /// FLOPs of a token that exits by the gate: the lower layers, the gate, the exit head.
@@ -169,8 +170,8 @@ mod tests {
     #[test]
     fn with_the_gate_a_deep_token_costs_full_depth_and_a_norm_and_a_dot_product() {
         let c = LegoConfig::new(8192, 64, 4, 4, 172, 64);
-        assert_eq!(gate_deep_flops(&c, 32) - full_depth_flops(&c, 32), 6.0 * 64.0);
-        assert_eq!(gate_shallow_flops(&c, 32) - shallow_flops(&c, 32), 6.0 * 64.0);
+        assert_eq!(gate_deep_flops(&c, 32) - full_depth_flops(&c, 32), 8.0 * 64.0);
+        assert_eq!(gate_shallow_flops(&c, 32) - shallow_flops(&c, 32), 8.0 * 64.0);
         // The max-softmax check makes a deep token pay a second head; the gate does not.
         assert!(gate_deep_flops(&c, 32) < deep_flops(&c, 32));
     }

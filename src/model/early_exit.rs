@@ -13,8 +13,8 @@
 //! **The measure** ([`ExitMeasure`]). Above is the spec's: every token pays the exit head (a
 //! `V×D` projection) to learn its confidence, and a token that goes deep then pays the deep
 //! head too. With [`ExitMeasure::Gate`] the confidence is the model's learned
-//! [`ExitGate`] instead, `p_exit = sigmoid(w·norm(h) + b)`: a norm and a
-//! `D`-term dot product per token, and only the tokens that exit run the exit head (their
+//! [`ExitGate`] instead, `p_exit = sigmoid(w·x̂ + q·(x̂ ⊙ x̂) + b)`, `x̂ = norm(h)`: a norm
+//! and a `2D`-term sum per token, and only the tokens that exit run the exit head (their
 //! logits are their output):
 //!
 //! ```text
@@ -419,7 +419,7 @@ impl Decoder<'_> {
                 }
             }
             ExitMeasure::Gate => {
-                // Every row pays a norm and a D-term dot product ...
+                // Every row pays a norm and a 2D-term dot product ...
                 let gate = gate_of(model)?;
                 let norm = &model.exit().norm;
                 routes.normed.resize(gate.dim(), 0.0);

@@ -104,7 +104,7 @@ pub struct LegoTransformer {
     /// A separate, frozen head for the exit confidence, once the model has been extended
     /// (`None`: the exit uses [`head`](LegoTransformer::head), as in a shallow model).
     pub exit_head: Option<ExitHead>,
-    /// The learned exit gate, if one was trained ([`ExitGate`]: `D + 1` frozen weights read by
+    /// The learned exit gate, if one was trained ([`ExitGate`]: `2D + 1` frozen weights read by
     /// [`ExitMeasure::Gate`](super::ExitMeasure::Gate)). `None` until
     /// [`train_exit_gate`](crate::train::train_exit_gate) gives it one.
     pub exit_gate: Option<ExitGate>,
@@ -192,7 +192,7 @@ impl LegoTransformer {
 
     /// Every parameter with its checkpoint name (Llama conventions; the separate exit head,
     /// if any, as `exit_norm.weight` and `exit_output.weight`; the exit gate, if any, as
-    /// `exit_gate.weight` and `exit_gate.bias`).
+    /// `exit_gate.weight`, `exit_gate.square_weight` and `exit_gate.bias`).
     pub fn named_params(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("tok_embeddings.weight".to_string(), self.tok_embeddings.clone())];
         for (i, layer) in self.layers.iter().enumerate() {
@@ -206,6 +206,7 @@ impl LegoTransformer {
         }
         if let Some(g) = &self.exit_gate {
             out.push(("exit_gate.weight".into(), g.weight.clone()));
+            out.push(("exit_gate.square_weight".into(), g.square_weight.clone()));
             out.push(("exit_gate.bias".into(), g.bias.clone()));
         }
         out

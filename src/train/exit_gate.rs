@@ -1,10 +1,10 @@
 //! Training the exit gate ([`ExitGate`]) right after phase 1, to imitate the spec's routing.
 //!
 //! ```text
-//! training split   lower layers (frozen, graph-free, once) ─► h ─┬─ x̂ = rmsnorm(h) ⊙ γ_exit        features  [N, D]
-//!                                                                 └─ max softmax(exit head(h)) >= t   labels    [N]
-//! fit              w, b by logistic regression (Newton's method on D + 1 parameters)
-//! validation split p_exit = sigmoid(w·x̂ + b) of every token ─► threshold: the requested share exits
+//! training split   lower layers (frozen, graph-free, once) ─► h ─┬─ x̂ = rmsnorm(h) ⊙ γ_exit; (x̂, x̂ ⊙ x̂)  features  [N, 2D]
+//!                                                                 └─ max softmax(exit head(h)) >= t       labels    [N]
+//! fit              w, q, b by logistic regression (Newton's method on 2D + 1 parameters)
+//! validation split p_exit = sigmoid(w·x̂ + q·(x̂ ⊙ x̂) + b) of every token ─► threshold: the requested share exits
 //! ```
 //!
 //! The label is the spec's decision (`t` is the calibrated max-softmax threshold), so the gate
@@ -14,8 +14,10 @@
 //! exit. The lower layers and the exit head are frozen from phase 1 on, so the features are
 //! computed once and the gate stays valid through phase 2.
 //!
-//! **The fit.** With `x̃ = (x̂, 1)`, `θ = (w, b)`, `zᵢ = θ·x̃ᵢ`, `pᵢ = σ(zᵢ)` and labels
-//! `yᵢ ∈ {0, 1}`, the loss is the mean binary cross-entropy plus an L2 penalty on `w`:
+//! **The fit.** With `x̃ = (x̂, x̂ ⊙ x̂, 1)` and `θ = (w, q, b)` (the squares are just more
+//! features: the logit stays linear in `θ`), `zᵢ = θ·x̃ᵢ`, `pᵢ = σ(zᵢ)` and labels
+//! `yᵢ ∈ {0, 1}`, the loss is the mean binary cross-entropy plus an L2 penalty on the weights
+//! (`w` and `q`, written `w` below; not the bias):
 //!
 //! ```text
 //! L(θ) = (1/N) Σᵢ [−yᵢ log pᵢ − (1 − yᵢ) log(1 − pᵢ)] + (λ/2)‖w‖²
@@ -28,8 +30,8 @@
 //! `L` is convex, and with `λ > 0` the Hessian is positive definite, so Newton's method
 //! `θ ← θ − (∇²L)⁻¹ ∇L` (logistic regression's classic "iteratively reweighted least squares")
 //! converges in a handful of steps; halving the step while the loss does not fall guards the
-//! first ones. Each step costs one pass over the `N × (D+1)` features for the gradient and one
-//! `(D+1) × N × (D+1)` product for the Hessian, then a `(D+1)³/3` Cholesky solve. Everything is
+//! first ones. With `k = 2D + 1` parameters, each step costs one pass over the `N × k` features
+//! for the gradient and one `k × N × k` product for the Hessian, then a `k³/3` Cholesky solve. Everything is
 //! deterministic: same data, same gate.
 
 use super::hard_examples::{check_exit_logits, check_ratio, quantile_threshold};
@@ -52,8 +54,8 @@ pub struct ExitGateOptions {
     /// step would take off the quadratic model of the loss), is below this.
     pub tolerance: f64,
     /// Fit on at most about this many training tokens: whole batches, evenly spaced over the
-    /// split (a linear map of `D + 1` parameters needs far fewer tokens than a split holds, and
-    /// the features of every token would take `N·D` floats).
+    /// split (a logistic regression of `2D + 1` parameters needs far fewer tokens than a split
+    /// holds, and the features of every token would take `N·(2D + 1)` floats).
     pub max_train_tokens: usize,
 }
 
@@ -118,14 +120,17 @@ pub fn train_exit_gate(
     let norm = &model.exit().norm;
     let norm_weight = norm.weight.data();
 
-    // Features x̃ = (x̂, 1) and labels, from evenly spaced training batches.
+    // Features x̃ = (x̂, x̂ ⊙ x̂, 1) and labels, from evenly spaced training batches.
+    let k = 2 * d + 1;
     let chosen = spaced_batches(train, options.max_train_tokens);
-    let mut x = Vec::new(); // [N, D + 1]
+    let mut x = Vec::new(); // [N, 2D + 1]
     let mut y = Vec::new(); // [N]
     exit_states(model, &chosen, "train_exit_gate", |h, confidence| {
         let at = x.len();
-        x.resize(at + d + 1, 1.0);
-        simd::rmsnorm(h, &norm_weight, norm.eps, &mut x[at..at + d]);
+        x.resize(at + k, 1.0);
+        let (linear, squares) = x[at..at + 2 * d].split_at_mut(d);
+        simd::rmsnorm(h, &norm_weight, norm.eps, linear);
+        squares.iter_mut().zip(linear.iter()).for_each(|(s, &v)| *s = v * v);
         y.push(confidence >= softmax_threshold);
     })?;
     let exits = y.iter().filter(|&&e| e).count();
@@ -139,11 +144,12 @@ pub fn train_exit_gate(
             if exits == 0 { "go deep" } else { "exit" }
         )));
     }
-    let (theta, iterations, train_loss) = fit_logistic(&x, &y, d + 1, options);
+    let (theta, iterations, train_loss) = fit_logistic(&x, &y, k, options);
 
     // The gate, its threshold calibrated on validation.
     let weight: Vec<f32> = theta[..d].iter().map(|&t| t as f32).collect();
-    let mut gate = ExitGate::new(weight, theta[d] as f32, 0.0)?;
+    let square_weight: Vec<f32> = theta[d..2 * d].iter().map(|&t| t as f32).collect();
+    let mut gate = ExitGate::new(weight, square_weight, theta[2 * d] as f32, 0.0)?;
     let mut p_val = Vec::new();
     let mut softmax_val = Vec::new();
     let mut normed = vec![0.0; d];
@@ -160,8 +166,7 @@ pub fn train_exit_gate(
     gate.threshold = quantile_threshold(&mut p_val.clone(), hard_ratio);
 
     let validation = agreement(p_val.iter().map(|&p| p >= gate.threshold), softmax_val.iter().copied());
-    let (w, b) = (gate.weight.data(), gate.bias.data()[0]);
-    let p_train = x.chunks_exact(d + 1).map(|xi| sigmoid(simd::dot(&xi[..d], &w) + b) >= gate.threshold);
+    let p_train = x.chunks_exact(k).map(|xi| sigmoid(gate.logit_of_normed(&xi[..d])) >= gate.threshold);
     let train_agreement = agreement(p_train, y.iter().copied()).agreement;
     let report = ExitGateReport {
         train_tokens: y.len(),
@@ -282,7 +287,7 @@ fn exit_states(
     Ok(())
 }
 
-/// Rows of features handled by one Hessian product (bounds the scratch to `CHUNK × (D+1)`).
+/// Rows of features handled by one Hessian product (bounds the scratch to `CHUNK × k`).
 const CHUNK: usize = 4096;
 
 /// Logistic regression by Newton's method (see the module doc) on features `x` (`[N, k]`, the
