@@ -51,7 +51,7 @@ use crate::error::{Error, Result};
 use crate::kernels::matvec::{BLOCK, Epilogue, products, scratch_len};
 use crate::kernels::simd;
 use crate::kernels::team::{Team, decode_team};
-use crate::ops::rope::{rope_tables, rotate};
+use crate::ops::rope::{SharedRopeTables, rotate, shared_rope_tables};
 use crate::tensor::Tensor;
 
 /// Models with fewer weights a token than this (1 Mi weights, 4 MiB) decode on one thread; larger
@@ -95,17 +95,15 @@ struct Workspace {
     logits: Vec<f32>,
     /// One row of probabilities, `[V]` (the exit check's softmax).
     probs: Vec<f32>,
-    /// RoPE cos / sin for every position, `[max_seq_len, head_dim / 2]`.
-    rope_cos: Vec<f32>,
-    rope_sin: Vec<f32>,
+    /// RoPE cos / sin for every position, `[max_seq_len, head_dim / 2]` each (shared by every
+    /// decoder of the same shape: [`shared_rope_tables`]).
+    rope: SharedRopeTables,
 }
 
 impl Workspace {
     fn new(model: &LegoTransformer, capacity: usize, team_size: usize) -> Workspace {
         let c = &model.config;
         let (d, f, v) = (c.dim, c.ffn_hidden, c.vocab_size);
-        let positions: Vec<usize> = (0..c.max_seq_len).collect();
-        let (rope_cos, rope_sin) = rope_tables(&positions, c.head_dim(), c.rope_theta);
         Workspace {
             capacity,
             x: vec![0.0; capacity * d],
@@ -120,8 +118,7 @@ impl Workspace {
             part_scratch: vec![0.0; team_size * part_scratch_len(d, f)],
             logits: vec![0.0; capacity * v],
             probs: vec![0.0; v],
-            rope_cos,
-            rope_sin,
+            rope: shared_rope_tables(c.max_seq_len, c.head_dim(), c.rope_theta),
         }
     }
 }
@@ -490,8 +487,8 @@ impl<'m> Decoder<'m> {
             hidden: &mut ws.hidden[..m * f],
             scores: &mut ws.scores,
             scratch: &mut ws.part_scratch,
-            rope_cos: &ws.rope_cos,
-            rope_sin: &ws.rope_sin,
+            rope_cos: &ws.rope.0,
+            rope_sin: &ws.rope.1,
         };
         run_layer(self.team, self.parts, dims, &weights, &tokens, buffers, cache);
     }
@@ -582,7 +579,7 @@ impl<'m> Decoder<'m> {
                 let tok = self.step.first[r] + self.step.counts[r] - 1;
                 let pos = self.step.token_pos[tok];
                 let (cos, sin) =
-                    (&ws.rope_cos[pos * half..(pos + 1) * half], &ws.rope_sin[pos * half..(pos + 1) * half]);
+                    (&ws.rope.0[pos * half..(pos + 1) * half], &ws.rope.1[pos * half..(pos + 1) * half]);
                 for h in 0..heads {
                     rotate(&mut ws.k[i * d + h * hd..i * d + (h + 1) * hd], cos, sin);
                 }

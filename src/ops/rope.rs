@@ -23,24 +23,52 @@
 //! assert!((y[0] - 1f32.cos()).abs() < 1e-6 && (y[1] - 1f32.sin()).abs() < 1e-6);
 //! ```
 
+use std::sync::{Arc, Mutex};
+
 use crate::tensor::{Tensor, pool};
 
 /// The cosine and sine of `θⱼ(p)` for each position in `positions` and each pair `j`,
 /// laid out `[position][j]`.
 pub fn rope_tables(positions: &[usize], head_dim: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
+    // θⱼ = base^(−2j/head_dim), computed in f64 so that large positions keep their precision.
+    let freqs: Vec<f64> =
+        (0..half).map(|j| (base as f64).powf(-((2 * j) as f64) / head_dim as f64)).collect();
     let mut cos = Vec::with_capacity(positions.len() * half);
     let mut sin = Vec::with_capacity(positions.len() * half);
     for &p in positions {
-        for j in 0..half {
-            // Computed in f64 so that large positions keep their precision.
-            let freq = (base as f64).powf(-((2 * j) as f64) / head_dim as f64);
+        for &freq in &freqs {
             let angle = p as f64 * freq;
             cos.push(angle.cos() as f32);
             sin.push(angle.sin() as f32);
         }
     }
     (cos, sin)
+}
+
+/// [`rope_tables`] for positions `0..max_seq_len`, shared: `(cos, sin)`, `[max_seq_len,
+/// head_dim / 2]` each.
+pub type SharedRopeTables = Arc<(Vec<f32>, Vec<f32>)>;
+
+/// The tables of positions `0..max_seq_len`, computed once per process for each
+/// `(max_seq_len, head_dim, base)` and shared after that. A decoder needs them for every
+/// generation call, and computing them (two f64 trigonometric calls per position and pair: 4,096
+/// at config S) costs more than a decoded token at config T.
+pub fn shared_rope_tables(max_seq_len: usize, head_dim: usize, base: f32) -> SharedRopeTables {
+    type Key = (usize, usize, u32);
+    // A handful of entries at most (one per model shape in use): a list is enough.
+    static CACHE: Mutex<Vec<(Key, SharedRopeTables)>> = Mutex::new(Vec::new());
+    let key = (max_seq_len, head_dim, base.to_bits());
+    // A panic elsewhere while the lock was held cannot leave a half-written entry (entries are
+    // pushed whole), so a poisoned lock is still usable.
+    let mut cache = CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, tables)) = cache.iter().find(|(k, _)| *k == key) {
+        return Arc::clone(tables);
+    }
+    let positions: Vec<usize> = (0..max_seq_len).collect();
+    let tables = Arc::new(rope_tables(&positions, head_dim, base));
+    cache.push((key, Arc::clone(&tables)));
+    tables
 }
 
 /// Rotates one head's vector in place: pair j by the angle whose cos/sin are `cos[j]`, `sin[j]`
