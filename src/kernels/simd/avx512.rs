@@ -218,12 +218,50 @@ fn tile<const J: usize, const R: usize>(
             }
         }
     }
+    if J == 8 && R == 1 {
+        // One row of x (m = 1): the 8 outputs are contiguous in out_t, and one transposed
+        // reduction sums the 8 accumulators at once.
+        let sums = hsum8(std::array::from_fn(|jj| acc[jj][0]));
+        let at = &mut out_t[j0..j0 + 8];
+        // SAFETY: `at` holds the 8 floats the mask selects.
+        unsafe { _mm512_mask_storeu_ps(at.as_mut_ptr(), 0xff, sums) };
+        return;
+    }
     for jj in 0..J {
         for r in 0..R {
             // out_t is (n, m): row j, column i.
             out_t[(j0 + jj) * m + i0 + r] = hsum(acc[jj][r]);
         }
     }
+}
+
+/// The horizontal sums of 8 registers at once: lane `i < 8` of the result is `hsum(v[i])`, bit
+/// for bit, since each sum is added up in the same tree as [`hsum`]'s
+/// (`_mm512_reduce_add_ps`): lanes `l + l+8`, then `+ l+4`, then `+ l+2`, then `+ l+1`. Eight
+/// separate sums take about 8 instructions each; here shuffles that move two registers' halves
+/// side by side let one add serve two (then four, then eight) sums: about 25 in all.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn hsum8(v: [__m512; 8]) -> __m512 {
+    // A, B: two registers of 4 chunks of 128 bits. _mm512_shuffle_f32x4::<I>(a, b) takes its
+    // chunks 0, 1 from a and 2, 3 from b, chosen by the 2-bit fields of I.
+    // 1. [A0 A1 B0 B1] + [A2 A3 B2 B3]: each sum's lanes l + l+8, two sums per register.
+    let halves = |a: __m512, b: __m512| {
+        _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b))
+    };
+    let s = [halves(v[0], v[1]), halves(v[2], v[3]), halves(v[4], v[5]), halves(v[6], v[7])];
+    // 2. Chunks 0, 2 + chunks 1, 3: lanes + l+4; one sum per 128-bit chunk, sums 0-3 and 4-7.
+    let quarters = |a: __m512, b: __m512| {
+        _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
+    };
+    let (t0, t1) = (quarters(s[0], s[1]), quarters(s[2], s[3]));
+    // 3. Within each chunk, lanes 0, 1 + lanes 2, 3 (l + l+2): chunk c holds sum c in lanes 0,
+    //    1 and sum 4 + c in lanes 2, 3.
+    let u = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(t0, t1), _mm512_shuffle_ps::<0xEE>(t0, t1));
+    // 4. Lane 0 + lane 1 (and 2 + 3): sum c lands in lane 4c, sum 4 + c in lane 4c + 2.
+    let w = _mm512_add_ps(u, _mm512_movehdup_ps(u));
+    // Gather sums 0-7 into lanes 0-7.
+    _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0), w)
 }
 
 /// e^x on 16 lanes, to ~1 ulp for x <= 0 (see the derivation above `EXP_LO` in [`super`]):

@@ -128,6 +128,34 @@ fn matmul_xwt_equals_scalar() {
 }
 
 #[test]
+fn matmul_xwt_gives_a_row_the_same_bits_alone_or_among_others() {
+    // Batch invariance at the kernel: a row of x alone (m = 1: 8-row tiles of w and the
+    // 8-at-once horizontal sums) and the same row among m rows (4 × 4 tiles, one sum at a
+    // time) give the same bits.
+    for kern in simd_levels() {
+        for (k, n) in [(16, 8), (64, 24), (100, 19), (256, 40), (1377, 17)] {
+            let w = test_data(n * k, 8);
+            for m in [2, 3, 5, 8] {
+                let x = test_data(m * k, 9);
+                let mut out_t = vec![f32::NAN; n * m];
+                (kern.matmul_xwt)(&x, m, k, &w, &mut out_t);
+                for i in 0..m {
+                    let mut alone = vec![f32::NAN; n];
+                    (kern.matmul_xwt)(&x[i * k..(i + 1) * k], 1, k, &w, &mut alone);
+                    let among: Vec<f32> = (0..n).map(|j| out_t[j * m + i]).collect();
+                    assert_eq!(
+                        alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        among.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{:?} matmul_xwt row {i} of {m}, k={k} n={n}",
+                        kern.level
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn exp_is_within_a_few_ulp() {
     // A dense sweep of the range softmax uses (x <= 0), and some positive values.
     let xs: Vec<f32> =
