@@ -127,7 +127,12 @@ fn run(o: &Options) -> Result<()> {
     let mut phase2 = Vec::new();
     for &mode in &o.modes {
         phase2.push(match loaded.as_ref().and_then(|l| l.phase2_model(mode)) {
-            Some(run) => run?,
+            // Phase 2 keeps phase 1's gate frozen, so a loaded phase-2 model takes the gate
+            // just trained from the same phase 1 and data: the one it would have had.
+            Some(run) => run.map(|mut run| {
+                run.model.exit_gate = phase1.exit_gate.as_ref().map(|g| g.deep_clone());
+                run
+            })?,
             None => train_phase2(&start, &hard, &data, threshold, mode, o)?,
         });
     }
