@@ -22,7 +22,7 @@
 //! of `x̂` along the head's directions. A purely linear gate (`D + 1` weights, `q = 0`) routed
 //! 88.8 % of held-out tokens as the softmax does on `tests/exit_gate.rs`'s model and 75.9 % of
 //! the validation tokens of the README's Shakespeare model; the squares, still one logistic
-//! regression (convex, fitted by Newton's method), raise that to 90.5 % and about 80 % for `D`
+//! regression (convex, fitted by Newton's method), raise that to 90.5 % and 79.8 % for `D`
 //! more multiply-adds, which next to the `V×D` exit head (`V` ≥ 256) is nothing.
 //!
 //! A token that goes deep now pays a norm and a `2D`-term dot product beyond full depth, never
@@ -130,6 +130,13 @@ impl ExitGate {
     /// in order. Training reports its agreement through this too, so every path scores a
     /// token with the same arithmetic.
     pub fn logit_of_normed(&self, normed: &[f32]) -> f32 {
+        assert_eq!(
+            normed.len(),
+            self.dim(),
+            "ExitGate::logit_of_normed: a state of {} values for a gate of width {}",
+            normed.len(),
+            self.dim()
+        );
         let (w, q) = (self.weight.data(), self.square_weight.data());
         let sum: f32 = normed.iter().zip(w.iter().zip(q.iter())).map(|(&x, (&w, &q))| x * (w + q * x)).sum();
         sum + self.bias.data()[0]
