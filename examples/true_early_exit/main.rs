@@ -274,7 +274,7 @@ fn calibrate(phase1: &LegoTransformer, data: &Dataset, o: &Options) -> Result<f3
 }
 
 /// The learned **exit gate** (CALM's classifier, `lego::model::exit_gate`): a logistic
-/// regression from the normalised exit state, fitted on the *training* split to imitate the
+/// regression from the normalised exit state and its squares, fitted on the *training* split to imitate the
 /// max-softmax routing at `threshold`, its own threshold calibrated on *validation* to the same
 /// exit share. With it, a token that goes deep never pays the exit head.
 fn train_gate(phase1: &LegoTransformer, data: &Dataset, threshold: f32, o: &Options) -> Result<ExitGate> {
