@@ -12,7 +12,6 @@ use rayon::prelude::*;
 
 use crate::kernels::parallel::worth_splitting;
 use crate::kernels::simd;
-use crate::ops::unary::sigmoid;
 
 /// Elements a thread takes at a time in the forward pass: a fixed multiple of every SIMD
 /// width, so the pieces (and so the bits) do not depend on the number of threads.
@@ -48,14 +47,21 @@ impl Tensor {
         Tensor::from_op(out, a.shape(), "swiglu", &[a, b], move |g: &[f32]| {
             // Both gradients of element i, from a = x and b = y:
             //   d/da = g·y·silu'(x) = g·y·s·(1 + x·(1 − s)),  d/db = g·silu(x) = g·x·s,
-            // with s = sigmoid(x). Elementwise, so splitting over threads (as the forward
-            // does) gives the same bits as one thread.
+            // with s = sigmoid(x), computed first for every element by the SIMD kernel (in the
+            // forward's fixed chunks). Elementwise, so splitting over threads gives the same
+            // bits as one thread.
+            let split = worth_splitting(g.len() * 12);
+            let mut sig = pool::take(g.len());
+            sig.copy_from_slice(&av);
+            if split {
+                sig.par_chunks_mut(CHUNK).for_each(simd::sigmoid_in_place);
+            } else {
+                sig.chunks_mut(CHUNK).for_each(simd::sigmoid_in_place);
+            }
             let grads = |i: usize| {
-                let (x, y) = (av[i], bv[i]);
-                let s = sigmoid(x);
+                let (x, y, s) = (av[i], bv[i], sig[i]);
                 (g[i] * y * s * (1.0 + x * (1.0 - s)), g[i] * x * s)
             };
-            let split = worth_splitting(g.len() * 12);
             let mut da = need_a.then(|| pool::take(g.len()));
             let mut db = need_b.then(|| pool::take(g.len()));
             match (da.as_deref_mut(), db.as_deref_mut()) {
@@ -80,6 +86,7 @@ impl Tensor {
                 }
                 (None, None) => {}
             }
+            pool::recycle(sig);
             vec![da, db]
         })
     }

@@ -238,6 +238,31 @@ fn exp(x: __m256) -> __m256 {
     _mm256_blendv_ps(y, _mm256_set1_ps(f32::INFINITY), overflow)
 }
 
+/// The sigmoid in place, 8 lanes at a time through the vector `exp`; see
+/// [`super::sigmoid_in_place`].
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn sigmoid_in_place(x: &mut [f32]) {
+    let one = _mm256_set1_ps(1.0);
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let mut i = 0;
+    while i + W <= n {
+        // SAFETY: i + W <= n, inside the slice.
+        unsafe {
+            let v = _mm256_loadu_ps(p.add(i));
+            // σ(v) = 1 / (1 + e^(−v)), as the scalar version.
+            let s = _mm256_div_ps(one, _mm256_add_ps(one, exp(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+            _mm256_storeu_ps(p.add(i), s);
+        }
+        i += W;
+    }
+    // The tail (fewer than 8): the scalar kernel.
+    super::scalar::sigmoid_in_place(&mut x[i..]);
+}
+
 /// SwiGLU in place, 8 lanes at a time through the vector `exp`; see
 /// [`super::swiglu_in_place`].
 ///

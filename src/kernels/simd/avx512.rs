@@ -343,6 +343,32 @@ fn exp(x: __m512) -> __m512 {
     _mm512_mask_mov_ps(y, overflow, _mm512_set1_ps(f32::INFINITY))
 }
 
+/// The sigmoid in place, 16 lanes at a time through the vector `exp`; see
+/// [`super::sigmoid_in_place`].
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn sigmoid_in_place(x: &mut [f32]) {
+    let one = _mm512_set1_ps(1.0);
+    // σ(v) = 1 / (1 + e^(−v)), as the scalar version.
+    let lanes =
+        |v: __m512| _mm512_div_ps(one, _mm512_add_ps(one, exp(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let mut i = 0;
+    while i + W <= n {
+        // SAFETY: i + W <= n, inside the slice.
+        unsafe { _mm512_storeu_ps(p.add(i), lanes(_mm512_loadu_ps(p.add(i)))) };
+        i += W;
+    }
+    if i < n {
+        let mask = tail_mask(n - i);
+        // SAFETY: only the n - i lanes in the mask are read and written.
+        unsafe { _mm512_mask_storeu_ps(p.add(i), mask, lanes(_mm512_maskz_loadu_ps(mask, p.add(i)))) };
+    }
+}
+
 /// SwiGLU in place, 16 lanes at a time through the vector `exp`; see
 /// [`super::swiglu_in_place`].
 ///

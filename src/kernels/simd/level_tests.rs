@@ -24,6 +24,7 @@ struct Kernels {
     /// The level's vector `eˣ` (private to its file), applied to a slice.
     exp: fn(&[f32], &mut [f32]),
     swiglu_in_place: fn(&mut [f32], &[f32]),
+    sigmoid_in_place: fn(&mut [f32]),
 }
 
 /// The SIMD levels this CPU can run, widest last.
@@ -49,6 +50,7 @@ fn simd_levels() -> Vec<Kernels> {
                 },
                 exp: |x, out| unsafe { avx2::exp_slice(x, out) },
                 swiglu_in_place: |g, u| unsafe { avx2::swiglu_in_place(g, u) },
+                sigmoid_in_place: |x| unsafe { avx2::sigmoid_in_place(x) },
             });
         }
         // SAFETY (likewise): this entry exists only on a CPU with AVX-512F.
@@ -66,6 +68,7 @@ fn simd_levels() -> Vec<Kernels> {
                 },
                 exp: |x, out| unsafe { avx512::exp_slice(x, out) },
                 swiglu_in_place: |g, u| unsafe { avx512::swiglu_in_place(g, u) },
+                sigmoid_in_place: |x| unsafe { avx512::sigmoid_in_place(x) },
             });
         }
     }
@@ -278,6 +281,20 @@ fn attend_equals_scalar() {
             let what = format!("{:?} attend hd {hd} count {count}", k.level);
             assert_all_close(&s1, &s2, 1e-5, &format!("{what} scores"));
             assert_all_close(&o1, &o2, 1e-5, &format!("{what} out"));
+        }
+    }
+}
+
+#[test]
+fn sigmoid_equals_scalar() {
+    for k in simd_levels() {
+        for n in TEST_LENGTHS {
+            // From -40 to 40: both saturated ends and the middle.
+            let x: Vec<f32> = test_data(n, 10).iter().map(|v| 40.0 * v).collect();
+            let (mut a, mut b) = (x.clone(), x.clone());
+            (k.sigmoid_in_place)(&mut a);
+            scalar::sigmoid_in_place(&mut b);
+            assert_all_close(&a, &b, 1e-6, &format!("{:?} sigmoid n {n}", k.level));
         }
     }
 }

@@ -306,6 +306,28 @@ pub fn softmax_in_place(x: &mut [f32]) {
     scalar::softmax_in_place(x)
 }
 
+/// The logistic sigmoid in place: `x[i] = σ(x[i]) = 1 / (1 + e^(−x[i]))` (SwiGLU's backward
+/// needs it for every element). The vector levels use the same vector `eˣ` as the softmax.
+///
+/// ```
+/// # use lego::kernels::simd::sigmoid_in_place;
+/// let mut x = [0.0, 30.0, -30.0];
+/// sigmoid_in_place(&mut x);
+/// assert_eq!(x[0], 0.5);
+/// assert!((x[1] - 1.0).abs() < 1e-6 && x[2] < 1e-12);
+/// ```
+pub fn sigmoid_in_place(x: &mut [f32]) {
+    #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+    match level() {
+        // SAFETY: level() returns Avx512 only if the CPU has AVX-512F.
+        Level::Avx512 => return unsafe { avx512::sigmoid_in_place(x) },
+        // SAFETY: level() returns Avx2 only if the CPU has AVX2 and FMA.
+        Level::Avx2 => return unsafe { avx2::sigmoid_in_place(x) },
+        Level::Scalar => {}
+    }
+    scalar::sigmoid_in_place(x)
+}
+
 /// SwiGLU of one MLP row, in place: `gate[i] = silu(gate[i]) · up[i]`, where
 /// `silu(g) = g · σ(g)` and `σ(g) = 1 / (1 + e^(−g))` (the decoder's hidden state from the
 /// `W1` and `W3` products). The vector levels use the same vector `eˣ` as the softmax.

@@ -60,6 +60,13 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], out_t: &mut [f32]) {
     }
 }
 
+/// `x[i] = σ(x[i]) = 1 / (1 + e^(−x[i]))`, in place. See [`super::sigmoid_in_place`].
+pub fn sigmoid_in_place(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = 1.0 / (1.0 + (-*v).exp());
+    }
+}
+
 /// `gate[i] = silu(gate[i]) · up[i]` with `silu(g) = g · σ(g)`, `σ(g) = 1 / (1 + e^(−g))`: the
 /// SwiGLU of one MLP row, in place. See [`super::swiglu_in_place`].
 pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
