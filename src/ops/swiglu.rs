@@ -12,11 +12,11 @@ use rayon::prelude::*;
 
 use crate::kernels::parallel::worth_splitting;
 use crate::kernels::simd;
+use crate::tensor::{Tensor, pool};
 
-/// Elements a thread takes at a time in the forward pass: a fixed multiple of every SIMD
+/// Elements a thread takes at a time (forward and backward): a fixed multiple of every SIMD
 /// width, so the pieces (and so the bits) do not depend on the number of threads.
 const CHUNK: usize = 4096;
-use crate::tensor::{Tensor, pool};
 
 impl Tensor {
     /// `silu(a) · b`, element-wise, for `a` and `b` of the same shape.
@@ -32,8 +32,9 @@ impl Tensor {
         assert_eq!(a.shape(), b.shape(), "swiglu: gate {:?} and value {:?} differ", a.shape(), b.shape());
         // a (the gate) and b (the value) are saved, shared, for the backward.
         let (av, bv) = (a.data(), b.data());
-        // out = a, then the SIMD kernel's silu(out)·b in place (its vector exp, not libm's:
-        // this pass was a sixth of a config-T training step with a scalar `expf` per element).
+        // out = a, then the SIMD kernel's silu(out)·b in place (its vector exp, not libm's: with
+        // a scalar `expf` per element, forward and backward took a sixth of a config-T
+        // training step).
         let mut out = pool::take(av.len());
         out.copy_from_slice(&av);
         if worth_splitting(av.len() * 8) {
