@@ -126,8 +126,22 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use super::{rope_tables, shared_rope_tables};
     use crate::ops::gradcheck::{check_gradients, check_twins, values};
     use crate::tensor::Tensor;
+
+    #[test]
+    fn shared_tables_equal_fresh_ones_and_are_computed_once_per_shape() {
+        let shared = shared_rope_tables(17, 6, 500.0);
+        let positions: Vec<usize> = (0..17).collect();
+        assert_eq!(*shared, rope_tables(&positions, 6, 500.0));
+        // The same shape again: the same tables, not a new computation.
+        assert!(Arc::ptr_eq(&shared, &shared_rope_tables(17, 6, 500.0)));
+        // Another base is another entry.
+        assert!(!Arc::ptr_eq(&shared, &shared_rope_tables(17, 6, 10_000.0)));
+    }
 
     /// RoPE written with simple ops, the slow twin of the fused op (candle's `rope_i_slow`):
     /// split each head into its pairs `(x₀, x₁)`, rotate them with broadcast cos/sin tables,
