@@ -238,6 +238,14 @@ fn exp(x: __m256) -> __m256 {
     _mm256_blendv_ps(y, _mm256_set1_ps(f32::INFINITY), overflow)
 }
 
+/// σ(v) = 1 / (1 + e^(−v)) on 8 lanes, in the scalar version's order.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn sigmoid(v: __m256) -> __m256 {
+    let one = _mm256_set1_ps(1.0);
+    _mm256_div_ps(one, _mm256_add_ps(one, exp(_mm256_sub_ps(_mm256_setzero_ps(), v))))
+}
+
 /// The sigmoid in place, 8 lanes at a time through the vector `exp`; see
 /// [`super::sigmoid_in_place`].
 ///
@@ -245,18 +253,12 @@ fn exp(x: __m256) -> __m256 {
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn sigmoid_in_place(x: &mut [f32]) {
-    let one = _mm256_set1_ps(1.0);
     let n = x.len();
     let p = x.as_mut_ptr();
     let mut i = 0;
     while i + W <= n {
         // SAFETY: i + W <= n, inside the slice.
-        unsafe {
-            let v = _mm256_loadu_ps(p.add(i));
-            // σ(v) = 1 / (1 + e^(−v)), as the scalar version.
-            let s = _mm256_div_ps(one, _mm256_add_ps(one, exp(_mm256_sub_ps(_mm256_setzero_ps(), v))));
-            _mm256_storeu_ps(p.add(i), s);
-        }
+        unsafe { _mm256_storeu_ps(p.add(i), sigmoid(_mm256_loadu_ps(p.add(i)))) };
         i += W;
     }
     // The tail (fewer than 8): the scalar kernel.
@@ -271,7 +273,6 @@ pub unsafe fn sigmoid_in_place(x: &mut [f32]) {
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
     check_same_len("swiglu_in_place", "gate", gate.len(), "up", up.len());
-    let one = _mm256_set1_ps(1.0);
     let n = gate.len();
     let (pg, pu) = (gate.as_mut_ptr(), up.as_ptr());
     let mut i = 0;
@@ -279,9 +280,8 @@ pub unsafe fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
         // SAFETY: i + W <= n, inside both slices.
         unsafe {
             let (g, u) = (_mm256_loadu_ps(pg.add(i)), _mm256_loadu_ps(pu.add(i)));
-            // σ(g) = 1 / (1 + e^(−g)); the result g · σ(g) · u, in the scalar order.
-            let sigma = _mm256_div_ps(one, _mm256_add_ps(one, exp(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-            _mm256_storeu_ps(pg.add(i), _mm256_mul_ps(_mm256_mul_ps(g, sigma), u));
+            // g · σ(g) · u, in the scalar order.
+            _mm256_storeu_ps(pg.add(i), _mm256_mul_ps(_mm256_mul_ps(g, sigmoid(g)), u));
         }
         i += W;
     }

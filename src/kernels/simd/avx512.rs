@@ -252,57 +252,66 @@ fn tile<const J: usize, const R: usize>(
     }
 }
 
+// ----- Many horizontal sums at once -------------------------------------------------------------
+//
+// [`hsum`] (`_mm512_reduce_add_ps`) adds a register's 16 lanes in a fixed tree: lanes `l + l+8`,
+// then `+ l+4`, then `+ l+2`, then `+ l+1`. Summing 8 or 16 registers one at a time costs about
+// 8 instructions each. The steps below take the same tree a level at a time for two registers
+// A and B together: shuffles put the halves that level adds side by side, so one add serves
+// both, and every sum comes out bit for bit as `hsum` gives it. (`_mm512_shuffle_f32x4::<I>(a,
+// b)` takes its 128-bit chunks 0, 1 from a and 2, 3 from b; `_mm512_shuffle_ps::<I>(a, b)` does
+// the same with lanes inside each chunk; the 2-bit fields of I choose.)
+
+/// Level 1, lanes `l + l+8`: `[A0 A1 B0 B1] + [A2 A3 B2 B3]` (chunks of 128 bits): A's partial
+/// sums in chunks 0, 1 and B's in chunks 2, 3.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn add_halves(a: __m512, b: __m512) -> __m512 {
+    _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b))
+}
+
+/// Level 2, `+ l+4`, on two results of [`add_halves`] (sums A, B and C, D): chunks 0, 2 plus
+/// chunks 1, 3, so that chunk 0 holds A's 4 partial sums, then B, C, D.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn add_quarters(ab: __m512, cd: __m512) -> __m512 {
+    _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(ab, cd), _mm512_shuffle_f32x4::<0xDD>(ab, cd))
+}
+
+/// Level 3, `+ l+2`, on two results of [`add_quarters`] (one sum a chunk): in each chunk c,
+/// lanes 0, 1 + lanes 2, 3, so chunk c holds the first's sum c in lanes 0, 1 and the second's
+/// in lanes 2, 3.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn add_pairs(s: __m512, t: __m512) -> __m512 {
+    _mm512_add_ps(_mm512_shuffle_ps::<0x44>(s, t), _mm512_shuffle_ps::<0xEE>(s, t))
+}
+
 /// The horizontal sums of 8 registers at once: lane `i < 8` of the result is `hsum(v[i])`, bit
-/// for bit, since each sum is added up in the same tree as [`hsum`]'s
-/// (`_mm512_reduce_add_ps`): lanes `l + l+8`, then `+ l+4`, then `+ l+2`, then `+ l+1`. Eight
-/// separate sums take about 8 instructions each; here shuffles that move two registers' halves
-/// side by side let one add serve two (then four, then eight) sums: about 25 in all.
+/// for bit (see above): about 25 instructions instead of 8 × 8.
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn hsum8(v: [__m512; 8]) -> __m512 {
-    // A, B: two registers of 4 chunks of 128 bits. _mm512_shuffle_f32x4::<I>(a, b) takes its
-    // chunks 0, 1 from a and 2, 3 from b, chosen by the 2-bit fields of I.
-    // 1. [A0 A1 B0 B1] + [A2 A3 B2 B3]: each sum's lanes l + l+8, two sums per register.
-    let halves = |a: __m512, b: __m512| {
-        _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b))
-    };
-    let s = [halves(v[0], v[1]), halves(v[2], v[3]), halves(v[4], v[5]), halves(v[6], v[7])];
-    // 2. Chunks 0, 2 + chunks 1, 3: lanes + l+4; one sum per 128-bit chunk, sums 0-3 and 4-7.
-    let quarters = |a: __m512, b: __m512| {
-        _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
-    };
-    let (t0, t1) = (quarters(s[0], s[1]), quarters(s[2], s[3]));
-    // 3. Within each chunk, lanes 0, 1 + lanes 2, 3 (l + l+2): chunk c holds sum c in lanes 0,
-    //    1 and sum 4 + c in lanes 2, 3.
-    let u = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(t0, t1), _mm512_shuffle_ps::<0xEE>(t0, t1));
-    // 4. Lane 0 + lane 1 (and 2 + 3): sum c lands in lane 4c, sum 4 + c in lane 4c + 2.
+    let s: [__m512; 4] = std::array::from_fn(|i| add_halves(v[2 * i], v[2 * i + 1]));
+    // Chunk c of u: sum c in lanes 0, 1, sum 4 + c in lanes 2, 3.
+    let u = add_pairs(add_quarters(s[0], s[1]), add_quarters(s[2], s[3]));
+    // Level 4, lane 0 + lane 1 (and 2 + 3): sum c lands in lane 4c, sum 4 + c in lane 4c + 2.
     let w = _mm512_add_ps(u, _mm512_movehdup_ps(u));
     // Gather sums 0-7 into lanes 0-7.
     _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0), w)
 }
 
 /// The horizontal sums of 16 registers at once: lane `i` of the result is `hsum(v[i])`, bit for
-/// bit (the same tree as [`hsum8`], one more level of pairing): about 40 instructions instead
-/// of 16 × 8.
+/// bit (see above): about 40 instructions instead of 16 × 8.
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn hsum16(v: [__m512; 16]) -> __m512 {
-    // 1. Lanes l + l+8: two sums a register (see hsum8).
-    let halves = |a: __m512, b: __m512| {
-        _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b))
-    };
-    let s: [__m512; 8] = std::array::from_fn(|i| halves(v[2 * i], v[2 * i + 1]));
-    // 2. + l+4: four sums a register, one a 128-bit chunk: t[k] chunk c holds sum 4k + c.
-    let quarters = |a: __m512, b: __m512| {
-        _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
-    };
-    let t: [__m512; 4] = std::array::from_fn(|k| quarters(s[2 * k], s[2 * k + 1]));
-    // 3. + l+2: chunk c of u0 holds sums c, 4 + c (two lanes each); of u1, sums 8 + c, 12 + c.
-    let pairs = |a: __m512, b: __m512| {
-        _mm512_add_ps(_mm512_shuffle_ps::<0x44>(a, b), _mm512_shuffle_ps::<0xEE>(a, b))
-    };
-    let (u0, u1) = (pairs(t[0], t[1]), pairs(t[2], t[3]));
-    // 4. + l+1 (lanes 0 + 1 of each pair): lane 4c + k holds sum 4k + c.
+    let s: [__m512; 8] = std::array::from_fn(|i| add_halves(v[2 * i], v[2 * i + 1]));
+    // t[k] chunk c holds sum 4k + c.
+    let t: [__m512; 4] = std::array::from_fn(|k| add_quarters(s[2 * k], s[2 * k + 1]));
+    // Chunk c of u0: sums c and 4 + c (two lanes each); of u1: sums 8 + c and 12 + c.
+    let (u0, u1) = (add_pairs(t[0], t[1]), add_pairs(t[2], t[3]));
+    // Level 4, lane 0 + lane 1 of each pair: lane 4c + k holds sum 4k + c.
     let w = _mm512_add_ps(_mm512_shuffle_ps::<0x88>(u0, u1), _mm512_shuffle_ps::<0xDD>(u0, u1));
     // Lane i = sum i (a 4 × 4 transpose).
     _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), w)
@@ -343,6 +352,14 @@ fn exp(x: __m512) -> __m512 {
     _mm512_mask_mov_ps(y, overflow, _mm512_set1_ps(f32::INFINITY))
 }
 
+/// σ(v) = 1 / (1 + e^(−v)) on 16 lanes, in the scalar version's order.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn sigmoid(v: __m512) -> __m512 {
+    let one = _mm512_set1_ps(1.0);
+    _mm512_div_ps(one, _mm512_add_ps(one, exp(_mm512_sub_ps(_mm512_setzero_ps(), v))))
+}
+
 /// The sigmoid in place, 16 lanes at a time through the vector `exp`; see
 /// [`super::sigmoid_in_place`].
 ///
@@ -350,22 +367,18 @@ fn exp(x: __m512) -> __m512 {
 /// The CPU must support AVX-512F.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn sigmoid_in_place(x: &mut [f32]) {
-    let one = _mm512_set1_ps(1.0);
-    // σ(v) = 1 / (1 + e^(−v)), as the scalar version.
-    let lanes =
-        |v: __m512| _mm512_div_ps(one, _mm512_add_ps(one, exp(_mm512_sub_ps(_mm512_setzero_ps(), v))));
     let n = x.len();
     let p = x.as_mut_ptr();
     let mut i = 0;
     while i + W <= n {
         // SAFETY: i + W <= n, inside the slice.
-        unsafe { _mm512_storeu_ps(p.add(i), lanes(_mm512_loadu_ps(p.add(i)))) };
+        unsafe { _mm512_storeu_ps(p.add(i), sigmoid(_mm512_loadu_ps(p.add(i)))) };
         i += W;
     }
     if i < n {
         let mask = tail_mask(n - i);
         // SAFETY: only the n - i lanes in the mask are read and written.
-        unsafe { _mm512_mask_storeu_ps(p.add(i), mask, lanes(_mm512_maskz_loadu_ps(mask, p.add(i)))) };
+        unsafe { _mm512_mask_storeu_ps(p.add(i), mask, sigmoid(_mm512_maskz_loadu_ps(mask, p.add(i)))) };
     }
 }
 
@@ -377,12 +390,8 @@ pub unsafe fn sigmoid_in_place(x: &mut [f32]) {
 #[target_feature(enable = "avx512f")]
 pub unsafe fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
     check_same_len("swiglu_in_place", "gate", gate.len(), "up", up.len());
-    let one = _mm512_set1_ps(1.0);
-    let lanes = |g: __m512, u: __m512| {
-        // σ(g) = 1 / (1 + e^(−g)); the result g · σ(g) · u, in the scalar order.
-        let sigma = _mm512_div_ps(one, _mm512_add_ps(one, exp(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        _mm512_mul_ps(_mm512_mul_ps(g, sigma), u)
-    };
+    // g · σ(g) · u, in the scalar order.
+    let lanes = |g: __m512, u: __m512| _mm512_mul_ps(_mm512_mul_ps(g, sigmoid(g)), u);
     let n = gate.len();
     let (pg, pu) = (gate.as_mut_ptr(), up.as_ptr());
     let mut i = 0;
@@ -664,7 +673,7 @@ unsafe fn attend_in_registers<const N: usize>(
             for (c, qc) in qv.iter().enumerate() {
                 acc = _mm512_fmadd_ps(_mm512_loadu_ps(k.add(c * W)), *qc, acc);
             }
-            *s = _mm512_reduce_add_ps(acc) * scale;
+            *s = hsum(acc) * scale;
         }
         softmax_in_place(&mut scores[..count]);
         let mut o = [_mm512_setzero_ps(); N];
