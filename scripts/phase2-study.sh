@@ -49,6 +49,24 @@ if [ ! -f "$OUT/base.phase1.safetensors" ]; then
   "$BIN" "${common[@]}" --phase2-mode sequence --save "$OUT/base.safetensors" --out "$OUT/base"
 fi
 
+# The table: every configuration under $OUT that has a report (so runs of subsets add up).
+write_table() {
+  python3 - "$OUT" >"$OUT/study.csv" <<'EOF'
+import glob, json, os, sys
+print("init,lr2,mode,val_ppl_routed_epoch0,best_val_ppl_routed,best_epoch,test_ppl_full_depth,test_ppl_early_exit")
+for report in sorted(glob.glob(os.path.join(sys.argv[1], "*-*-*", "report.json"))):
+    name = os.path.basename(os.path.dirname(report))
+    init, rest = name.split("-", 1)
+    lr2, mode = rest.rsplit("-", 1)
+    r = json.load(open(report))
+    curve = [c["val_ppl"] for c in r["training"]["phase2"][0]["stage"]["curve"] if c.get("val_ppl") is not None]
+    best = min(curve)
+    model = [m for m in r["models"] if m["name"].startswith("phase 2")][0]
+    ee = model.get("test_early_exit") or {}
+    print(f'{init},{lr2},{mode},{curve[0]:.4f},{best:.4f},{curve.index(best)},'
+          f'{model["test_full_depth"]["ppl"]:.4f},{ee.get("ppl", float("nan")):.4f}')
+EOF
+}
 # One configuration: run it, unless its report is there.
 study_row() {
   local init=$1 lr2=$2 mode=$3
@@ -67,31 +85,13 @@ for init in $INITS; do
 done
 # Token mode (the spec's) for the spec's recipe and for the best sequence configuration.
 if [ "$TOKEN" = yes ] && [[ " $MODES " != *" token "* ]]; then
-  best=$(for r in "$OUT"/*-sequence/report.json; do
-    [ -f "$r" ] || continue
-    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); c=[x["val_ppl"] for x in r["training"]["phase2"][0]["stage"]["curve"] if x.get("val_ppl") is not None]; print(min(c), sys.argv[1].split("/")[-2].rsplit("-", 1)[0])' "$r"
-  done | sort -g | head -1 | cut -d' ' -f2)
-  best=${best/-/,}
+  write_table
+  best=$(grep ',sequence,' "$OUT/study.csv" | sort -t, -k5 -g | head -1 | cut -d, -f1,2 || true)
   study_row random 1e-4 token
   if [ -n "$best" ] && [ "$best" != "random,1e-4" ]; then study_row "${best%,*}" "${best#*,}" token; fi
 fi
 
-# The table: every configuration under $OUT that has a report (so runs of subsets add up).
-python3 - "$OUT" >"$OUT/study.csv" <<'EOF'
-import glob, json, os, sys
-print("init,lr2,mode,val_ppl_routed_epoch0,best_val_ppl_routed,best_epoch,test_ppl_full_depth,test_ppl_early_exit")
-for report in sorted(glob.glob(os.path.join(sys.argv[1], "*-*-*", "report.json"))):
-    name = os.path.basename(os.path.dirname(report))
-    init, rest = name.split("-", 1)
-    lr2, mode = rest.rsplit("-", 1)
-    r = json.load(open(report))
-    curve = [c["val_ppl"] for c in r["training"]["phase2"][0]["stage"]["curve"] if c.get("val_ppl") is not None]
-    best = min(curve)
-    model = [m for m in r["models"] if m["name"].startswith("phase 2")][0]
-    ee = model.get("test_early_exit") or {}
-    print(f'{init},{lr2},{mode},{curve[0]:.4f},{best:.4f},{curve.index(best)},'
-          f'{model["test_full_depth"]["ppl"]:.4f},{ee.get("ppl", float("nan")):.4f}')
-EOF
+write_table
 echo "chosen by validation (lowest routed validation PPL):"
 sort -t, -k5 -g "$OUT/study.csv" | grep -v '^init' | head -1
 column -s, -t "$OUT/study.csv"

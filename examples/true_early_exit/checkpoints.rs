@@ -33,6 +33,14 @@ fn phase1_path(path: &Path) -> PathBuf {
     path.with_file_name(format!("{stem}.phase1.{ext}"))
 }
 
+/// Creates the directory `path` goes in, if it has one.
+fn create_parent(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    Ok(())
+}
+
 /// The metadata that lets `--load` reuse a stage: the stage's record, and the split.
 fn stage_metadata(
     phase: &str,
@@ -61,9 +69,7 @@ pub fn save(
     (phase1, phase1_opt, phase1_stage): (&LegoTransformer, &AdamW, &Stage),
     run: &Phase2Run,
 ) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
+    create_parent(path)?;
     let p1 = phase1_path(path);
     save_training_checkpoint(
         &p1,
@@ -149,9 +155,7 @@ pub fn save_baseline(
     o: &Options,
     (model, opt, stage): (&LegoTransformer, &AdamW, &Stage),
 ) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
+    create_parent(path)?;
     // The baseline has no routing threshold of its own.
     let mut meta = stage_metadata("baseline", stage, split, f32::NAN, o);
     meta.remove("routing_threshold");

@@ -487,8 +487,8 @@ impl<'m> Decoder<'m> {
             hidden: &mut ws.hidden[..m * f],
             scores: &mut ws.scores,
             scratch: &mut ws.part_scratch,
-            rope_cos: &ws.rope.0,
-            rope_sin: &ws.rope.1,
+            rope_cos: &ws.rope.cos,
+            rope_sin: &ws.rope.sin,
         };
         run_layer(self.team, self.parts, dims, &weights, &tokens, buffers, cache);
     }
@@ -579,7 +579,7 @@ impl<'m> Decoder<'m> {
                 let tok = self.step.first[r] + self.step.counts[r] - 1;
                 let pos = self.step.token_pos[tok];
                 let (cos, sin) =
-                    (&ws.rope.0[pos * half..(pos + 1) * half], &ws.rope.1[pos * half..(pos + 1) * half]);
+                    (&ws.rope.cos[pos * half..(pos + 1) * half], &ws.rope.sin[pos * half..(pos + 1) * half]);
                 for h in 0..heads {
                     rotate(&mut ws.k[i * d + h * hd..i * d + (h + 1) * hd], cos, sin);
                 }

@@ -46,9 +46,18 @@ pub fn rope_tables(positions: &[usize], head_dim: usize, base: f32) -> (Vec<f32>
     (cos, sin)
 }
 
-/// [`rope_tables`] for positions `0..max_seq_len`, shared: `(cos, sin)`, `[max_seq_len,
-/// head_dim / 2]` each.
-pub type SharedRopeTables = Arc<(Vec<f32>, Vec<f32>)>;
+/// [`rope_tables`] for positions `0..max_seq_len`: row `p` of each (`p·head_dim/2..`) holds
+/// position `p`'s cosines or sines.
+#[derive(Debug, PartialEq)]
+pub struct RopeTables {
+    /// `cos θⱼ(p)`, `[max_seq_len, head_dim / 2]`.
+    pub cos: Vec<f32>,
+    /// `sin θⱼ(p)`, `[max_seq_len, head_dim / 2]`.
+    pub sin: Vec<f32>,
+}
+
+/// [`RopeTables`] shared between decoders ([`shared_rope_tables`]).
+pub type SharedRopeTables = Arc<RopeTables>;
 
 /// The tables of positions `0..max_seq_len`, computed once per process for each
 /// `(max_seq_len, head_dim, base)` and shared after that. A decoder needs them for every
@@ -66,7 +75,8 @@ pub fn shared_rope_tables(max_seq_len: usize, head_dim: usize, base: f32) -> Sha
         return Arc::clone(tables);
     }
     let positions: Vec<usize> = (0..max_seq_len).collect();
-    let tables = Arc::new(rope_tables(&positions, head_dim, base));
+    let (cos, sin) = rope_tables(&positions, head_dim, base);
+    let tables = Arc::new(RopeTables { cos, sin });
     cache.push((key, Arc::clone(&tables)));
     tables
 }
@@ -136,7 +146,8 @@ mod tests {
     fn shared_tables_equal_fresh_ones_and_are_computed_once_per_shape() {
         let shared = shared_rope_tables(17, 6, 500.0);
         let positions: Vec<usize> = (0..17).collect();
-        assert_eq!(*shared, rope_tables(&positions, 6, 500.0));
+        let fresh = rope_tables(&positions, 6, 500.0);
+        assert_eq!((&shared.cos, &shared.sin), (&fresh.0, &fresh.1));
         // The same shape again: the same tables, not a new computation.
         assert!(Arc::ptr_eq(&shared, &shared_rope_tables(17, 6, 500.0)));
         // Another base is another entry.
