@@ -20,7 +20,6 @@
 
 use super::simd;
 use super::team::{Chunks, Team, part_rows};
-use crate::ops::unary::sigmoid;
 
 /// Rows of `x` a product takes at a time.
 pub const BLOCK: usize = 16;
@@ -135,8 +134,9 @@ fn block<const K: usize>(
         if epilogue == Epilogue::SwiGlu
             && let [Some(gate), Some(up)] = &mut pieces[..]
         {
-            // Both pieces cover the same rows of W1 and W3 (same widths, same split).
-            gate.iter_mut().zip(up.iter()).for_each(|(g, u)| *g = *g * sigmoid(*g) * u);
+            // Both pieces cover the same rows of W1 and W3 (same widths, same split); the same
+            // SIMD SwiGLU as the decoder's layers.
+            simd::swiglu_in_place(gate, up);
         }
     };
     team.run(parts, &job);
@@ -145,6 +145,7 @@ fn block<const K: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::unary::sigmoid;
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
