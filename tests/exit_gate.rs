@@ -1,7 +1,8 @@
 //! The learned exit gate: trained after phase 1 it routes held-out tokens as the spec's
 //! max-softmax confidence does, its calibrated threshold gives the requested exit share, a deep
 //! token never runs the exit head and an exiting one never runs an upper layer, a batch routes
-//! each row as it would alone, and checkpoints keep it (or its absence).
+//! each row as it would alone, and checkpoints keep it (or its absence). The consistency gate,
+//! trained after phase 2, learns where the exit and the deep model agree.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,12 +10,13 @@ use std::sync::OnceLock;
 
 use lego::data::{Batch, SyntheticConfig, Tokenizer, batches, generate_corpus, make_sequences};
 use lego::model::{
-    ExitGate, ExitMeasure, ExitRule, GenerateOptions, LegoConfig, LegoTransformer, UpperCacheFill,
+    ExitGate, ExitMeasure, ExitRule, GateKind, GenerateOptions, LegoConfig, LegoTransformer, UpperCacheFill,
 };
 use lego::optim::{AdamW, AdamWConfig};
 use lego::train::{
-    ExitGateOptions, ExitGateReport, TrainOptions, Trainer, compute_confidence_threshold, gate_agreement,
-    load_training_checkpoint, save_training_checkpoint, train_exit_gate,
+    ExitGateOptions, ExitGateReport, TrainOptions, Trainer, compute_confidence_threshold,
+    compute_gate_threshold, gate_agreement, load_training_checkpoint, save_training_checkpoint,
+    train_consistency_gate, train_exit_gate, validation_frontier_ppl,
 };
 use lego::{Error, Tensor};
 
@@ -326,4 +328,95 @@ fn the_gate_measure_without_a_gate_or_with_a_non_finite_score_is_an_error() {
         Err(Error::NonFinite(msg)) => assert!(msg.contains("gate"), "{msg}"),
         other => panic!("expected a non-finite gate score error, got {other:?}"),
     }
+}
+
+/// For each token of `bs`: whether the exit head's most likely token (on the lower layers'
+/// states) equals the whole model's (its ordinary forward pass), computed apart from the gate
+/// code; and the exit states.
+fn consistency_labels(model: &LegoTransformer, bs: &[Batch]) -> (Vec<bool>, Vec<Vec<f32>>) {
+    let argmax = |r: &[f32]| (0..r.len()).fold(0, |b, i| if r[i] > r[b] { i } else { b });
+    let (v, d) = (model.config.vocab_size, model.config.dim);
+    let (mut labels, mut states) = (Vec::new(), Vec::new());
+    for b in bs {
+        let h = lego::no_grad(|| model.get_hidden_states(&b.x, b.batch)).unwrap();
+        let exit = lego::no_grad(|| model.exit().forward(&h)).to_vec();
+        let deep = lego::no_grad(|| model.forward(&b.x, b.batch)).unwrap().to_vec();
+        for ((e, g), s) in exit.chunks(v).zip(deep.chunks(v)).zip(h.to_vec().chunks(d)) {
+            labels.push(argmax(e) == argmax(g));
+            states.push(s.to_vec());
+        }
+    }
+    (labels, states)
+}
+
+#[test]
+fn the_consistency_gate_learns_where_the_exit_and_the_deep_model_agree_and_hits_the_exit_share() {
+    let t = trained();
+    let options = ExitGateOptions::default();
+    // A shallow model has no deep model to agree with.
+    let e = train_consistency_gate(&t.phase1, &t.splits.train, &t.splits.val, HARD_RATIO, &options);
+    assert!(e.unwrap_err().to_string().contains("no deep model"));
+
+    let mut deep = extended();
+    let (gate, report) =
+        train_consistency_gate(&deep, &t.splits.train, &t.splits.val, HARD_RATIO, &options).unwrap();
+    eprintln!("consistency gate: {report:?}");
+    assert_eq!(gate.kind, GateKind::Consistency);
+    // Its labels are the agreement of the two heads, token for token.
+    let (train_labels, _) = consistency_labels(&deep, &t.splits.train);
+    let share = train_labels.iter().filter(|&&l| l).count() as f64 / train_labels.len() as f64;
+    assert_eq!(report.train_tokens, train_labels.len());
+    assert!((report.train_exit_labels - share).abs() < 1e-12, "{report:?} vs {share}");
+    assert!(share > 0.05 && share < 0.95, "the heads agree on {share}: labels too one-sided for this test");
+    // Calibrated on validation: half of its tokens exit; held out (test): 50 ± 2 %.
+    assert!((report.validation.gate_exit_share - 0.5).abs() < 0.01, "{report:?}");
+    let (test_labels, states) = consistency_labels(&deep, &t.splits.test);
+    let norm = &deep.exit().norm;
+    let mut normed = vec![0.0; deep.config.dim];
+    let exits: Vec<bool> =
+        states.iter().map(|h| gate.probability(norm, h, &mut normed) >= gate.threshold).collect();
+    let exit_share = exits.iter().filter(|&&e| e).count() as f64 / exits.len() as f64;
+    assert!((exit_share - 0.5).abs() <= 0.02, "held-out exit share {exit_share}");
+    // It learned something: the held-out tokens it lets exit agree more often than those it
+    // sends deep.
+    let agree = |want: bool| {
+        let (n, k) = exits
+            .iter()
+            .zip(&test_labels)
+            .filter(|(e, _)| **e == want)
+            .fold((0, 0), |(n, k), (_, &l)| (n + 1, k + l as usize));
+        k as f64 / n as f64
+    };
+    assert!(agree(true) > agree(false) + 0.05, "exiting {:.3} vs deep {:.3}", agree(true), agree(false));
+
+    // The validation frontier measure: at one ratio, the routed PPL of TRUE early exit at the
+    // threshold calibrated there.
+    let seqs = sequences(&t.splits.val[..2]);
+    let ppl = validation_frontier_ppl(&deep, &gate, &t.splits.val, &seqs, &[0.5]).unwrap();
+    deep.exit_gate = Some(gate.clone());
+    let threshold = compute_gate_threshold(&deep, &t.splits.val, 0.5).unwrap();
+    let rule = ExitRule::gate(threshold, UpperCacheFill::Skip);
+    assert_eq!(ppl, deep.evaluate_with_early_exit(&seqs, &rule).unwrap().ppl);
+    assert!(validation_frontier_ppl(&deep, &gate, &t.splits.val, &seqs, &[]).is_err());
+
+    // Checkpoints keep the kind; a file without it holds an imitation gate; a bad name is an
+    // error naming it.
+    let path = temp("consistency.safetensors");
+    deep.save(&path, &BTreeMap::new()).unwrap();
+    let (back, _) = LegoTransformer::load(&path).unwrap();
+    assert_same_gate(&deep, &back);
+    assert_eq!(back.exit_gate.as_ref().unwrap().kind, GateKind::Consistency);
+    let mut st = lego::io::safetensors::load(&path).unwrap();
+    let entries: Vec<(String, Vec<usize>, Vec<f32>)> =
+        st.tensors.iter().map(|(n, t)| (n.clone(), t.shape.clone(), t.data.clone())).collect();
+    let entries: Vec<(&str, &[usize], &[f32])> =
+        entries.iter().map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice())).collect();
+    st.metadata.remove(ExitGate::KIND_KEY);
+    let old = temp("no-kind.safetensors");
+    lego::io::safetensors::save(&old, &entries, &st.metadata).unwrap();
+    assert_eq!(LegoTransformer::load(&old).unwrap().0.exit_gate.unwrap().kind, GateKind::Imitation);
+    st.metadata.insert(ExitGate::KIND_KEY.into(), "oracle".into());
+    lego::io::safetensors::save(&old, &entries, &st.metadata).unwrap();
+    let e = LegoTransformer::load(&old).unwrap_err().to_string();
+    assert!(e.contains("'oracle'") && e.contains("consistency"), "{e}");
 }

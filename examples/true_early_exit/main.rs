@@ -26,6 +26,8 @@
 //!    head as the **exit head** (so the calibrated confidences cannot move);
 //! 7. [`train_phase2`]: only the upper layers and the deep head learn, from the hard examples,
 //!    in whole sequences (`sequence`, our default) or token by token (`token`, the spec's);
+//!    then [`choose_gate`]: CALM's **consistency gate** (does the exit's argmax equal the deep
+//!    model's?) against the imitation gate on validation; the better one routes from here on;
 //! 8. [`train_baseline`]: the same 4 layers from scratch on all the data (or `--baseline`'s); and
 //!    [`tune_baseline_exit`]: that baseline with a tuned exit head (body frozen);
 //! 9. [`measure::evaluate_models`]: test PPL at full depth and with (fake) early exit;
@@ -57,7 +59,8 @@ use lego::optim::{AdamW, AdamWConfig};
 use lego::report::experiment::{ExperimentReport, Phase2Record, Stage, mode_name};
 use lego::train::{
     ExitGateOptions, HardExamples, Phase2Mode, TrainOptions, Trainer, collect_hard_examples,
-    compute_confidence_threshold, create_hard_example_loader, get_device, set_seed, train_exit_gate,
+    compute_confidence_threshold, create_hard_example_loader, get_device, set_seed, train_consistency_gate,
+    train_exit_gate, validation_frontier_ppl,
 };
 
 use checkpoints::Loaded;
@@ -135,6 +138,11 @@ fn run(o: &Options) -> Result<()> {
             })?,
             None => train_phase2(&start, &hard, &data, threshold, mode, o)?,
         });
+    }
+    // 7b. CALM's consistency gate for each phase-2 model; the gate with the better validation
+    // frontier routes it from here on.
+    for run in &mut phase2 {
+        choose_gate(run, &data, o)?;
     }
     // The checkpoints, as soon as LEGO's training is over: the baseline and the measurements
     // below take a while, and a run stopped during them keeps what it trained (`--load`).
@@ -292,10 +300,51 @@ fn train_gate(phase1: &LegoTransformer, data: &Dataset, threshold: f32, o: &Opti
          (softmax: {:.1} %), threshold {:.4}",
         100.0 * v.agreement,
         100.0 * v.gate_exit_share,
-        100.0 * v.softmax_exit_share,
+        100.0 * v.reference_exit_share,
         gate.threshold
     );
     Ok(gate)
+}
+
+/// Validation hard ratios at which the imitation and the consistency gate are compared.
+const GATE_RATIOS: [f32; 5] = [0.2, 0.35, 0.5, 0.65, 0.8];
+/// Validation sequences behind that comparison (evenly spaced over the split).
+const GATE_SEQUENCES: usize = 256;
+
+/// CALM's **consistency gate** for a phase-2 model: the same regression as the imitation gate,
+/// trained on the phase-2 model to predict whether the exit's most likely token equals the
+/// deep model's, its threshold calibrated on validation to the same exit share. Both gates are
+/// then measured on validation (routed PPL of TRUE early exit at each of [`GATE_RATIOS`]) and
+/// the one with the lower mean keeps routing the model: quality for the same compute, chosen
+/// on validation only.
+fn choose_gate(run: &mut Phase2Run, data: &Dataset, o: &Options) -> Result<()> {
+    let imitation =
+        run.model.exit_gate.clone().ok_or_else(|| {
+            lego::Error::Input("choose_gate: the phase-2 model has no imitation gate".into())
+        })?;
+    let (consistency, report) = train_consistency_gate(
+        &run.model,
+        &data.train,
+        &data.val,
+        o.run.hard_ratio,
+        &ExitGateOptions::default(),
+    )?;
+    let sequences = data.val_sequences(Some(GATE_SEQUENCES));
+    let ppl =
+        |gate: &ExitGate| validation_frontier_ppl(&run.model, gate, &data.val, &sequences, &GATE_RATIOS);
+    let (by_imitation, by_consistency) = (ppl(&imitation)?, ppl(&consistency)?);
+    let keep = if by_consistency < by_imitation { consistency } else { imitation };
+    eprintln!(
+        "consistency gate ({}): the exit's argmax equals the deep one on {:.1} % of training tokens; \
+         validation routed PPL over {} hard ratios: imitation {by_imitation:.4}, consistency \
+         {by_consistency:.4}; keeping the {} gate",
+        run.record.model_name(),
+        100.0 * report.train_exit_labels,
+        GATE_RATIOS.len(),
+        keep.kind.name()
+    );
+    run.model.exit_gate = Some(keep);
+    Ok(())
 }
 
 /// The **training** tokens under the threshold, with their lower hidden states: one forward

@@ -154,8 +154,8 @@ pub fn true_early_exit_generation(
     eprintln!("\n== TRUE early exit: generating {} tokens ==", o.run.max_new_tokens);
     let (prompts, n) = (vec![prompt.to_vec()], o.run.max_new_tokens);
     let (rule, measure) = match &model.exit_gate {
-        Some(gate) => (gate.rule(UpperCacheFill::Skip), "gate"),
-        None => (ExitRule::new(threshold, UpperCacheFill::Skip), "softmax"),
+        Some(gate) => (gate.rule(UpperCacheFill::Skip), format!("{} gate", gate.kind.name())),
+        None => (ExitRule::new(threshold, UpperCacheFill::Skip), "softmax".into()),
     };
     let full_options = GenerateOptions::greedy(n);
     let early_options = full_options.clone().with_exit(rule);
@@ -188,7 +188,7 @@ pub fn true_early_exit_generation(
         deep: stats.deep_count,
         layer_cost: stats.actual_compute_cost,
         flop_cost: stats.flop_cost,
-        measure: measure.into(),
+        measure,
         seconds_full: median(&mut t_full),
         seconds_early: median(&mut t_early),
         speedup: median(&mut ratios),

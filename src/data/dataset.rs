@@ -91,6 +91,27 @@ impl Dataset {
         let n = limit.unwrap_or(self.test_windows.len());
         self.test_windows.iter().take(n).map(|w| w[..self.seq_len].to_vec()).collect()
     }
+
+    /// Up to `limit` validation sequences (all with `None`), evenly spaced over the split: a
+    /// batch row's `seq_len` inputs followed by its last target, so that
+    /// [`LegoTransformer::evaluate_with_early_exit`] predicts every target of the row.
+    ///
+    /// [`LegoTransformer::evaluate_with_early_exit`]: crate::model::LegoTransformer::evaluate_with_early_exit
+    pub fn val_sequences(&self, limit: Option<usize>) -> Vec<Vec<usize>> {
+        let rows: Vec<Vec<usize>> = self
+            .val
+            .iter()
+            .flat_map(|b| {
+                (0..b.batch).map(move |r| {
+                    let mut s = b.x[r * b.seq..(r + 1) * b.seq].to_vec();
+                    s.push(b.y[(r + 1) * b.seq - 1]);
+                    s
+                })
+            })
+            .collect();
+        let n = limit.unwrap_or(rows.len()).min(rows.len());
+        (0..n).map(|i| rows[i * rows.len() / n.max(1)].clone()).collect()
+    }
 }
 
 #[cfg(test)]
@@ -108,5 +129,13 @@ mod tests {
         let seqs = data.test_sequences(Some(2));
         assert_eq!((seqs.len(), seqs[0].len()), (2, 16));
         assert_eq!(seqs[0][..], data.test_windows[0][..16]);
+        // Validation rows: the inputs, then the last target (the next token of the text).
+        let val = data.val_sequences(None);
+        let rows: usize = data.val.iter().map(|b| b.batch).sum();
+        assert_eq!((val.len(), val[0].len()), (rows, 17));
+        assert_eq!(val[0][..16], data.val[0].x[..16]);
+        assert_eq!(val[0][16], data.val[0].y[15]);
+        let two = data.val_sequences(Some(2));
+        assert_eq!((two[0].clone(), two[1].clone()), (val[0].clone(), val[rows / 2].clone()));
     }
 }

@@ -17,7 +17,9 @@
 //!
 //! The metadata holds `config` (the [`LegoConfig`] as JSON), `frozen` (a comma-separated list
 //! of the parameters that do not train), `exit_gate.threshold` (the gate's calibrated
-//! threshold, a decimal that reads back to the same f32; only with a gate), and any extra
+//! threshold, a decimal that reads back to the same f32; only with a gate), `exit_gate.kind`
+//! (`imitation` or `consistency`: what the gate was trained to predict; a file without it
+//! holds an imitation gate), and any extra
 //! entries the caller adds (a tokenizer, an optimizer's step). A file without the gate's
 //! tensors loads as a model without a gate. In Python:
 //! `from safetensors.numpy import load_file; load_file("model.safetensors")`.
@@ -26,7 +28,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::config::{LegoConfig, check_threshold};
-use super::exit_gate::ExitGate;
+use super::exit_gate::{ExitGate, GateKind};
 use super::transformer::{ExitHead, LegoTransformer};
 use crate::error::{Error, Result};
 use crate::io::safetensors::SafeTensors;
@@ -48,6 +50,7 @@ impl LegoTransformer {
         meta.insert("frozen".into(), frozen.join(","));
         if let Some(gate) = &self.exit_gate {
             meta.insert(ExitGate::THRESHOLD_KEY.into(), gate.threshold.to_string());
+            meta.insert(ExitGate::KIND_KEY.into(), gate.kind.name().into());
         }
         safetensors::save(path, &entries, &meta)
     }
@@ -115,6 +118,17 @@ impl LegoTransformer {
             .map(|f| f.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
             .unwrap_or_default();
         let (v, d, f) = (config.vocab_size, config.dim, config.ffn_hidden);
+        // The gate's kind (a file from before kinds existed holds an imitation gate).
+        let gate_kind = match st.metadata.remove(ExitGate::KIND_KEY) {
+            Some(_) if !has_exit_gate => {
+                return Err(Error::Format(format!(
+                    "{origin}: metadata '{}' without the exit gate's tensors",
+                    ExitGate::KIND_KEY
+                )));
+            }
+            Some(name) => GateKind::parse(&name).map_err(|e| Error::Format(format!("{origin}: {e}")))?,
+            None => GateKind::Imitation,
+        };
         let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
             let values = st.take(name, shape)?;
             check_finite(&values, origin, name)?;
@@ -173,7 +187,7 @@ impl LegoTransformer {
                 for t in [&weight, &square_weight, &bias] {
                     t.set_requires_grad(false);
                 }
-                Some(ExitGate { weight, square_weight, bias, threshold })
+                Some(ExitGate { weight, square_weight, bias, threshold, kind: gate_kind })
             }
             None => None,
         };

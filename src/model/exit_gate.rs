@@ -28,19 +28,24 @@
 //! A token that goes deep now pays a norm and a `2D`-term dot product beyond full depth, never
 //! a head; only a token that exits runs the exit head, and those logits are its output.
 //!
-//! **What it learns.** [`train_exit_gate`](crate::train::train_exit_gate) fits `w, q, b` by
+//! **What it learns** (its [`GateKind`]). [`train_exit_gate`](crate::train::train_exit_gate) fits `w, q, b` by
 //! logistic regression to imitate the spec's routing (label: max-softmax confidence at or
 //! above the calibrated threshold), on the training split's exit states, right after phase 1.
 //! Its own [`threshold`](ExitGate::threshold) is then calibrated on the validation split so
 //! that the requested share of tokens exits. The gate is frozen from then on: the lower layers
 //! and the exit head it reads are frozen in phase 2, so it stays valid in the extended model
 //! (and [`extend`](super::LegoTransformer::extend) keeps it).
+//! [`train_consistency_gate`](crate::train::train_consistency_gate) fits the same gate, after
+//! phase 2, to another label: whether the exit's most likely token equals the deep model's
+//! (CALM's consistency target). The arithmetic at decoding time is the same for both.
 //!
 //! **In checkpoints** (see [`crate::model::checkpoint`]): `exit_gate.weight` `[1, D]`,
 //! `exit_gate.square_weight` `[1, D]`, `exit_gate.bias` `[1]`, and the threshold in the
 //! metadata entry [`ExitGate::THRESHOLD_KEY`] (`exit_gate.threshold`, a decimal that reads
-//! back to the same f32). A checkpoint without them loads as a model without a gate; one
-//! written by a linear gate (no `square_weight`) loads with `q = 0`, the same gate.
+//! back to the same f32), its kind in [`ExitGate::KIND_KEY`] (`exit_gate.kind`: `imitation`
+//! or `consistency`; a file without it holds an imitation gate). A checkpoint without them
+//! loads as a model without a gate; one written by a linear gate (no `square_weight`) loads
+//! with `q = 0`, the same gate.
 //!
 //! [`ExitMeasure::MaxSoftmax`]: super::ExitMeasure::MaxSoftmax
 
@@ -51,6 +56,39 @@ use crate::kernels::simd;
 use crate::nn::RmsNorm;
 use crate::ops::unary::sigmoid;
 use crate::tensor::Tensor;
+
+/// What an exit gate was trained to predict (the label of its logistic regression).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GateKind {
+    /// The spec's routing: the exit head's max-softmax confidence at or above its calibrated
+    /// threshold. Trained after phase 1 (needs only the shallow model).
+    #[default]
+    Imitation,
+    /// CALM's consistency: the exit head's most likely token equals the deep model's. Trained
+    /// after phase 2 (needs the deep model).
+    Consistency,
+}
+
+impl GateKind {
+    /// The name used in checkpoints and reports: `imitation` or `consistency`.
+    pub fn name(self) -> &'static str {
+        match self {
+            GateKind::Imitation => "imitation",
+            GateKind::Consistency => "consistency",
+        }
+    }
+
+    /// The kind named `name` (as [`name`](GateKind::name) writes it); anything else is an error.
+    pub fn parse(name: &str) -> Result<GateKind> {
+        match name {
+            "imitation" => Ok(GateKind::Imitation),
+            "consistency" => Ok(GateKind::Consistency),
+            other => {
+                Err(Error::Input(format!("exit gate kind '{other}': expected 'imitation' or 'consistency'")))
+            }
+        }
+    }
+}
 
 /// An exit gate on the normalised exit hidden state, linear in `x̂` and in its squares (see
 /// the module doc).
@@ -64,13 +102,18 @@ pub struct ExitGate {
     pub bias: Tensor,
     /// A token exits when its `p_exit` is at least this (calibrated on the validation split).
     pub threshold: f32,
+    /// What it was trained to predict (routing does not depend on it).
+    pub kind: GateKind,
 }
 
 impl ExitGate {
     /// The checkpoint metadata key of the gate's threshold.
     pub const THRESHOLD_KEY: &'static str = "exit_gate.threshold";
+    /// The checkpoint metadata key of the gate's [`GateKind`].
+    pub const KIND_KEY: &'static str = "exit_gate.kind";
 
-    /// A gate from its `D` linear weights, `D` square weights, bias and threshold (frozen).
+    /// A gate from its `D` linear weights, `D` square weights, bias and threshold (frozen), of
+    /// kind [`GateKind::Imitation`] (set [`kind`](ExitGate::kind) for another).
     /// Weights or a bias that are not finite, weight vectors of different lengths, or a
     /// threshold that is not a number >= 0, are an error.
     pub fn new(weight: Vec<f32>, square_weight: Vec<f32>, bias: f32, threshold: f32) -> Result<ExitGate> {
@@ -97,6 +140,7 @@ impl ExitGate {
             square_weight: Tensor::from_vec(square_weight, &[1, d]),
             bias: Tensor::from_vec(vec![bias], &[1]),
             threshold,
+            kind: GateKind::Imitation,
         })
     }
 
@@ -163,6 +207,7 @@ impl ExitGate {
             square_weight: Tensor::from_vec(self.square_weight.to_vec(), self.square_weight.shape()),
             bias: Tensor::from_vec(self.bias.to_vec(), self.bias.shape()),
             threshold: self.threshold,
+            kind: self.kind,
         }
     }
 }

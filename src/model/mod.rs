@@ -35,7 +35,7 @@ pub use cache::KvCache;
 pub use config::LegoConfig;
 pub use decoder::{Decoder, Tokens};
 pub use early_exit::{EarlyExitStats, ExitMeasure, ExitRule, TeacherForcedStats, UpperCacheFill};
-pub use exit_gate::ExitGate;
+pub use exit_gate::{ExitGate, GateKind};
 pub use generate::{DecodeMode, GenerateOptions, Sampling, TokenEvent};
 pub use speculative::{Speculation, SpeculationStats};
 pub use transformer::{ExitHead, LegoTransformer};

@@ -14,6 +14,17 @@
 //! exit. The lower layers and the exit head are frozen from phase 1 on, so the features are
 //! computed once and the gate stays valid through phase 2.
 //!
+//! **The consistency gate** ([`train_consistency_gate`], CALM's other classifier target) is the
+//! same regression with another label: whether the exit head's most likely token equals the
+//! deep model's (`argmax exit(h) == argmax deep(h)`), on the training split through the whole
+//! phase-2 model, so it is trained after phase 2. The spec's routing asks "is the shallow
+//! model sure?"; this one asks "would going deep change the answer?". A token on which both
+//! models are unsure but agree (frequent in greedy generation, where the text is the model's
+//! own) exits under this gate and not under the softmax's. Its threshold is calibrated the same
+//! way, so at one hard ratio both gates exit the same share of validation tokens; which one
+//! gives the better quality for that compute is measured, not assumed (the main example keeps
+//! the one with the better validation frontier).
+//!
 //! **The fit.** With `x̃ = (x̂, x̂ ⊙ x̂, 1)` and `θ = (w, q, b)` (the squares are just more
 //! features: the logit stays linear in `θ`), `zᵢ = θ·x̃ᵢ`, `pᵢ = σ(zᵢ)` and labels
 //! `yᵢ ∈ {0, 1}`, the loss is the mean binary cross-entropy plus an L2 penalty on the weights
@@ -39,7 +50,8 @@ use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::kernels::{gemm, simd};
 use crate::model::config::check_threshold;
-use crate::model::{ExitGate, LegoTransformer};
+use crate::model::{ExitGate, ExitRule, GateKind, LegoTransformer, UpperCacheFill};
+use crate::ops::select::argmax;
 use crate::ops::unary::sigmoid;
 
 /// How [`train_exit_gate`] fits the gate.
@@ -65,7 +77,9 @@ impl Default for ExitGateOptions {
     }
 }
 
-/// How often a gate routes tokens as the spec's max-softmax confidence does.
+/// How often a gate routes tokens as its reference does: the spec's max-softmax confidence
+/// at its threshold (an imitation gate, and [`gate_agreement`]), or the tokens whose exit
+/// argmax equals the deep model's (a consistency gate).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GateAgreement {
     /// Tokens compared.
@@ -74,8 +88,9 @@ pub struct GateAgreement {
     pub agreement: f64,
     /// The share that exits by the gate (`p_exit >= ` the gate's threshold).
     pub gate_exit_share: f64,
-    /// The share that exits by the softmax (`max softmax >= ` its threshold).
-    pub softmax_exit_share: f64,
+    /// The share the reference labels "exit": `max softmax >= ` its threshold, or the exit's
+    /// argmax equal to the deep one.
+    pub reference_exit_share: f64,
 }
 
 /// What [`train_exit_gate`] did.
@@ -83,16 +98,17 @@ pub struct GateAgreement {
 pub struct ExitGateReport {
     /// Training tokens the gate was fitted on.
     pub train_tokens: usize,
-    /// The share of them labelled "exit" (max softmax at or above the threshold).
+    /// The share of them labelled "exit" (max softmax at or above the threshold; for a
+    /// consistency gate, the exit's argmax equal to the deep model's).
     pub train_exit_labels: f64,
     /// Newton steps taken.
     pub iterations: usize,
     /// The final training loss (mean binary cross-entropy, penalty included).
     pub train_loss: f64,
-    /// Agreement with the softmax routing on the training tokens, at the calibrated threshold.
+    /// Agreement with the labels on the training tokens, at the calibrated threshold.
     pub train_agreement: f64,
-    /// Agreement with the softmax routing on the validation tokens (held out from the fit),
-    /// at the calibrated threshold; `gate_exit_share` is the calibration's result.
+    /// Agreement with the labels on the validation tokens (held out from the fit), at the
+    /// calibrated threshold; `gate_exit_share` is the calibration's result.
     pub validation: GateAgreement,
 }
 
@@ -112,9 +128,58 @@ pub fn train_exit_gate(
     options: &ExitGateOptions,
 ) -> Result<(ExitGate, ExitGateReport)> {
     check_threshold(softmax_threshold)?;
+    let labels = |batches: &[Batch], what: &str, each: &mut dyn FnMut(&[f32], bool)| {
+        exit_states(model, batches, what, |h, confidence| each(h, confidence >= softmax_threshold))
+    };
+    fit_gate(model, train, val, hard_ratio, options, GateKind::Imitation, "train_exit_gate", labels)
+}
+
+/// Trains a **consistency** gate for a phase-2 model (see the module doc): fits it on the
+/// `train` batches to predict whether the exit head's most likely token equals the deep
+/// model's, then sets its threshold so that `1 − hard_ratio` of the `val` tokens exit.
+/// Returns the gate (`kind` [`GateKind::Consistency`]; set `model.exit_gate = Some(gate)` to
+/// route by it) and the report, whose agreement is with those labels.
+///
+/// Errors: a model with no layer above its exit, a ratio out of range, no tokens, non-finite
+/// logits, or training tokens on which the two heads always (or never) agree.
+pub fn train_consistency_gate(
+    model: &LegoTransformer,
+    train: &[Batch],
+    val: &[Batch],
+    hard_ratio: f32,
+    options: &ExitGateOptions,
+) -> Result<(ExitGate, ExitGateReport)> {
+    if model.config.exit_layer >= model.layers.len() {
+        return Err(Error::Input(format!(
+            "train_consistency_gate: the model has {} layers and exits after {}: there is no deep model to agree with (train it after phase 2)",
+            model.layers.len(),
+            model.config.exit_layer
+        )));
+    }
+    let labels = |batches: &[Batch], what: &str, each: &mut dyn FnMut(&[f32], bool)| {
+        consistency_states(model, batches, what, each)
+    };
+    fit_gate(model, train, val, hard_ratio, options, GateKind::Consistency, "train_consistency_gate", labels)
+}
+
+/// The part both gates share: features `x̃ = (x̂, x̂ ⊙ x̂, 1)` of evenly spaced training
+/// batches with the labels `labels` gives (`labels(batches, what, each)` calls
+/// `each(exit state, exits)` for every token in order), the logistic fit, then the threshold
+/// calibrated on `val` and the report.
+#[allow(clippy::too_many_arguments)]
+fn fit_gate(
+    model: &LegoTransformer,
+    train: &[Batch],
+    val: &[Batch],
+    hard_ratio: f32,
+    options: &ExitGateOptions,
+    kind: GateKind,
+    what: &str,
+    labels: impl Fn(&[Batch], &str, &mut dyn FnMut(&[f32], bool)) -> Result<()>,
+) -> Result<(ExitGate, ExitGateReport)> {
     check_ratio(hard_ratio)?;
     if !(options.l2.is_finite() && options.l2 > 0.0) {
-        return Err(Error::Input(format!("exit gate: the L2 penalty must be > 0, got {}", options.l2)));
+        return Err(Error::Input(format!("{what}: the L2 penalty must be > 0, got {}", options.l2)));
     }
     let d = model.config.dim;
     let norm = &model.exit().norm;
@@ -125,21 +190,21 @@ pub fn train_exit_gate(
     let chosen = spaced_batches(train, options.max_train_tokens);
     let mut x = Vec::new(); // [N, 2D + 1]
     let mut y = Vec::new(); // [N]
-    exit_states(model, &chosen, "train_exit_gate", |h, confidence| {
+    labels(&chosen, what, &mut |h, exits| {
         let at = x.len();
         x.resize(at + k, 1.0);
         let (linear, squares) = x[at..at + 2 * d].split_at_mut(d);
         simd::rmsnorm(h, &norm_weight, norm.eps, linear);
         squares.iter_mut().zip(linear.iter()).for_each(|(s, &v)| *s = v * v);
-        y.push(confidence >= softmax_threshold);
+        y.push(exits);
     })?;
     let exits = y.iter().filter(|&&e| e).count();
     if y.is_empty() {
-        return Err(Error::Input("train_exit_gate: no training tokens".into()));
+        return Err(Error::Input(format!("{what}: no training tokens")));
     }
     if exits == 0 || exits == y.len() {
         return Err(Error::Input(format!(
-            "train_exit_gate: all {} training tokens {} at threshold {softmax_threshold}: there is nothing for a gate to learn",
+            "{what}: all {} training tokens are labelled '{}': there is nothing for a gate to learn",
             y.len(),
             if exits == 0 { "go deep" } else { "exit" }
         )));
@@ -150,22 +215,23 @@ pub fn train_exit_gate(
     let weight: Vec<f32> = theta[..d].iter().map(|&t| t as f32).collect();
     let square_weight: Vec<f32> = theta[d..2 * d].iter().map(|&t| t as f32).collect();
     let mut gate = ExitGate::new(weight, square_weight, theta[2 * d] as f32, 0.0)?;
+    gate.kind = kind;
     let mut p_val = Vec::new();
-    let mut softmax_val = Vec::new();
+    let mut labels_val = Vec::new();
     let mut normed = vec![0.0; d];
-    exit_states(model, val, "train_exit_gate (validation)", |h, confidence| {
+    labels(val, &format!("{what} (validation)"), &mut |h, exits| {
         p_val.push(gate.probability(norm, h, &mut normed));
-        softmax_val.push(confidence >= softmax_threshold);
+        labels_val.push(exits);
     })?;
     if p_val.is_empty() {
-        return Err(Error::Input("train_exit_gate: no validation tokens".into()));
+        return Err(Error::Input(format!("{what}: no validation tokens")));
     }
     if let Some(p) = p_val.iter().find(|p| !p.is_finite()) {
-        return Err(Error::NonFinite(format!("train_exit_gate: a validation token's gate score is {p}")));
+        return Err(Error::NonFinite(format!("{what}: a validation token's gate score is {p}")));
     }
     gate.threshold = quantile_threshold(&mut p_val.clone(), hard_ratio);
 
-    let validation = agreement(p_val.iter().map(|&p| p >= gate.threshold), softmax_val.iter().copied());
+    let validation = agreement(p_val.iter().map(|&p| p >= gate.threshold), labels_val.iter().copied());
     let p_train = x.chunks_exact(k).map(|xi| sigmoid(gate.logit_of_normed(&xi[..d])) >= gate.threshold);
     let train_agreement = agreement(p_train, y.iter().copied()).agreement;
     let report = ExitGateReport {
@@ -177,6 +243,38 @@ pub fn train_exit_gate(
         validation,
     };
     Ok((gate, report))
+}
+
+/// Where a gate puts `model` on the validation frontier: for each of `hard_ratios`, the gate's
+/// threshold calibrated on `val` to that share of deep tokens, then the routed perplexity of
+/// TRUE early exit (teacher-forced, [`UpperCacheFill::Skip`]) over `sequences`; returns the
+/// mean of those perplexities. At a given ratio two gates exit (nearly) the same share of
+/// tokens, so their compute is the same and the lower mean is the better frontier: this is how
+/// the main example chooses between an imitation and a consistency gate.
+///
+/// Errors: no ratios, or those of [`compute_gate_threshold`] and
+/// [`LegoTransformer::evaluate_with_early_exit`].
+///
+/// [`UpperCacheFill::Skip`]: crate::model::UpperCacheFill::Skip
+pub fn validation_frontier_ppl(
+    model: &LegoTransformer,
+    gate: &ExitGate,
+    val: &[Batch],
+    sequences: &[Vec<usize>],
+    hard_ratios: &[f32],
+) -> Result<f64> {
+    if hard_ratios.is_empty() {
+        return Err(Error::Input("validation_frontier_ppl: no hard ratios to measure at".into()));
+    }
+    let mut routed = model.clone();
+    routed.exit_gate = Some(gate.clone());
+    let mut sum = 0.0;
+    for &ratio in hard_ratios {
+        let threshold = compute_gate_threshold(&routed, val, ratio)?;
+        let rule = ExitRule::gate(threshold, UpperCacheFill::Skip);
+        sum += routed.evaluate_with_early_exit(sequences, &rule)?.ppl;
+    }
+    Ok(sum / hard_ratios.len() as f64)
 }
 
 /// The threshold on the model's exit-gate probability under which `hard_ratio` of the tokens
@@ -250,7 +348,7 @@ fn agreement(gate: impl Iterator<Item = bool>, softmax: impl Iterator<Item = boo
         tokens: n,
         agreement: share(same),
         gate_exit_share: share(g),
-        softmax_exit_share: share(s),
+        reference_exit_share: share(s),
     }
 }
 
@@ -282,6 +380,38 @@ fn exit_states(
         check_exit_logits(&logits.data(), v, b.seq, i, what)?;
         for (row, &c) in h.data().chunks_exact(d).zip(&confidence) {
             each(row, c);
+        }
+    }
+    Ok(())
+}
+
+/// Runs the lower layers (no graph), the exit head and the upper layers with the deep head on
+/// each batch, and hands `each` every token's exit hidden state (`[D]`) and whether the two
+/// heads' most likely tokens are the same, in order. Logits that are not finite are an error.
+fn consistency_states(
+    model: &LegoTransformer,
+    batches: &[Batch],
+    what: &str,
+    each: &mut dyn FnMut(&[f32], bool),
+) -> Result<()> {
+    let (v, d, exit) = (model.config.vocab_size, model.config.dim, model.config.exit_layer);
+    for (i, b) in batches.iter().enumerate() {
+        let h = crate::no_grad(|| model.get_hidden_states(&b.x, b.batch))?;
+        let (_, exit_logits) = model.compute_confidence(&h);
+        let deep_logits = crate::no_grad(|| model.forward_upper_layers(&h, exit));
+        let (exit_logits, deep_logits) = (exit_logits.data(), deep_logits.data());
+        check_exit_logits(&exit_logits, v, b.seq, i, what)?;
+        if let Some(at) = deep_logits.iter().position(|z| !z.is_finite()) {
+            return Err(Error::NonFinite(format!(
+                "{what}: the deep head's logit for id {} is {} at batch {i}, token {}",
+                at % v,
+                deep_logits[at],
+                at / v
+            )));
+        }
+        let rows = exit_logits.chunks_exact(v).zip(deep_logits.chunks_exact(v));
+        for (row, (e, g)) in h.data().chunks_exact(d).zip(rows) {
+            each(row, argmax(e) == argmax(g));
         }
     }
     Ok(())
