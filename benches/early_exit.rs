@@ -99,8 +99,10 @@
 //! *excess*: measured − ideal × (generate's own measured / ideal), i.e. the time it takes
 //! beyond running as close to the roofline as `generate` does. Those excesses add up to what
 //! separates the efficiency from 1. A layer's time is further split into its seven products
-//! alone (timed over the model's real weights) and the rest (attention over the cache, norms,
-//! RoPE, ...), and the exit check's confidence pass over V logits is timed on its own.
+//! alone (timed over the model's real weights, a call each: on two threads that counts a
+//! hand-off per product, which the decoder's one-job layer does not pay, so it is an upper
+//! bound there) and the rest (attention over the cache, norms, RoPE, ...), and the exit
+//! check's confidence pass over V logits is timed on its own.
 //!
 //! Also printed: the spec's layer-compute saving `1 − actual_compute_cost` and the FLOP saving
 //! `1 − flop_cost`, and (if `python3 -c "import torch"` works, in a full run; force with
@@ -864,8 +866,11 @@ fn full_depth_split(model: &LegoTransformer, prompts: &[Vec<usize>], p: Protocol
 
 /// The anatomy of a decode step, per step at one batch size (seconds).
 struct Anatomy {
-    /// One layer's seven products `x·Wᵀ` alone (as the decoder calls them, one hand-off each),
-    /// cycling through every layer's real weights as a decode step does.
+    /// One layer's seven products `x·Wᵀ` alone, one call (and, on two threads, one hand-off to
+    /// the team) each, cycling through every layer's real weights as a decode step does. The
+    /// decoder runs a whole layer as one team job with barriers instead (`decoder_layer`,
+    /// crate-private), so on two threads this includes hand-offs a decode step no longer pays:
+    /// an upper bound on the products' share, exact on one thread.
     products_per_layer: f64,
     /// The head's product alone (`V×D`).
     head_product: f64,
@@ -1653,7 +1658,7 @@ fn bench_config(name: &'static str, batch_sizes: &[usize], csv: &mut String) {
         if let Some((_, a)) = anatomies.iter().find(|(b, _)| b == batch) {
             let layer = (f.lower + f.upper) / n as f64;
             println!(
-                "    one layer {:.1} µs (ideal {:.1}): its 7 products alone {:.1}, the rest \
+                "    one layer {:.1} µs (ideal {:.1}): its 7 products alone (a call each) {:.1}, the rest \
                  (attention over the cache, norms, RoPE, small-M transposes, residual adds) \
                  {:.1}; the head {:.1}, its product alone {:.1}; confidence of one row of V \
                  logits {:.1} µs (SIMD softmax of the row: {:.1})",
