@@ -107,4 +107,53 @@ mod tests {
         check_gradients(&[&[3, 19], &[3, 19]], |x| Tensor::swiglu(&x[0], &x[1]));
         check_skips_unneeded_gradients(&[&[3, 19], &[3, 19]], |x| Tensor::swiglu(&x[0], &x[1]));
     }
+
+    #[test]
+    fn the_backward_is_the_derivation_s_formula_bit_for_bit_across_chunks_and_threads() {
+        // More than two chunks, so that chunk boundaries (and a short last chunk) are crossed.
+        let n = 2 * super::CHUNK + 123;
+        let val = |i: usize, k: f32| ((i * 37 % 101) as f32 - 50.0) * k;
+        let (x, y, g): (Vec<f32>, Vec<f32>, Vec<f32>) =
+            (0..n).map(|i| (val(i, 0.13), val(i + 7, 0.05), val(i + 3, 0.01))).collect();
+        // The formula of the comment above the backward, element by element, σ from the SIMD
+        // kernel (one element at a time: it is elementwise).
+        let want = |i: usize| {
+            let mut s = [x[i]];
+            crate::kernels::simd::sigmoid_in_place(&mut s);
+            let s = s[0];
+            (g[i] * y[i] * s * (1.0 + x[i] * (1.0 - s)), g[i] * x[i] * s)
+        };
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            for (grad_a, grad_b) in [(true, true), (true, false), (false, true)] {
+                let (da, db) = pool.install(|| {
+                    let a = Tensor::from_vec(x.clone(), &[n]);
+                    let b = Tensor::from_vec(y.clone(), &[n]);
+                    let (a, b) = (
+                        if grad_a { a.requires_grad() } else { a },
+                        if grad_b { b.requires_grad() } else { b },
+                    );
+                    Tensor::swiglu(&a, &b).backward_with(g.clone());
+                    (a.grad(), b.grad())
+                });
+                for i in 0..n {
+                    let (wa, wb) = want(i);
+                    if grad_a {
+                        assert_eq!(
+                            da.as_ref().unwrap()[i].to_bits(),
+                            wa.to_bits(),
+                            "d/da at {i}, {threads} thread(s)"
+                        );
+                    }
+                    if grad_b {
+                        assert_eq!(
+                            db.as_ref().unwrap()[i].to_bits(),
+                            wb.to_bits(),
+                            "d/db at {i}, {threads} thread(s)"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
