@@ -180,10 +180,12 @@ pub fn true_early_exit_generation(
         no_cache.push(t0.elapsed().as_secs_f64());
     }
     let p = prompt.len();
+    let exit_would_agree = exit_agrees(model, &full, p)?;
     Ok(Generation {
         full_text: tok.decode(&full[p..])?,
         early_text: tok.decode(&early[p..])?,
         agreement: agreement(&[full], &[early], p),
+        exit_would_agree,
         shallow: stats.shallow_count,
         deep: stats.deep_count,
         layer_cost: stats.actual_compute_cost,
@@ -195,6 +197,19 @@ pub fn true_early_exit_generation(
         ideal_speedup: 1.0 / stats.flop_cost,
         seconds_no_cache: median(&mut no_cache),
     })
+}
+
+/// Of the tokens of `sequence` after `prompt_len`, how many are the exit head's most likely
+/// token at the position before (the sequence fed whole, teacher-forced, through the lower
+/// layers and the exit head): with a full-depth greedy `sequence`, the tokens that could have
+/// exited without changing the output.
+fn exit_agrees(model: &LegoTransformer, sequence: &[usize], prompt_len: usize) -> Result<usize> {
+    let v = model.config.vocab_size;
+    let inputs = &sequence[..sequence.len() - 1];
+    let h = no_grad(|| model.get_hidden_states(inputs, 1))?;
+    let logits = model.compute_confidence(&h).1.data();
+    let rows = logits.chunks_exact(v).zip(&sequence[1..]).skip(prompt_len - 1);
+    Ok(rows.filter(|(row, next)| lego::ops::select::argmax(row) == **next).count())
 }
 
 /// The median of some values (sorted in place).

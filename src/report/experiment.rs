@@ -248,6 +248,10 @@ pub struct Generation {
     pub early_text: String,
     /// Share of generated tokens identical to full-depth generation.
     pub agreement: f64,
+    /// Of the full-depth generation's tokens, how many the exit head's most likely token (on
+    /// the lower layers' state, teacher-forced) equals: the most that could exit without
+    /// changing a greedy token, whatever the routing.
+    pub exit_would_agree: usize,
     /// Tokens that exited.
     pub shallow: usize,
     /// Tokens that went deep.
@@ -528,6 +532,7 @@ impl ExperimentReport {
             ("speedup", g.speedup.into()),
             ("ideal_speedup", g.ideal_speedup.into()),
             ("identical_tokens", g.agreement.into()),
+            ("exit_argmax_agrees", g.exit_would_agree.into()),
         ]);
         Json::object([
             ("data", self.source.as_str().into()),
@@ -881,6 +886,7 @@ impl fmt::Display for ExperimentReport {
             "time full / early exit",
             "speed-up",
             "identical tokens",
+            "exit head's argmax = the token",
             "no KV cache → KV cache",
         ]);
         t.row([
@@ -895,6 +901,7 @@ impl fmt::Display for ExperimentReport {
             format!("{:.2} / {:.2} ms", 1e3 * g.seconds_full, 1e3 * g.seconds_early),
             format!("{:.2}x ({}; ideal {:.2}x)", g.speedup, g.measure, g.ideal_speedup),
             pct(g.agreement),
+            format!("{} of {}", g.exit_would_agree, g.shallow + g.deep),
             format!("{:.2}x", g.seconds_no_cache / g.seconds_full),
         ]);
         writeln!(f, "{t}")?;
