@@ -44,6 +44,49 @@ pub fn sgemm(
     c: &mut [f32],
     ldc: usize,
 ) {
+    sgemm_maybe_split(true, m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, ldc);
+}
+
+/// [`sgemm`] on the calling thread only, for a caller that is already one of several
+/// parallel tasks (attention runs its heads in parallel, and each head's products are small:
+/// splitting them again costs more in hand-offs than it saves).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_one_thread(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &[f32],
+    rsa: usize,
+    csa: usize,
+    b: &[f32],
+    rsb: usize,
+    csb: usize,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    sgemm_maybe_split(false, m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, ldc);
+}
+
+/// [`sgemm`], splitting C's rows over rayon's threads only if `split` and the product is large.
+#[allow(clippy::too_many_arguments)]
+fn sgemm_maybe_split(
+    split: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &[f32],
+    rsa: usize,
+    csa: usize,
+    b: &[f32],
+    rsb: usize,
+    csb: usize,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -77,7 +120,7 @@ pub fn sgemm(
     }
 
     let flops = 2 * m * k * n;
-    let blocks = if worth_splitting(flops) && m >= 16 { threads().min(m / 8).max(1) } else { 1 };
+    let blocks = if split && worth_splitting(flops) && m >= 16 { threads().min(m / 8).max(1) } else { 1 };
     if blocks == 1 {
         sgemm_serial(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, ldc);
         return;

@@ -15,7 +15,12 @@
 //! ```
 //!
 //! The heads are independent, so they run in parallel; each one's products go to `sgemm`
-//! reading Q, K and V in place through strides (row stride `heads·head_dim`), no copies.
+//! reading Q, K and V in place through strides (row stride `heads·head_dim`), no copies, on
+//! the head's own thread ([`sgemm_one_thread`]: a head's products are too small to split
+//! again). What a head writes (P, O, and in the backward dQ, dK, dV, dS) is its block of
+//! buffers allocated once for all heads (`per_head`).
+//!
+//! [`sgemm_one_thread`]: crate::kernels::gemm::sgemm_one_thread
 //!
 //! **Backward.** With `G = ∂L/∂O`:
 //! `∂L/∂V = Pᵀ·G`; `∂L/∂P = G·Vᵀ`; through the softmax (see [`super::softmax`]),
@@ -39,23 +44,40 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::gemm::sgemm;
+use crate::kernels::gemm::sgemm_one_thread as sgemm;
 use crate::kernels::parallel::worth_splitting;
 use crate::kernels::simd;
 use crate::tensor::{Tensor, pool};
 
-/// Runs `f(b, h)` for every (batch, head) pair, in parallel when the work is large, and
-/// collects the results in (b, h) order.
-fn per_head<R: Send>(
-    batch: usize,
-    heads: usize,
+/// Runs `f(i, blocks)` for every (batch, head) pair `i = b·heads + h`, in parallel when the
+/// work is large, where `blocks[j]` is pair `i`'s own `sizes[j]`-float piece of `bufs[j]` (each
+/// buffer holds one block per pair, side by side). Every buffer is allocated once, on the
+/// calling thread, for all pairs: a head allocating its own blocks on a worker thread, freed
+/// later on another, made glibc grow and trim the workers' heaps (page faults on both threads,
+/// and attention no faster on two threads than on one).
+fn per_head<const N: usize>(
+    pairs: usize,
     work: usize,
-    f: impl Fn(usize, usize) -> R + Sync + Send,
-) -> Vec<R> {
+    bufs: [&mut [f32]; N],
+    sizes: [usize; N],
+    f: impl Fn(usize, [&mut [f32]; N]) + Sync + Send,
+) {
+    // Each pair's blocks, cut from the buffers (a zero-sized block is an empty slice).
+    let mut blocks: Vec<[&mut [f32]; N]> = Vec::with_capacity(pairs);
+    let mut rest = bufs;
+    for _ in 0..pairs {
+        let mut taken: [&mut [f32]; N] = std::array::from_fn(|_| <&mut [f32]>::default());
+        for j in 0..N {
+            let (block, tail) = std::mem::take(&mut rest[j]).split_at_mut(sizes[j]);
+            taken[j] = block;
+            rest[j] = tail;
+        }
+        blocks.push(taken);
+    }
     if worth_splitting(work) {
-        (0..batch * heads).into_par_iter().map(|i| f(i / heads, i % heads)).collect()
+        blocks.into_par_iter().enumerate().for_each(|(i, b)| f(i, b));
     } else {
-        (0..batch * heads).map(|i| f(i / heads, i % heads)).collect()
+        blocks.into_iter().enumerate().for_each(|(i, b)| f(i, b));
     }
 }
 
@@ -90,13 +112,17 @@ impl Tensor {
         let (qd, kd, vd) = (q.data(), k.data(), v.data());
         let work = 4 * q_len * kv_len * hd;
 
-        // Per head: the probabilities P (kept for the backward) and the output O.
-        let results = per_head(batch, heads, batch * heads * work, |b, h| {
+        // Per head: the probabilities P (kept for the backward, [q_len, kv_len] a head) and
+        // the output O ([q_len, hd] a head), each head's block of one buffer.
+        let (pairs, per_p, per_o) = (batch * heads, q_len * kv_len, q_len * hd);
+        let mut probs = pool::take(pairs * per_p); // sgemm with β = 0 writes every element
+        let mut heads_out = pool::take(pairs * per_o); // likewise
+        per_head(pairs, pairs * work, [&mut probs, &mut heads_out], [per_p, per_o], |i, [p, o]| {
+            let (b, h) = (i / heads, i % heads);
             let q0 = (b * q_len * heads + h) * hd;
             let k0 = (b * kv_len * heads + h) * hd;
-            let mut p = pool::take(q_len * kv_len); // sgemm with β = 0 writes every element
             // S = s·Q·Kᵀ: Q read with row stride `row`, Kᵀ by swapping K's strides.
-            sgemm(q_len, hd, kv_len, scale, &qd[q0..], row, 1, &kd[k0..], 1, row, 0.0, &mut p, kv_len);
+            sgemm(q_len, hd, kv_len, scale, &qd[q0..], row, 1, &kd[k0..], 1, row, 0.0, p, kv_len);
             // P = softmax over the visible keys of each row; the masked ones are exactly 0.
             for (i, pr) in p.chunks_mut(kv_len).enumerate() {
                 let visible = prefix + i + 1;
@@ -104,49 +130,63 @@ impl Tensor {
                 pr[visible..].fill(0.0);
             }
             // O = P·V   [q_len, hd]
-            let mut o = vec![0.0f32; q_len * hd];
-            sgemm(q_len, kv_len, hd, 1.0, &p, kv_len, 1, &vd[k0..], row, 1, 0.0, &mut o, hd);
-            (p, o)
+            sgemm(q_len, kv_len, hd, 1.0, p, kv_len, 1, &vd[k0..], row, 1, 0.0, o, hd);
         });
         // Heads back side by side: [batch, q_len, heads, hd].
         let mut out = pool::take(batch * q_len * row); // every head scatters its block
-        for (i, (_, o)) in results.iter().enumerate() {
-            scatter_head(&mut out, o, i / heads, i % heads, q_len, heads, hd);
+        for i in 0..pairs {
+            scatter_head(
+                &mut out,
+                &heads_out[i * per_o..(i + 1) * per_o],
+                i / heads,
+                i % heads,
+                q_len,
+                heads,
+                hd,
+            );
         }
-        let probs: Vec<pool::Recycled> = results.into_iter().map(|(p, _)| pool::Recycled(p)).collect();
+        pool::recycle(heads_out);
+        let probs = pool::Recycled(probs);
 
         Tensor::from_op(out, &qs, "attention", &[q, k, v], move |g: &[f32]| {
-            let grads = per_head(batch, heads, 2 * batch * heads * work, |b, h| {
-                let p = &probs[b * heads + h];
+            // Each head's dQ [q_len, hd], dK and dV [kv_len, hd], and dS [q_len, kv_len]
+            // (scratch), each head's block of one buffer.
+            let (per_q, per_k) = (q_len * hd, kv_len * hd);
+            let mut gq = pool::take(pairs * per_q); // every block written by sgemm (β = 0)
+            let mut gk = pool::take(pairs * per_k);
+            let mut gv = pool::take(pairs * per_k);
+            let mut ds_all = pool::take(pairs * per_p);
+            let (bufs, sizes) = ([&mut gq[..], &mut gk, &mut gv, &mut ds_all], [per_q, per_k, per_k, per_p]);
+            per_head(pairs, 2 * pairs * work, bufs, sizes, |i, [dq, dk, dv, ds]| {
+                let (b, h) = (i / heads, i % heads);
+                let p = &probs[i * per_p..(i + 1) * per_p];
                 let q0 = (b * q_len * heads + h) * hd;
                 let k0 = (b * kv_len * heads + h) * hd;
                 // dV = Pᵀ·G   [kv_len, hd]
-                let mut dv = vec![0.0f32; kv_len * hd];
-                sgemm(kv_len, q_len, hd, 1.0, p, 1, kv_len, &g[q0..], row, 1, 0.0, &mut dv, hd);
+                sgemm(kv_len, q_len, hd, 1.0, p, 1, kv_len, &g[q0..], row, 1, 0.0, dv, hd);
                 // dP = G·Vᵀ   [q_len, kv_len]
-                let mut ds = pool::take(q_len * kv_len);
-                sgemm(q_len, hd, kv_len, 1.0, &g[q0..], row, 1, &vd[k0..], 1, row, 0.0, &mut ds, kv_len);
+                sgemm(q_len, hd, kv_len, 1.0, &g[q0..], row, 1, &vd[k0..], 1, row, 0.0, ds, kv_len);
                 // dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place.
                 for (dr, pr) in ds.chunks_mut(kv_len).zip(p.chunks(kv_len)) {
                     let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
                     dr.iter_mut().zip(pr).for_each(|(d, &pp)| *d = pp * (*d - dot));
                 }
                 // dQ = s·dS·K   [q_len, hd];  dK = s·dSᵀ·Q   [kv_len, hd]
-                let mut dq = vec![0.0f32; q_len * hd];
-                sgemm(q_len, kv_len, hd, scale, &ds, kv_len, 1, &kd[k0..], row, 1, 0.0, &mut dq, hd);
-                let mut dk = vec![0.0f32; kv_len * hd];
-                sgemm(kv_len, q_len, hd, scale, &ds, 1, kv_len, &qd[q0..], row, 1, 0.0, &mut dk, hd);
-                pool::recycle(ds);
-                (dq, dk, dv)
+                sgemm(q_len, kv_len, hd, scale, ds, kv_len, 1, &kd[k0..], row, 1, 0.0, dq, hd);
+                sgemm(kv_len, q_len, hd, scale, ds, 1, kv_len, &qd[q0..], row, 1, 0.0, dk, hd);
             });
+            pool::recycle(ds_all);
             let mut dq = pool::take(batch * q_len * row);
             let mut dk = pool::take(batch * kv_len * row);
             let mut dv = pool::take(batch * kv_len * row);
-            for (i, (gq, gk, gv)) in grads.iter().enumerate() {
+            for i in 0..pairs {
                 let (b, h) = (i / heads, i % heads);
-                scatter_head(&mut dq, gq, b, h, q_len, heads, hd);
-                scatter_head(&mut dk, gk, b, h, kv_len, heads, hd);
-                scatter_head(&mut dv, gv, b, h, kv_len, heads, hd);
+                scatter_head(&mut dq, &gq[i * per_q..(i + 1) * per_q], b, h, q_len, heads, hd);
+                scatter_head(&mut dk, &gk[i * per_k..(i + 1) * per_k], b, h, kv_len, heads, hd);
+                scatter_head(&mut dv, &gv[i * per_k..(i + 1) * per_k], b, h, kv_len, heads, hd);
+            }
+            for buf in [gq, gk, gv] {
+                pool::recycle(buf);
             }
             vec![Some(dq), Some(dk), Some(dv)]
         })
@@ -188,6 +228,28 @@ mod tests {
                 1e-5,
             );
         }
+    }
+
+    #[test]
+    fn one_and_two_threads_give_the_same_bits() {
+        // Large enough that the heads run in parallel on two threads.
+        let (b, t, h, hd) = (2, 32, 4, 16);
+        let n = b * t * h * hd;
+        let inputs: Vec<Vec<f32>> = (0..4).map(|i| values(n, i)).collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let x: Vec<Tensor> = (0..3)
+                    .map(|i| Tensor::from_vec(inputs[i].clone(), &[b, t, h, hd]).requires_grad())
+                    .collect();
+                let out = Tensor::attention(&x[0], &x[1], &x[2]);
+                out.backward_with(inputs[3].clone());
+                let mut all = out.to_vec();
+                x.iter().for_each(|x| all.extend(x.grad().unwrap()));
+                all.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+            })
+        };
+        assert_eq!(run(1), run(2), "attention's output and gradients differ between 1 and 2 threads");
     }
 
     #[test]
