@@ -1,4 +1,6 @@
-//! Training the exit gate ([`ExitGate`]) right after phase 1, to imitate the spec's routing.
+//! Training the exit gate ([`ExitGate`]): right after phase 1, to imitate the spec's routing;
+//! or after phase 2, to predict where the exit agrees with the deep model (the consistency
+//! gate, below).
 //!
 //! ```text
 //! training split   lower layers (frozen, graph-free, once) ─► h ─┬─ x̂ = rmsnorm(h) ⊙ γ_exit; (x̂, x̂ ⊙ x̂)  features  [N, 2D]
@@ -334,10 +336,11 @@ pub fn gate_agreement(
     Ok(agreement(by_gate.into_iter(), by_softmax.into_iter()))
 }
 
-/// Agreement and exit shares of two routings of the same tokens (`true`: exits).
-fn agreement(gate: impl Iterator<Item = bool>, softmax: impl Iterator<Item = bool>) -> GateAgreement {
+/// Agreement and exit shares of two routings of the same tokens (`true`: exits): the gate's
+/// and its reference's.
+fn agreement(gate: impl Iterator<Item = bool>, reference: impl Iterator<Item = bool>) -> GateAgreement {
     let (mut n, mut same, mut g, mut s) = (0usize, 0usize, 0usize, 0usize);
-    for (a, b) in gate.zip(softmax) {
+    for (a, b) in gate.zip(reference) {
         n += 1;
         same += (a == b) as usize;
         g += a as usize;

@@ -12,6 +12,9 @@
 //! phase 2   extend the model, freeze the lower part, train the upper layers on the hard
 //!           examples only, from the cached hidden states
 //!           [LegoTransformer::extend, Trainer::train_upper_layers_with_early_stopping]
+//! gate'     (optional) fit CALM's consistency gate: does the exit's argmax equal the deep
+//!           model's? keep it if its validation frontier is better
+//!           [train_consistency_gate, validation_frontier_ppl]
 //! evaluate  loss, PPL, accuracy and the early-exit statistics   [Trainer::evaluate]
 //! ```
 //!
