@@ -25,8 +25,9 @@
 //!   every matrix back to back: the bandwidth bound of this kernel on this machine). Only the
 //!   products: no attention, norms or sampling. At one row a product does 2 FLOPs per 4-byte
 //!   weight, so its GB/s are twice the GFLOP/s shown;
-//! - `attention` and `rms_norm` at config S (batch 16, seq 128, dim 256, 8 heads of 32), the
-//!   forward alone (recording the graph, as in training) and forward + backward.
+//! - `attention` at config T's and S's training shapes (batch 32 × seq 64, 4 heads of 16; batch
+//!   16 × seq 128, 8 heads of 32) and `rms_norm` at config S (dim 256), the forward alone
+//!   (recording the graph, as in training) and forward + backward.
 //!
 //! The timing harness is deliberately tiny (no criterion): run the closure for a warm-up
 //! period, which also tells how many calls fill one repetition of ~[`REP_SECS`]; then time
@@ -198,20 +199,18 @@ fn bench_matmul(m: usize, k: usize, n: usize, threads: usize, rows: &mut Vec<Row
     }
 }
 
-/// Attention and RMSNorm at config S, forward and forward + backward, inside the current pool.
-fn bench_s_ops(threads: usize, rows: &mut Vec<Row>) {
-    let (b, t, d, h) = (S_BATCH, S_SEQ, S_DIM, S_HEADS);
-    let hd = d / h;
+/// Attention of `b` sequences of `t` tokens, `h` heads of `hd`, forward and forward + backward,
+/// inside the current pool.
+fn bench_attention(b: usize, t: usize, h: usize, hd: usize, threads: usize, rows: &mut Vec<Row>) {
     let mut rng = Tensor::rng(7);
-
-    // Attention: q, k, v are [B, T, H, hd]. The flop count is the two T×T products a head
-    // (Q·Kᵀ and P·V, 2·T²·hd each) forward, and four more backward; the kernel computes the
-    // whole T×T square (masked half included), so that is what it is charged for.
+    // q, k, v are [B, T, H, hd]. The flop count is the two T×T products a head (Q·Kᵀ and P·V,
+    // 2·T²·hd each) forward, and four more backward; the kernel computes the whole T×T square
+    // (masked half included), so that is what it is charged for.
     let qkv_shape = [b, t, h, hd];
     let q = Tensor::randn(&qkv_shape, 0.0, 1.0, &mut rng).requires_grad();
     let k = Tensor::randn(&qkv_shape, 0.0, 1.0, &mut rng).requires_grad();
     let v = Tensor::randn(&qkv_shape, 0.0, 1.0, &mut rng).requires_grad();
-    let g_attn = values(b * t * d, 8);
+    let g_attn = values(b * t * h * hd, 8);
     let head_flops = 2.0 * (t * t * hd) as f64 * (b * h) as f64;
     let shape = format!("B{b} T{t} H{h} hd{hd}");
 
@@ -240,7 +239,12 @@ fn bench_s_ops(threads: usize, rows: &mut Vec<Row>) {
         timing,
         flops: Some(6.0 * head_flops),
     });
+}
 
+/// RMSNorm at config S, forward and forward + backward, inside the current pool.
+fn bench_s_ops(threads: usize, rows: &mut Vec<Row>) {
+    let (b, t, d) = (S_BATCH, S_SEQ, S_DIM);
+    let mut rng = Tensor::rng(7);
     // RMSNorm: x [B, T, D], weight [D]. Memory-bound; no GFLOP/s.
     let x = Tensor::randn(&[b, t, d], 0.0, 1.0, &mut rng).requires_grad();
     let w = Tensor::from_vec(values(d, 9).iter().map(|v| 1.0 + 0.1 * v).collect(), &[d]).requires_grad();
@@ -385,6 +389,9 @@ fn main() {
             for (m, k, n) in SHAPES {
                 bench_matmul(m, k, n, threads, &mut rows);
             }
+            // Config T's training shape (32 × 64 tokens, 4 heads of 16), then config S's.
+            bench_attention(32, 64, 4, 16, threads, &mut rows);
+            bench_attention(S_BATCH, S_SEQ, S_HEADS, S_DIM / S_HEADS, threads, &mut rows);
             bench_s_ops(threads, &mut rows);
         });
     }
