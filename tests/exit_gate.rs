@@ -9,12 +9,13 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use lego::data::{Batch, SyntheticConfig, Tokenizer, batches, generate_corpus, make_sequences};
+use lego::model::transformer::ExtendInit;
 use lego::model::{
     ExitGate, ExitMeasure, ExitRule, GateKind, GenerateOptions, LegoConfig, LegoTransformer, UpperCacheFill,
 };
 use lego::optim::{AdamW, AdamWConfig};
 use lego::train::{
-    ExitGateOptions, ExitGateReport, TrainOptions, Trainer, compute_confidence_threshold,
+    ExitGateOptions, ExitGateReport, OneClass, TrainOptions, Trainer, compute_confidence_threshold,
     compute_gate_threshold, gate_agreement, load_training_checkpoint, save_training_checkpoint,
     train_consistency_gate, train_exit_gate, validation_frontier_ppl,
 };
@@ -357,9 +358,22 @@ fn the_consistency_gate_learns_where_the_exit_and_the_deep_model_agree_and_hits_
     let e = train_consistency_gate(&t.phase1, &t.splits.train, &t.splits.val, HARD_RATIO, &options);
     assert!(e.unwrap_err().to_string().contains("no deep model"));
 
+    // Upper layers grown as the identity, before any step: the deep model is the exit, the two
+    // heads agree on every token, and there is nothing to learn (an outcome, not an error).
+    let identity =
+        t.phase1.extend_with(4, t.threshold, true, ExtendInit::Identity, &mut Tensor::rng(4)).unwrap();
+    let one =
+        train_consistency_gate(&identity, &t.splits.train, &t.splits.val, HARD_RATIO, &options).unwrap();
+    let tokens = t.splits.train.iter().map(|b| b.batch * b.seq).sum::<usize>();
+    assert_eq!(one.unwrap_err(), OneClass { tokens, exits: true });
+    // The imitation gate's one-sided labels stay an error: a threshold no token reaches.
+    let e =
+        train_exit_gate(&t.phase1, &t.splits.train, &t.splits.val, 2.0, HARD_RATIO, &options).unwrap_err();
+    assert!(e.to_string().contains("labelled 'go deep'"), "{e}");
+
     let mut deep = extended();
     let (gate, report) =
-        train_consistency_gate(&deep, &t.splits.train, &t.splits.val, HARD_RATIO, &options).unwrap();
+        train_consistency_gate(&deep, &t.splits.train, &t.splits.val, HARD_RATIO, &options).unwrap().unwrap();
     eprintln!("consistency gate: {report:?}");
     assert_eq!(gate.kind, GateKind::Consistency);
     // Its labels are the agreement of the two heads, token for token.

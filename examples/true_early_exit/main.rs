@@ -322,13 +322,28 @@ fn choose_gate(run: &mut Phase2Run, data: &Dataset, o: &Options) -> Result<()> {
         run.model.exit_gate.clone().ok_or_else(|| {
             lego::Error::Input("choose_gate: the phase-2 model has no imitation gate".into())
         })?;
-    let (consistency, report) = train_consistency_gate(
+    let fitted = train_consistency_gate(
         &run.model,
         &data.train,
         &data.val,
         o.run.hard_ratio,
         &ExitGateOptions::default(),
     )?;
+    let (consistency, report) = match fitted {
+        Ok(fitted) => fitted,
+        Err(one) => {
+            // E.g. identity-grown upper layers that early stopping kept at step 0: the deep
+            // model is the exit, and every token "agrees".
+            eprintln!(
+                "consistency gate ({}): the exit's argmax {} the deep one on all {} training tokens, \
+                 so there is nothing to learn; keeping the imitation gate",
+                run.record.model_name(),
+                if one.exits { "equals" } else { "differs from" },
+                one.tokens
+            );
+            return Ok(());
+        }
+    };
     let sequences = data.val_sequences(Some(GATE_SEQUENCES));
     let ppl =
         |gate: &ExitGate| validation_frontier_ppl(&run.model, gate, &data.val, &sequences, &GATE_RATIOS);

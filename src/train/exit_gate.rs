@@ -95,6 +95,19 @@ pub struct GateAgreement {
     pub reference_exit_share: f64,
 }
 
+/// Training labels that are all the same, so no gate can be fitted to them: how many tokens,
+/// and whether every one of them is labelled "exit" (else every one "go deep").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OneClass {
+    /// Training tokens labelled.
+    pub tokens: usize,
+    /// `true`: every token's label is "exit"; `false`: every token's is "go deep".
+    pub exits: bool,
+}
+
+/// A fitted gate and its report, or the one label every training token had (nothing to fit).
+pub type GateFit = std::result::Result<(ExitGate, ExitGateReport), OneClass>;
+
 /// What [`train_exit_gate`] did.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ExitGateReport {
@@ -133,7 +146,14 @@ pub fn train_exit_gate(
     let labels = |batches: &[Batch], what: &str, each: &mut dyn FnMut(&[f32], bool)| {
         exit_states(model, batches, what, |h, confidence| each(h, confidence >= softmax_threshold))
     };
-    fit_gate(model, train, val, hard_ratio, options, GateKind::Imitation, "train_exit_gate", labels)
+    let what = "train_exit_gate";
+    match fit_gate(model, train, val, hard_ratio, options, GateKind::Imitation, what, labels)? {
+        Ok(fitted) => Ok(fitted),
+        Err(OneClass { tokens, exits }) => Err(Error::Input(format!(
+            "{what}: all {tokens} training tokens are labelled '{}' at the softmax threshold {softmax_threshold}: there is nothing for a gate to learn",
+            if exits { "exit" } else { "go deep" }
+        ))),
+    }
 }
 
 /// Trains a **consistency** gate for a phase-2 model (see the module doc): fits it on the
@@ -142,15 +162,21 @@ pub fn train_exit_gate(
 /// Returns the gate (`kind` [`GateKind::Consistency`]; set `model.exit_gate = Some(gate)` to
 /// route by it) and the report, whose agreement is with those labels.
 ///
+/// Returns `Ok(Err(OneClass))` when the two heads agree on every training token (or on none):
+/// no gate can tell the tokens apart. That is a real outcome, not a fault: a phase 2 grown with
+/// [`ExtendInit::Identity`](crate::model::transformer::ExtendInit::Identity) whose early
+/// stopping kept its starting weights has deep logits equal to the exit's on every token. The
+/// caller then keeps the gate it has.
+///
 /// Errors: a model with no layer above its exit, a ratio out of range, no tokens, non-finite
-/// logits, or training tokens on which the two heads always (or never) agree.
+/// logits.
 pub fn train_consistency_gate(
     model: &LegoTransformer,
     train: &[Batch],
     val: &[Batch],
     hard_ratio: f32,
     options: &ExitGateOptions,
-) -> Result<(ExitGate, ExitGateReport)> {
+) -> Result<GateFit> {
     if model.config.exit_layer >= model.layers.len() {
         return Err(Error::Input(format!(
             "train_consistency_gate: the model has {} layers and exits after {}: there is no deep model to agree with (train it after phase 2)",
@@ -167,7 +193,8 @@ pub fn train_consistency_gate(
 /// The part both gates share: features `x̃ = (x̂, x̂ ⊙ x̂, 1)` of evenly spaced training
 /// batches with the labels `labels` gives (`labels(batches, what, each)` calls
 /// `each(exit state, exits)` for every token in order), the logistic fit, then the threshold
-/// calibrated on `val` and the report.
+/// calibrated on `val` and the report; or, when every training label is the same, which one
+/// (there is nothing to fit).
 #[allow(clippy::too_many_arguments)]
 fn fit_gate(
     model: &LegoTransformer,
@@ -178,7 +205,7 @@ fn fit_gate(
     kind: GateKind,
     what: &str,
     labels: impl Fn(&[Batch], &str, &mut dyn FnMut(&[f32], bool)) -> Result<()>,
-) -> Result<(ExitGate, ExitGateReport)> {
+) -> Result<GateFit> {
     check_ratio(hard_ratio)?;
     if !(options.l2.is_finite() && options.l2 > 0.0) {
         return Err(Error::Input(format!("{what}: the L2 penalty must be > 0, got {}", options.l2)));
@@ -205,11 +232,7 @@ fn fit_gate(
         return Err(Error::Input(format!("{what}: no training tokens")));
     }
     if exits == 0 || exits == y.len() {
-        return Err(Error::Input(format!(
-            "{what}: all {} training tokens are labelled '{}': there is nothing for a gate to learn",
-            y.len(),
-            if exits == 0 { "go deep" } else { "exit" }
-        )));
+        return Ok(Err(OneClass { tokens: y.len(), exits: exits > 0 }));
     }
     let (theta, iterations, train_loss) = fit_logistic(&x, &y, k, options);
 
@@ -244,7 +267,7 @@ fn fit_gate(
         train_agreement,
         validation,
     };
-    Ok((gate, report))
+    Ok(Ok((gate, report)))
 }
 
 /// Where a gate puts `model` on the validation frontier: for each of `hard_ratios`, the gate's

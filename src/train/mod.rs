@@ -33,8 +33,8 @@ pub use checkpoint::{
     OptimizerState, TrainingCheckpoint, load_training_checkpoint, save_training_checkpoint,
 };
 pub use exit_gate::{
-    ExitGateOptions, ExitGateReport, GateAgreement, compute_gate_threshold, gate_agreement,
-    train_consistency_gate, train_exit_gate, validation_frontier_ppl,
+    ExitGateOptions, ExitGateReport, GateAgreement, GateFit, OneClass, compute_gate_threshold,
+    gate_agreement, train_consistency_gate, train_exit_gate, validation_frontier_ppl,
 };
 pub use hard_examples::{
     HardBatch, HardExamples, Phase2Mode, collect_hard_examples, compute_confidence_threshold,
