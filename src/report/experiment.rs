@@ -278,6 +278,18 @@ pub struct Generation {
     pub seconds_prompt: f64,
 }
 
+impl Generation {
+    /// The most the early-exit call could gain if every step after the prompt ran at exactly
+    /// its FLOP ideal, the prompt and first token costing what they measured (both runs pay
+    /// them alike): `t_full / (t_prompt + (t_full − t_prompt) / ideal)`. An estimate (the ideal
+    /// counts the first token's FLOPs too), which says how much of the gap between the measured
+    /// speed-up and the FLOP ideal is the prompt's share of the call rather than the decoder's.
+    pub fn ceiling(&self) -> f64 {
+        let decode = (self.seconds_full - self.seconds_prompt).max(0.0);
+        self.seconds_full / (self.seconds_prompt + decode / self.ideal_speedup)
+    }
+}
+
 /// One row of the early-exit table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExitTableRow {
@@ -428,6 +440,7 @@ impl ExperimentReport {
         put("generation", &gm, "flop_cost", g.flop_cost);
         put("generation", &gm, "speedup", g.speedup);
         put("generation", &gm, "ideal_speedup", g.ideal_speedup);
+        put("generation", &gm, "ceiling_with_prompt", g.ceiling());
         put("generation", &gm, "kv_cache_speedup", g.seconds_no_cache / g.seconds_full);
         put("generation", &gm, "agreement", g.agreement);
         for row in &self.table {
@@ -535,6 +548,7 @@ impl ExperimentReport {
             ("exit_measure", g.measure.as_str().into()),
             ("speedup", g.speedup.into()),
             ("ideal_speedup", g.ideal_speedup.into()),
+            ("ceiling_with_prompt", g.ceiling().into()),
             ("identical_tokens", g.agreement.into()),
             ("exit_argmax_agrees", g.exit_would_agree.into()),
         ]);
@@ -908,7 +922,13 @@ impl fmt::Display for ExperimentReport {
                 1e3 * g.seconds_early,
                 1e3 * g.seconds_prompt
             ),
-            format!("{:.2}x ({}; ideal {:.2}x)", g.speedup, g.measure, g.ideal_speedup),
+            format!(
+                "{:.2}x ({}; FLOP ideal {:.2}x, {:.2}x with the prompt)",
+                g.speedup,
+                g.measure,
+                g.ideal_speedup,
+                g.ceiling()
+            ),
             pct(g.agreement),
             format!("{} of {}", g.exit_would_agree, g.shallow + g.deep),
             format!("{:.2}x", g.seconds_no_cache / g.seconds_full),
@@ -1012,6 +1032,21 @@ mod tests {
             device: "cpu".into(),
             seconds: 9.0,
         }
+    }
+
+    #[test]
+    fn the_ceiling_keeps_the_prompt_and_scales_the_rest_by_the_flop_ideal() {
+        // 0.5 s of prompt, 1.5 s of decoding that could run 1.5x faster: 2 / (0.5 + 1) = 4/3.
+        let g = Generation {
+            seconds_full: 2.0,
+            seconds_prompt: 0.5,
+            ideal_speedup: 1.5,
+            ..Generation::default()
+        };
+        assert!((g.ceiling() - 4.0 / 3.0).abs() < 1e-12, "{}", g.ceiling());
+        // No prompt: the FLOP ideal itself; all prompt: no gain at all.
+        assert!((Generation { seconds_prompt: 0.0, ..g.clone() }.ceiling() - 1.5).abs() < 1e-12);
+        assert!((Generation { seconds_prompt: 2.0, ..g }.ceiling() - 1.0).abs() < 1e-12);
     }
 
     #[test]
