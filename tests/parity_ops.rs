@@ -130,6 +130,11 @@ op_cases! {
     attention("q", "k", "v") => |fx, x| attention_checked(fx, x);
     attention_noprefix("q", "k", "v") => |fx, x| attention_checked(fx, x);
     attention_single("q", "k", "v") => |fx, x| attention_checked(fx, x);
+    attention_masked("q", "k", "v") => |fx, x| {
+        assert_eq!(x[1].dim(1) - x[0].dim(1), fx.meta::<usize>("prefix"), "attention prefix");
+        let visible: std::sync::Arc<[bool]> = fx.ids("visible").iter().map(|&f| f == 1).collect();
+        Tensor::attention_masked(&x[0], &x[1], &x[2], Some(&visible))
+    };
     cross_entropy("logits") => |fx, x| x[0].cross_entropy(&fx.ids("targets"), None);
     cross_entropy_weighted("logits") =>
         |fx, x| x[0].cross_entropy(&fx.ids("targets"), Some(fx.values("weights")));
@@ -157,7 +162,7 @@ fn fixture_names(group: &str) -> BTreeSet<String> {
 fn every_op_fixture_has_a_test() {
     let tested: BTreeSet<String> = OP_CASES.iter().map(|s| s.to_string()).collect();
     assert_eq!(fixture_names("ops"), tested);
-    assert_eq!(OP_CASES.len(), 53);
+    assert_eq!(OP_CASES.len(), 54);
     let optim: BTreeSet<String> = ["adamw", "clip", "clip_noop"].map(String::from).into();
     assert_eq!(fixture_names("optim"), optim);
 }

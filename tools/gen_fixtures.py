@@ -140,6 +140,27 @@ def attention(q, k, v):
     return jnp.stack(rows, axis=1)  # (B, Tq, H, hd)
 
 
+def attention_masked(q, k, v, visible):
+    """Causal attention in which query i of batch row b sees key j < P + i only if
+    visible[b, j], and always its own key P + i (TRUE early exit's Skip fill: a token that
+    exited is missing from the upper layers' cache). Written per batch row and query, each
+    seeing only the keys it may (no mask needed)."""
+    B, Tq, _, hd = q.shape
+    Tk = k.shape[1]
+    P = Tk - Tq
+    scale = 1.0 / np.sqrt(hd)
+    out = []
+    for b in range(B):
+        rows = []
+        for i in range(Tq):
+            seen = [j for j in range(P + i) if visible[b, j]] + [P + i]
+            scores = jnp.einsum("hd,jhd->hj", q[b, i], k[b, seen]) * scale
+            p = softmax(scores)  # (H, len(seen))
+            rows.append(jnp.einsum("hj,jhd->hd", p, v[b, seen]))
+        out.append(jnp.stack(rows, axis=0))  # (Tq, H, hd)
+    return jnp.stack(out, axis=0)  # (B, Tq, H, hd)
+
+
 def cross_entropy(logits, targets, weights=None):
     """logits (N, C), integer targets (N,). nll_i = -log_softmax(logits_i)[targets_i].
     Unweighted: mean_i nll_i. Weighted: sum_i w_i nll_i / sum_i w_i."""
@@ -528,6 +549,18 @@ def attention_case(B, Tq, Tk, H, hd):
 case("ops", "attention")(attention_case(B=2, Tq=4, Tk=6, H=3, hd=8))
 case("ops", "attention_noprefix")(attention_case(B=1, Tq=5, Tk=5, H=2, hd=4))
 case("ops", "attention_single")(attention_case(B=2, Tq=1, Tk=7, H=2, hd=6))
+
+
+@case("ops", "attention_masked")
+def attention_masked_case(rng):
+    """Attention with visible keys: q (2,5,3,4), k, v (2,7,3,4), prefix P = 2, visible (2,7)
+    0/1 flags (a query always sees itself)."""
+    B, Tq, Tk, H, hd = 2, 5, 7, 3, 4
+    q, k, v = normal(rng, (B, Tq, H, hd)), normal(rng, (B, Tk, H, hd)), normal(rng, (B, Tk, H, hd))
+    visible = rng.random((B, Tk)) < 0.5
+    t = vjp_fixture(rng, lambda q, k, v: attention_masked(q, k, v, visible), q=q, k=k, v=v)
+    t["visible"] = visible.astype(np.float64)  # not differentiated
+    return t, {"prefix": Tk - Tq}
 
 
 @case("ops", "cross_entropy")

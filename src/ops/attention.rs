@@ -22,6 +22,16 @@
 //!
 //! [`sgemm_one_thread`]: crate::kernels::gemm::sgemm_one_thread
 //!
+//! **Visible keys** ([`Tensor::attention_masked`]). A further mask can hide keys: with
+//! `visible` (`[batch, kv_len]`), query i of batch row b sees key j only if j is causal for it
+//! and `visible[b·kv_len + j]`, or j is the query's own position (a token always sees itself,
+//! so no row is all masked). This is what the upper layers see in TRUE early exit with the
+//! `Skip` fill, where a token that exited never enters the upper cache; phase 2 can train the
+//! upper layers under the same mask ([`Phase2Mode::SequenceSkip`]). Hidden keys get P = 0
+//! exactly, like the causal mask's, so the backward below needs nothing new.
+//!
+//! [`Phase2Mode::SequenceSkip`]: crate::train::Phase2Mode::SequenceSkip
+//!
 //! **Backward.** With `G = ∂L/∂O`:
 //! `∂L/∂V = Pᵀ·G`; `∂L/∂P = G·Vᵀ`; through the softmax (see [`super::softmax`]),
 //! `∂L/∂Sᵢⱼ = Pᵢⱼ·(∂L/∂Pᵢⱼ − Σₗ Pᵢₗ·∂L/∂Pᵢₗ)` (masked entries have P = 0 and get 0);
@@ -41,6 +51,8 @@
 //! let want = [3.0, 0.0, 1.5, 1.5, 2.0, 2.0];
 //! assert!(out.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6));
 //! ```
+
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
@@ -93,6 +105,26 @@ impl Tensor {
     /// Causal attention of `q` over `k`, `v` (see the module doc for shapes, the mask and an
     /// example). Returns `[batch, q_len, heads, head_dim]`.
     pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        Tensor::attention_masked(q, k, v, None)
+    }
+
+    /// [`Tensor::attention`] in which, with `visible` (`[batch, kv_len]`), a query sees only the
+    /// visible keys before it, and itself (see the module doc's "Visible keys"). `None` is
+    /// plain causal attention.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use lego::Tensor;
+    /// // Three tokens, one head of width 2; token 1 is hidden from the tokens after it.
+    /// let q = Tensor::zeros(&[1, 3, 1, 2]); // equal scores: each token averages what it sees
+    /// let v = Tensor::from_vec(vec![3.0, 0.0, 0.0, 3.0, 3.0, 3.0], &[1, 3, 1, 2]);
+    /// let visible: Arc<[bool]> = Arc::from(vec![true, false, true]);
+    /// let out = Tensor::attention_masked(&q, &q, &v, Some(&visible)).to_vec();
+    /// // Token 1 still sees itself; token 2 sees tokens 0 and 2 only.
+    /// let want = [3.0, 0.0, 1.5, 1.5, 3.0, 1.5];
+    /// assert!(out.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6));
+    /// ```
+    pub fn attention_masked(q: &Tensor, k: &Tensor, v: &Tensor, visible: Option<&Arc<[bool]>>) -> Tensor {
         let (qs, ks) = (q.shape().to_vec(), k.shape().to_vec());
         assert!(
             qs.len() == 4 && ks.len() == 4 && k.shape() == v.shape(),
@@ -106,6 +138,14 @@ impl Tensor {
             "attention: q {qs:?} and k {ks:?} disagree (need the same batch, heads, head_dim, and kv_len >= q_len)"
         );
         let prefix = kv_len - q_len; // cached positions before the first query
+        if let Some(m) = visible {
+            assert_eq!(
+                m.len(),
+                batch * kv_len,
+                "attention_masked: visible has {} flags, not batch {batch} x kv_len {kv_len}",
+                m.len()
+            );
+        }
         // s = 1/√hd keeps the scores' variance near 1 whatever the head width.
         let scale = 1.0 / (hd as f32).sqrt();
         let row = heads * hd; // stride between consecutive positions of one head
@@ -125,9 +165,17 @@ impl Tensor {
             sgemm(q_len, hd, kv_len, scale, &qd[q0..], row, 1, &kd[k0..], 1, row, 0.0, p, kv_len);
             // P = softmax over the visible keys of each row; the masked ones are exactly 0.
             for (i, pr) in p.chunks_mut(kv_len).enumerate() {
-                let visible = prefix + i + 1;
-                simd::softmax_in_place(&mut pr[..visible]);
-                pr[visible..].fill(0.0);
+                let causal = prefix + i + 1; // keys 0..causal; the last is the query's own
+                if let Some(m) = visible {
+                    // Hidden keys before the query's own: −∞ becomes exactly 0 in the softmax.
+                    let keys = &m[b * kv_len..b * kv_len + causal - 1];
+                    pr.iter_mut()
+                        .zip(keys)
+                        .filter(|(_, seen)| !**seen)
+                        .for_each(|(s, _)| *s = f32::NEG_INFINITY);
+                }
+                simd::softmax_in_place(&mut pr[..causal]);
+                pr[causal..].fill(0.0);
             }
             // O = P·V   [q_len, hd]
             sgemm(q_len, kv_len, hd, 1.0, p, kv_len, 1, &vd[k0..], row, 1, 0.0, o, hd);
@@ -195,22 +243,68 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use crate::ops::gradcheck::{check_gradients, check_twins, values};
     use crate::tensor::Tensor;
 
     /// Attention written out with small ops (matmul, softmax), the slow twin of the fused op.
     fn attention_slow(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
-        let (q_len, kv_len, hd) = (q.dim(1), k.dim(1), q.dim(3));
+        attention_slow_masked(q, k, v, None)
+    }
+
+    /// The same with visible keys: an additive mask `[B, 1, Tq, Tk]`, −1e30 where hidden.
+    fn attention_slow_masked(q: &Tensor, k: &Tensor, v: &Tensor, visible: Option<&[bool]>) -> Tensor {
+        let (batch, q_len, kv_len, hd) = (q.dim(0), q.dim(1), k.dim(1), q.dim(3));
         let prefix = kv_len - q_len;
         let qh = q.permute(&[0, 2, 1, 3]); // [B, H, Tq, hd]
         let kh = k.permute(&[0, 2, 1, 3]);
         let vh = v.permute(&[0, 2, 1, 3]);
         let s = qh.matmul_t(&kh).mul_scalar(1.0 / (hd as f32).sqrt());
-        let mask: Vec<f32> = (0..q_len)
-            .flat_map(|i| (0..kv_len).map(move |j| if j <= prefix + i { 0.0 } else { -1e30 }))
+        let seen = |b: usize, i: usize, j: usize| {
+            j == prefix + i || (j < prefix + i && visible.is_none_or(|m| m[b * kv_len + j]))
+        };
+        let mask: Vec<f32> = (0..batch)
+            .flat_map(|b| (0..q_len).flat_map(move |i| (0..kv_len).map(move |j| (b, i, j))))
+            .map(|(b, i, j)| if seen(b, i, j) { 0.0 } else { -1e30 })
             .collect();
-        let p = s.add(&Tensor::from_vec(mask, &[q_len, kv_len])).softmax();
+        let p = s.add(&Tensor::from_vec(mask, &[batch, 1, q_len, kv_len])).softmax();
         p.matmul(&vh).permute(&[0, 2, 1, 3])
+    }
+
+    /// Visible-key flags for `batch` rows of `kv_len` keys: a fixed, irregular pattern.
+    fn some_visible(batch: usize, kv_len: usize) -> Arc<[bool]> {
+        (0..batch * kv_len).map(|i| (i * 7 + i / 3) % 5 < 2).collect()
+    }
+
+    #[test]
+    fn masked_equals_the_slow_twin_and_all_visible_is_plain_attention() {
+        for &(b, tq, tk, h, hd) in &[(2, 4, 6, 3, 8), (1, 5, 5, 2, 4), (2, 1, 7, 2, 6), (1, 33, 40, 2, 16)] {
+            let (q, kv) = ([b, tq, h, hd], [b, tk, h, hd]);
+            let inputs: Vec<Vec<f32>> =
+                (0..3).map(|i| values(if i == 0 { tq } else { tk } * b * h * hd, i)).collect();
+            let visible = some_visible(b, tk);
+            check_twins(
+                &[&q, &kv, &kv],
+                &inputs,
+                |x| Tensor::attention_masked(&x[0], &x[1], &x[2], Some(&visible)),
+                |x| attention_slow_masked(&x[0], &x[1], &x[2], Some(&visible)),
+                1e-5,
+            );
+            // Every key visible: the plain causal op, bit for bit.
+            let all: Arc<[bool]> = vec![true; b * tk].into();
+            let x: Vec<Tensor> =
+                (0..3).map(|i| Tensor::from_vec(inputs[i].clone(), if i == 0 { &q } else { &kv })).collect();
+            let plain = Tensor::attention(&x[0], &x[1], &x[2]).to_vec();
+            assert_eq!(Tensor::attention_masked(&x[0], &x[1], &x[2], Some(&all)).to_vec(), plain);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "attention_masked: visible has 5 flags, not batch 1 x kv_len 4")]
+    fn masked_panics_on_a_mask_of_the_wrong_size() {
+        let x = Tensor::zeros(&[1, 4, 1, 2]);
+        Tensor::attention_masked(&x, &x, &x, Some(&Arc::from(vec![true; 5])));
     }
 
     #[test]
@@ -262,6 +356,10 @@ mod tests {
         });
         check_gradients(&[&[2, 1, 2, 6], &[2, 7, 2, 6], &[2, 7, 2, 6]], |x| {
             Tensor::attention(&x[0], &x[1], &x[2])
+        });
+        let visible = some_visible(2, 6);
+        check_gradients(&[&[2, 4, 3, 8], &[2, 6, 3, 8], &[2, 6, 3, 8]], |x| {
+            Tensor::attention_masked(&x[0], &x[1], &x[2], Some(&visible))
         });
     }
 }
