@@ -235,6 +235,7 @@ fn a_nan_loss_in_phase_2_restores_the_best_weights_then_names_the_step() {
             dim: d,
             targets: vec![3; seq],
             weights: vec![1.0; seq],
+            upper_visible: None,
         }
     };
     let hard_batches = [batch(false), batch(true)];

@@ -153,6 +153,43 @@ fn bad_inputs_are_errors() {
 }
 
 #[test]
+fn the_skip_fill_is_the_upper_layers_attending_only_to_the_deep_tokens() {
+    // What phase 2's sequence-skip mode trains on: one batched pass of the upper layers whose
+    // attention sees only the tokens that go deep (and each token itself) gives the logits of
+    // teacher-forced TRUE early exit with the Skip fill, token by token through the decoder.
+    let m = model(50, 2.0, 7);
+    let seqs = prompts(3, 12, 50);
+    let flat: Vec<usize> = seqs.iter().flat_map(|s| s[..11].iter().copied()).collect();
+    let targets: Vec<usize> = seqs.iter().flat_map(|s| s[1..].iter().copied()).collect();
+    let h = lego::no_grad(|| m.get_hidden_states(&flat, 3).unwrap());
+    let (confidence, exit_logits) = m.compute_confidence(&h);
+    let mut sorted = confidence.clone();
+    sorted.sort_by(f32::total_cmp);
+    // About half the tokens exit; the threshold halfway between two confidences, so that the
+    // decoder's own (equal up to rounding) confidences route every token the same way.
+    let threshold = 0.5 * (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]);
+    let deep: std::sync::Arc<[bool]> = confidence.iter().map(|&c| c < threshold).collect();
+    let routed = deep.iter().filter(|&&d| d).count();
+    assert!(routed > 5 && routed < 28, "{routed} of 33 deep: too one-sided for this test");
+    let deep_logits = lego::no_grad(|| m.forward_upper_layers_masked(&h, 2, Some(&deep))).to_vec();
+    let (ex, v) = (exit_logits.to_vec(), 50);
+    let mut loss = 0.0f64;
+    for (t, &y) in targets.iter().enumerate() {
+        let row = if deep[t] { &deep_logits[t * v..(t + 1) * v] } else { &ex[t * v..(t + 1) * v] };
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let lse = max + row.iter().map(|z| (z - max).exp()).sum::<f32>().ln();
+        loss += (lse - row[y]) as f64;
+    }
+    loss /= targets.len() as f64;
+    let skip = m.evaluate_with_early_exit(&seqs, &ExitRule::new(threshold, UpperCacheFill::Skip)).unwrap();
+    assert_eq!(skip.shallow_count, 33 - routed);
+    assert!((skip.loss - loss).abs() < 1e-5, "decoder {} vs masked pass {loss}", skip.loss);
+    // Without the mask the deep tokens would also see the ones that exited: another loss.
+    let unmasked = lego::no_grad(|| m.forward_upper_layers(&h, 2)).to_vec();
+    assert_ne!(unmasked, deep_logits);
+}
+
+#[test]
 fn teacher_forced_early_exit_at_full_depth_equals_the_forward_and_at_zero_the_exit_head() {
     let m = model(50, 2.0, 7);
     let seqs = prompts(3, 12, 50);

@@ -60,8 +60,14 @@ fn the_pipeline_runs_end_to_end_and_phase_2_moves_only_the_upper_part() {
         .collect();
     assert!(frozen_before.len() >= 1 + 2 * 9 + 2, "embedding, lower layers, exit head");
 
-    for mode in [Phase2Mode::Sequence, Phase2Mode::Token] {
+    for mode in [Phase2Mode::Sequence, Phase2Mode::SequenceSkip, Phase2Mode::Token] {
         let hard_batches = create_hard_example_loader(&hard, 8, 5, mode).unwrap();
+        // Sequence-skip batches let the upper layers see exactly their hard positions.
+        for b in &hard_batches {
+            let hard_positions: Vec<bool> = b.weights.iter().map(|&w| w > 0.0).collect();
+            let want = (mode == Phase2Mode::SequenceSkip).then_some(&hard_positions[..]);
+            assert_eq!(b.upper_visible.as_deref(), want, "{mode:?}");
+        }
         let mut opt2 = AdamW::new(deep.trainable_params(), AdamWConfig { lr: 1e-3, ..Default::default() });
         deep.reset_layer_calls();
         let h2 = quiet(2)

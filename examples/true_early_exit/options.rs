@@ -33,7 +33,8 @@ training
   --lr2 X                AdamW learning rate of phase 2 (1e-3; the spec's is 1e-4)
   --init I               new layers of phase 2: random (the spec's) | stack | identity (identity)
   --hard-ratio X         share of validation tokens under the threshold, in (0, 1) (0.5)
-  --phase2-mode M        both | sequence | token (both)
+  --phase2-mode M        both | sequence | sequence-skip | token (both; sequence-skip: the
+                         upper layers see only the hard positions, as the Skip fill leaves them)
 generation
   --prompt TEXT          prompt for TRUE early-exit generation (default: a phrase from the
                          first test document)
@@ -97,8 +98,9 @@ impl Options {
         let o = Options {
             run,
             data: f.path("data"),
-            modes: match f.choice("phase2-mode", &["both", "sequence", "token"], "both")? {
+            modes: match f.choice("phase2-mode", &["both", "sequence", "sequence-skip", "token"], "both")? {
                 "sequence" => vec![Phase2Mode::Sequence],
+                "sequence-skip" => vec![Phase2Mode::SequenceSkip],
                 "token" => vec![Phase2Mode::Token],
                 _ => vec![Phase2Mode::Sequence, Phase2Mode::Token],
             },

@@ -302,6 +302,18 @@ impl LegoTransformer {
 
     /// Hidden states `h` (`[B, T, D]`, positions `0..T`) through layers `range`.
     pub fn run_layers(&self, h: &Tensor, range: std::ops::Range<usize>) -> Tensor {
+        self.run_layers_masked(h, range, None)
+    }
+
+    /// [`run_layers`](LegoTransformer::run_layers) with each layer's attention seeing only the
+    /// earlier positions that `visible` (`[B, T]`) marks, and itself: the upper layers as TRUE
+    /// early exit's `Skip` fill leaves them, when `visible` marks the tokens that go deep.
+    pub fn run_layers_masked(
+        &self,
+        h: &Tensor,
+        range: std::ops::Range<usize>,
+        visible: Option<&std::sync::Arc<[bool]>>,
+    ) -> Tensor {
         assert!(
             range.end <= self.layers.len(),
             "run_layers: {range:?} is beyond the model's {} layers",
@@ -310,7 +322,7 @@ impl LegoTransformer {
         let mut h = h.clone();
         for i in range {
             self.count_layer_call(i);
-            h = self.layers[i].forward(&h, 0);
+            h = self.layers[i].forward_masked(&h, 0, visible);
         }
         h
     }
@@ -360,7 +372,18 @@ impl LegoTransformer {
     /// (`[B, T, D]`, positions `0..T`) through layers `start_layer..` and the deep head. Phase 2
     /// trains through this, from cached lower hidden states.
     pub fn forward_upper_layers(&self, h: &Tensor, start_layer: usize) -> Tensor {
-        let h = self.run_layers(h, start_layer..self.layers.len());
+        self.forward_upper_layers_masked(h, start_layer, None)
+    }
+
+    /// [`forward_upper_layers`](LegoTransformer::forward_upper_layers) through
+    /// [`run_layers_masked`](LegoTransformer::run_layers_masked).
+    pub fn forward_upper_layers_masked(
+        &self,
+        h: &Tensor,
+        start_layer: usize,
+        visible: Option<&std::sync::Arc<[bool]>>,
+    ) -> Tensor {
+        let h = self.run_layers_masked(h, start_layer..self.layers.len(), visible);
         self.head.forward(&h)
     }
 

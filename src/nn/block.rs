@@ -44,7 +44,19 @@ impl Block {
 
     /// The layer applied to `x` (`[B, T, D]`, first token at absolute position `offset`).
     pub fn forward(&self, x: &Tensor, offset: usize) -> Tensor {
-        let h = x.add(&self.attention.forward(&self.attention_norm.forward(x), offset)); // [B, T, D]
+        self.forward_masked(x, offset, None)
+    }
+
+    /// The same, its attention seeing only the earlier tokens that `visible` (`[B, T]`) marks
+    /// ([`Attention::forward_masked`](super::Attention::forward_masked)).
+    pub fn forward_masked(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        visible: Option<&std::sync::Arc<[bool]>>,
+    ) -> Tensor {
+        let attention = self.attention.forward_masked(&self.attention_norm.forward(x), offset, visible);
+        let h = x.add(&attention); // [B, T, D]
         h.add(&self.feed_forward.forward(&self.ffn_norm.forward(&h))) // [B, T, D]
     }
 

@@ -23,6 +23,7 @@ use crate::train::{EvalStats, ExitHeadHistory, History, Phase2History, Phase2Mod
 pub fn mode_name(mode: Phase2Mode) -> &'static str {
     match mode {
         Phase2Mode::Sequence => "sequence",
+        Phase2Mode::SequenceSkip => "sequence-skip",
         Phase2Mode::Token => "token",
     }
 }
@@ -91,7 +92,8 @@ impl Stage {
     ) -> Stage {
         let upper = (config.num_layers - config.exit_layer) as f64;
         let layer = match mode {
-            Phase2Mode::Sequence => cost::mean_layer_flops(config, hard_seq_len),
+            // (The skip mask hides keys but the attention still scores them all.)
+            Phase2Mode::Sequence | Phase2Mode::SequenceSkip => cost::mean_layer_flops(config, hard_seq_len),
             Phase2Mode::Token => cost::layer_flops(config, 1),
         };
         Stage {

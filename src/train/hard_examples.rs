@@ -14,7 +14,11 @@
 //!   length 1. Cheap, but the upper layers' attention never sees context in training, though it
 //!   does at inference (the prototype's weakness 2).
 //! - [`Phase2Mode::Sequence`], our default: whole sequences of lower hidden states, the loss on
-//!   the hard positions only, so the upper layers attend over the same context as at inference.
+//!   the hard positions only, so the upper layers attend over the context of the sequence.
+//! - [`Phase2Mode::SequenceSkip`]: the same sequences, but in the upper layers each position
+//!   sees only the hard positions before it (and itself). That is the context TRUE early exit
+//!   with the `Skip` fill leaves the upper layers at inference, where a token that exited never
+//!   enters the upper cache: the upper layers train on what they will see.
 
 use std::sync::Arc;
 
@@ -34,6 +38,9 @@ pub enum Phase2Mode {
     Token,
     /// Whole sequences, the loss on hard positions only (the default).
     Sequence,
+    /// Whole sequences, the loss on hard positions only, the upper layers' attention limited to
+    /// the hard positions (and each position itself), as the `Skip` fill leaves it.
+    SequenceSkip,
 }
 
 impl std::str::FromStr for Phase2Mode {
@@ -42,7 +49,10 @@ impl std::str::FromStr for Phase2Mode {
         match s {
             "token" => Ok(Phase2Mode::Token),
             "sequence" => Ok(Phase2Mode::Sequence),
-            _ => Err(Error::Input(format!("phase-2 mode must be 'token' or 'sequence', got '{s}'"))),
+            "sequence-skip" => Ok(Phase2Mode::SequenceSkip),
+            _ => Err(Error::Input(format!(
+                "phase-2 mode must be 'token', 'sequence' or 'sequence-skip', got '{s}'"
+            ))),
         }
     }
 }
@@ -107,6 +117,9 @@ pub struct HardBatch {
     pub targets: Vec<usize>,
     /// Loss weight per position: 1 on hard positions, 0 elsewhere (all 1 in token mode).
     pub weights: Vec<f32>,
+    /// In sequence-skip mode, the positions the upper layers' attention may see besides each
+    /// position itself (`[batch, seq]`: the hard ones); `None`, every earlier position.
+    pub upper_visible: Option<Arc<[bool]>>,
 }
 
 impl HardBatch {
@@ -291,10 +304,11 @@ pub fn create_hard_example_loader(
                     dim: d,
                     targets,
                     weights: vec![1.0; chunk.len()],
+                    upper_visible: None,
                 });
             }
         }
-        Phase2Mode::Sequence => {
+        Phase2Mode::Sequence | Phase2Mode::SequenceSkip => {
             let t = hard.seq_len;
             let mut order: Vec<usize> = (0..hard.num_sequences()).collect();
             order.shuffle(&mut rng);
@@ -307,6 +321,8 @@ pub fn create_hard_example_loader(
                     targets.extend_from_slice(&hard.targets[s * t..(s + 1) * t]);
                     weights.extend(hard.hard[s * t..(s + 1) * t].iter().map(|&h| if h { 1.0 } else { 0.0 }));
                 }
+                let upper_visible =
+                    (mode == Phase2Mode::SequenceSkip).then(|| weights.iter().map(|&w| w > 0.0).collect());
                 out.push(HardBatch {
                     hidden: Arc::new(hidden),
                     batch: chunk.len(),
@@ -314,6 +330,7 @@ pub fn create_hard_example_loader(
                     dim: d,
                     targets,
                     weights,
+                    upper_visible,
                 });
             }
         }
@@ -333,7 +350,8 @@ pub fn evaluate_on_hard_examples(
     let start = model.config.exit_layer;
     let (mut sum, mut n) = (0.0f64, 0usize);
     for b in &batches {
-        let logits = crate::no_grad(|| model.forward_upper_layers(&b.hidden_tensor(), start));
+        let visible = b.upper_visible.as_ref();
+        let logits = crate::no_grad(|| model.forward_upper_layers_masked(&b.hidden_tensor(), start, visible));
         let k = b.hard_tokens();
         let batch_loss = logits.cross_entropy(&b.targets, Some(&b.weights)).item();
         if !batch_loss.is_finite() {

@@ -500,7 +500,7 @@ impl Trainer {
         // the calibrated threshold routes it), not of the deep path alone on tokens it would
         // never see.
         let (_, hard_ppl) = evaluate_on_hard_examples(model, hard_examples, mode)?;
-        let routed = val_cache.routed(model, routing_threshold)?;
+        let routed = val_cache.phase2_routed(model, routing_threshold, mode)?;
         history.epochs.push(Phase2Epoch {
             epoch: 0,
             train_loss: f64::NAN,
@@ -525,7 +525,8 @@ impl Trainer {
                 }
                 opt.config.lr = schedule.lr(opt.step_count() - base_step);
                 opt.zero_grad();
-                let logits = model.forward_upper_layers(&b.hidden_tensor(), num_lower_layers);
+                let visible = b.upper_visible.as_ref();
+                let logits = model.forward_upper_layers_masked(&b.hidden_tensor(), num_lower_layers, visible);
                 let loss = logits.cross_entropy(&b.targets, Some(&b.weights));
                 let l = self.backward_and_step(&loss, opt, epoch, i, hard_batches.len())?;
                 loss_sum += l as f64 * k as f64;
@@ -537,7 +538,7 @@ impl Trainer {
             }
             let seconds = t0.elapsed().as_secs_f64();
             let (_, hard_ppl) = evaluate_on_hard_examples(model, hard_examples, mode)?;
-            let routed = val_cache.routed(model, routing_threshold)?;
+            let routed = val_cache.phase2_routed(model, routing_threshold, mode)?;
             history.epochs.push(Phase2Epoch {
                 epoch,
                 train_loss: loss_sum / weight_sum.max(1) as f64,
@@ -653,9 +654,29 @@ impl ValCache {
         self.routed_by(model, threshold, ExitMeasure::MaxSoftmax)
     }
 
+    /// Phase 2's validation measure in `mode`: routed by the max softmax at `threshold`. In
+    /// sequence-skip mode the deep path's attention sees only the tokens routed deep (and each
+    /// token itself), as TRUE early exit's `Skip` fill leaves it, which is what that mode trains
+    /// for; then `full_depth_loss` is that masked deep path's.
+    fn phase2_routed(&self, model: &LegoTransformer, threshold: f32, mode: Phase2Mode) -> Result<EvalStats> {
+        self.routed_masked(model, threshold, ExitMeasure::MaxSoftmax, mode == Phase2Mode::SequenceSkip)
+    }
+
     /// Statistics with routing by `measure` at `threshold`. Deep logits, or gate scores, that
     /// are not finite are an error naming the batch or token.
     fn routed_by(&self, model: &LegoTransformer, threshold: f32, measure: ExitMeasure) -> Result<EvalStats> {
+        self.routed_masked(model, threshold, measure, false)
+    }
+
+    /// [`routed_by`](ValCache::routed_by); with `skip`, the deep path's attention limited to
+    /// the tokens routed deep (see [`phase2_routed`](ValCache::phase2_routed)).
+    fn routed_masked(
+        &self,
+        model: &LegoTransformer,
+        threshold: f32,
+        measure: ExitMeasure,
+        skip: bool,
+    ) -> Result<EvalStats> {
         let by_gate = measure == ExitMeasure::Gate;
         if by_gate {
             assert_eq!(
@@ -676,9 +697,14 @@ impl ValCache {
         let (mut loss, mut full_loss, mut correct, mut shallow_n) = (0.0f64, 0.0f64, 0usize, 0usize);
         let (mut flops, mut full_flops) = (0.0f64, 0.0f64);
         let mut k = 0;
+        let score = |k: usize| if by_gate { self.gate[k] } else { self.shallow[k].0 };
         for (bi, (h, targets)) in self.hidden.iter().enumerate() {
-            let deep =
-                has_upper.then(|| crate::no_grad(|| model.forward_upper_layers(h, c.exit_layer)).data());
+            // With `skip`, the upper layers see the tokens routed deep (score under the threshold).
+            let visible: Option<std::sync::Arc<[bool]>> =
+                skip.then(|| (k..k + targets.len()).map(|t| score(t) < threshold).collect());
+            let deep = has_upper.then(|| {
+                crate::no_grad(|| model.forward_upper_layers_masked(h, c.exit_layer, visible.as_ref())).data()
+            });
             if let Some(z) = &deep
                 && let Some(i) = z.iter().position(|x| !x.is_finite())
             {
@@ -691,7 +717,7 @@ impl ValCache {
                 )));
             }
             for (i, &y) in targets.iter().enumerate() {
-                let (conf, s_nll, s_ok) = self.shallow[k];
+                let (_, s_nll, s_ok) = self.shallow[k];
                 let ctx = i % self.seq + 1;
                 let (d_nll, d_ok) = match &deep {
                     Some(z) => {
@@ -703,8 +729,7 @@ impl ValCache {
                     }
                     None => (s_nll, s_ok),
                 };
-                let score = if by_gate { self.gate[k] } else { conf };
-                let exits = !has_upper || score >= threshold;
+                let exits = !has_upper || score(k) >= threshold;
                 let (nll, ok) = if exits { (s_nll, s_ok) } else { (d_nll, d_ok) };
                 if exits {
                     // A model with nothing above its exit has only one path: its tokens are not
