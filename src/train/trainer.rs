@@ -498,7 +498,8 @@ impl Trainer {
         // so phase 2 can only improve on it). It stops on the *routed* validation perplexity:
         // the quality of what LEGO serves (each token from the exit or from the deep path, as
         // the calibrated threshold routes it), not of the deep path alone on tokens it would
-        // never see.
+        // never see. In sequence-skip mode the deep path is measured as that mode trains it,
+        // seeing only the tokens routed deep (`ValCache::phase2_routed`).
         let (_, hard_ppl) = evaluate_on_hard_examples(model, hard_examples, mode)?;
         let routed = val_cache.phase2_routed(model, routing_threshold, mode)?;
         history.epochs.push(Phase2Epoch {
